@@ -1,0 +1,177 @@
+"""``sample_batched``: many small posteriors of one PyMC template, as one InferenceData."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from engine.batch import BatchConfig, check_init, run_batched
+from engine.compile import CompiledModel, ProblemData, compile_model, prepare_data
+from engine.samplers import NUTSSettings
+
+__all__ = ["sample_batched", "compile_for"]
+
+_COMPILE_CACHE: dict[tuple, CompiledModel] = {}
+
+
+def _shape_key(problem_data: ProblemData) -> tuple:
+    return tuple(
+        (k, v.shape[1:], str(v.dtype)) for k, v in problem_data.arrays.items()
+    ) + (problem_data.ragged_names,)
+
+
+def compile_for(model, problem_data: ProblemData) -> CompiledModel:
+    """Compile ``model`` once per padded data shape (cached for the model's lifetime)."""
+    key = (id(model), _shape_key(problem_data))
+    cached = _COMPILE_CACHE.get(key)
+    if cached is None or cached_model_gone(cached, model):
+        cached = compile_model(model, problem_data)
+        cached.__dict__["_model_ref"] = model
+        _COMPILE_CACHE[key] = cached
+    return cached
+
+
+def cached_model_gone(compiled: CompiledModel, model) -> bool:
+    return compiled.__dict__.get("_model_ref") is not model
+
+
+def _settings(kw: dict) -> NUTSSettings:
+    names = set(NUTSSettings._fields)
+    aliases = {"target_accept_prob": "target_accept", "max_treedepth": "max_tree_depth"}
+    values = {}
+    for key in list(kw):
+        name = aliases.get(key, key)
+        if name in names:
+            values[name] = kw.pop(key)
+    return NUTSSettings(**values)
+
+
+def sample_batched(
+    model,
+    data: Mapping[str, Any],
+    *,
+    sampler: str = "blackjax",
+    chains: int = 4,
+    draws: int = 1000,
+    tune: int = 1000,
+    seed: int = 0,
+    batch_size: int | None = None,
+    **kw,
+):
+    """Sample one posterior per problem with a single compiled program.
+
+    Parameters
+    ----------
+    model
+        ``pm.Model`` whose per-problem inputs are ``pm.Data`` containers.
+    data
+        Container name -> array ``[num_problems, ...]``, or a list of per-problem arrays whose
+        leading (row) axes may differ (ragged; padded and masked).
+    sampler
+        "blackjax" (default), "numpyro", or "pymc" (a loop of ``pm.sample``, the baseline).
+    chains, draws, tune
+        Chains per problem; draws kept and warmup steps per chain.
+    seed
+        Root seed. Problem ``i`` uses ``fold_in(PRNGKey(seed), i)`` whatever the chunking.
+    batch_size
+        Problems per compiled chunk (bounds memory); ``None`` runs all at once.
+    **kw
+        ``target_accept`` (0.8), ``max_tree_depth`` (10), ``dense_mass`` (False),
+        ``initial_step_size`` (1.0), ``precision`` ("float64" or "float32"), ``init_tries``
+        (20), ``jitter`` (1.0), ``log_likelihood`` (False: add the pointwise log-likelihood
+        group), ``problem_coords`` (labels of the problem axis), ``progress`` (None: only on
+        a terminal).
+
+    Returns
+    -------
+    arviz.InferenceData
+        ``posterior`` with dims ``(chain, draw, problem, *var_dims)``; ``sample_stats`` with
+        ``diverging``, ``tree_depth``, ``n_steps``, ``energy``, ``lp``, ``acceptance_rate``,
+        ``step_size``; ``log_likelihood`` if asked.
+
+    Raises
+    ------
+    ValueError
+        Bad data (names, shapes, non-finite values) or a problem whose log density is not finite
+        at any jittered initial point; raised before sampling starts.
+    """
+    settings = _settings(kw)
+    log_likelihood = bool(kw.pop("log_likelihood", False))
+    problem_coords = kw.pop("problem_coords", None)
+    progress = kw.pop("progress", None)
+    if sampler == "pymc":
+        from engine.samplers.pymc_default import sample_loop
+
+        if kw.pop("precision", "float64") != "float64":
+            raise ValueError("sampler='pymc' runs in PyMC's own precision; drop precision=")
+        problem_data = prepare_data(model, data)
+        kw.pop("init_tries", None)
+        kw.pop("jitter", None)
+        if kw:
+            raise TypeError(f"sample_batched() got unexpected keyword argument {next(iter(kw))!r}")
+        draws_, stats = sample_loop(
+            model, problem_data, chains=chains, draws=draws, tune=tune, seed=seed, settings=settings,
+            progress=progress,
+        )
+        return to_inference_data(draws_, stats, problem_coords=problem_coords)
+    config_kw = {k: kw.pop(k) for k in ("precision", "init_tries", "jitter") if k in kw}
+    config_kw["log_likelihood"] = log_likelihood
+    if kw:
+        raise TypeError(f"sample_batched() got unexpected keyword argument {next(iter(kw))!r}")
+    config = BatchConfig(
+        sampler=sampler, chains=chains, draws=draws, tune=tune, seed=seed,
+        batch_size=batch_size, settings=settings, **config_kw,
+    )
+    problem_data = prepare_data(model, data)
+    compiled = compile_for(model, problem_data)
+    ok = check_init(compiled, problem_data, config)
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
+        raise ValueError(
+            f"problem {bad}: the log density is not finite at any of {config.init_tries} jittered "
+            "initial points; check its data and priors"
+        )
+    result = run_batched(compiled, problem_data, config, progress=progress)
+    loglik = _mask_padded_rows(result.log_likelihood, problem_data) if log_likelihood else None
+    return to_inference_data(
+        result.draws, result.stats, problem_coords=problem_coords, log_likelihood=loglik,
+    )
+
+
+def _mask_padded_rows(loglik, problem_data: ProblemData):
+    """Set the log-likelihood of padded rows to NaN (they are not data)."""
+    if problem_data.num_rows is None or not loglik:
+        return loglik
+    n_pad = problem_data.arrays[problem_data.ragged_names[0]].shape[1]
+    rows = problem_data.num_rows
+    out = {}
+    for name, arr in loglik.items():
+        arr = np.array(arr, dtype=float)
+        if arr.ndim >= 4 and arr.shape[3] == n_pad:
+            pad = np.arange(n_pad)[None, :] >= rows[:, None]  # [problem, row]
+            arr[np.broadcast_to(pad[:, None, None, :], arr.shape[:4])] = np.nan
+        out[name] = arr
+    return out
+
+
+def to_inference_data(draws, stats, *, problem_coords=None, log_likelihood=None):
+    """``[problem, chain, draw, ...]`` arrays -> InferenceData with dims ``(chain, draw, problem, ...)``."""
+    import arviz as az
+
+    def move(arr):
+        return np.moveaxis(np.asarray(arr), 0, 2)
+
+    posterior = {k: move(v) for k, v in draws.items()}
+    num_problems = next(iter(draws.values())).shape[0]
+    coords = {"problem": np.arange(num_problems) if problem_coords is None else np.asarray(problem_coords)}
+    dims = {k: ["problem"] + [f"{k}_dim_{i}" for i in range(v.ndim - 3)] for k, v in posterior.items()}
+    sample_stats = {k: move(getattr(stats, k)) for k in stats._fields}
+    ss_dims = {k: ["problem"] for k in sample_stats}
+    groups = {"posterior": posterior, "sample_stats": sample_stats}
+    all_dims = {**dims, **ss_dims}
+    if log_likelihood:
+        ll = {k: move(v) for k, v in log_likelihood.items()}
+        groups["log_likelihood"] = ll
+        all_dims.update({k: ["problem"] + [f"{k}_dim_{i}" for i in range(v.ndim - 3)] for k, v in ll.items()})
+    return az.from_dict(**groups, coords=coords, dims=all_dims)

@@ -1,0 +1,281 @@
+"""The one place that adds the problem and chain axes.
+
+A chunk of problems runs as ONE jitted program: ``vmap`` over problems, then over chains, of a
+single-chain kernel from ``engine.samplers``. Problem ``i`` draws every random number from
+``fold_in(key(seed), i)`` (``i`` its global index), so its stream does not depend on how problems
+are chunked, sharded or spread over devices. The last chunk is padded to the chunk size by
+repeating its final problem, so every chunk reuses one compiled program.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.compile import CompiledModel, ProblemData
+from engine.samplers import NUTSSettings, SampleStats, get_kernel
+
+__all__ = ["BatchConfig", "BatchResult", "init_positions", "run_batched", "chunk_grid"]
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """What to run for every problem.
+
+    sampler
+        "blackjax" or "numpyro".
+    chains, draws, tune
+        Chains per problem; kept draws and warmup steps per chain.
+    seed
+        Root seed; problem ``i`` uses ``fold_in(PRNGKey(seed), i)``.
+    batch_size
+        Problems per compiled chunk (``None``: all at once).
+    settings
+        NUTS settings (target acceptance, tree depth, mass matrix).
+    precision
+        "float64" or "float32" (JAX's x64 mode for the whole run).
+    init_tries
+        Jittered initial points tried per chain before a problem is declared unstartable.
+    jitter
+        Half-width of the uniform jitter added to the model's initial point (PyMC's
+        ``jitter+adapt_diag`` uses 1).
+    keep_draws
+        Bring full draws back to the host; otherwise only ``summary_fn``'s output returns.
+    log_likelihood
+        With ``keep_draws``, also return the pointwise observed log-likelihood of every draw.
+    """
+
+    sampler: str = "blackjax"
+    chains: int = 4
+    draws: int = 1000
+    tune: int = 1000
+    seed: int = 0
+    batch_size: int | None = None
+    settings: NUTSSettings = NUTSSettings()
+    precision: str = "float64"
+    init_tries: int = 20
+    jitter: float = 1.0
+    keep_draws: bool = True
+    log_likelihood: bool = False
+
+    def __post_init__(self):
+        if self.sampler not in ("blackjax", "numpyro"):
+            raise ValueError(f"sampler must be 'blackjax' or 'numpyro', got {self.sampler!r}")
+        for name in ("chains", "draws"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.tune) < 0:
+            raise ValueError(f"tune must be >= 0, got {self.tune}")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+        if self.precision not in ("float32", "float64"):
+            raise ValueError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
+
+
+class BatchResult(NamedTuple):
+    """Host-side results for all problems (leading axis ``problem``).
+
+    draws
+        Constrained variable name -> ``[problem, chain, draw, *shape]`` (``None`` unless kept).
+    stats
+        ``SampleStats`` of ``[problem, chain, draw]`` arrays (``None`` unless draws kept).
+    log_likelihood
+        Observed name -> ``[problem, chain, draw, *obs_shape]`` (``None`` unless asked).
+    init_ok
+        ``[problem]`` whether every chain found a finite initial log density.
+    summaries
+        ``summary_fn``'s per-problem output, stacked (``None`` without ``summary_fn``).
+    """
+
+    draws: dict[str, np.ndarray] | None
+    stats: SampleStats | None
+    log_likelihood: dict[str, np.ndarray] | None
+    init_ok: np.ndarray
+    summaries: Any
+
+
+def chunk_grid(num_problems: int, batch_size: int | None) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` chunk boundaries; the grid a run, its resume and its shards share."""
+    size = num_problems if batch_size is None else min(int(batch_size), num_problems)
+    return [(s, min(s + size, num_problems)) for s in range(0, num_problems, size)]
+
+
+def _problem_key(root_key, index):
+    return jax.random.fold_in(root_key, index)
+
+
+def init_positions(rng_key, logdensity_fn: Callable, initial_position, num_tries: int, jitter: float):
+    """One chain's start: the first of ``num_tries`` jittered points with a finite log density.
+
+    Returns ``(position [dim], is_finite)``; when no try is finite the unjittered point is
+    returned with ``is_finite=False``.
+    """
+    dim = initial_position.shape[-1]
+    noise = jax.random.uniform(rng_key, (num_tries, dim), minval=-jitter, maxval=jitter)
+    candidates = initial_position[None, :] + noise.astype(initial_position.dtype)
+    lps = jax.vmap(logdensity_fn)(candidates)
+    finite = jnp.isfinite(lps)
+    first = jnp.argmax(finite)
+    ok = jnp.any(finite)
+    position = jnp.where(ok, candidates[first], initial_position)
+    return position, ok
+
+
+def _chain_keys(root_key, index, chains):
+    keys = jax.random.split(_problem_key(root_key, index), chains)
+    return jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [chains, 2]: (init, run)
+
+
+def _build_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
+    kernel = get_kernel(config.sampler)
+
+    def one_problem(root_key, index, data):
+        logdensity_fn = lambda x: compiled.logdensity_fn(x, data)  # noqa: E731
+        keys = _chain_keys(root_key, index, config.chains)
+        start = jnp.asarray(compiled.initial_position, dtype=jnp.result_type(float))
+
+        def one_chain(init_key, run_key):
+            position, ok = init_positions(
+                init_key, logdensity_fn, start, config.init_tries, config.jitter
+            )
+            positions, stats = kernel(
+                run_key,
+                logdensity_fn,
+                position,
+                num_tune=config.tune,
+                num_draws=config.draws,
+                settings=config.settings,
+            )
+            return positions, stats, ok
+
+        positions, stats, ok = jax.vmap(one_chain)(keys[:, 0], keys[:, 1])
+        values = jax.vmap(jax.vmap(lambda x: compiled.constrain_fn(x, data)))(positions)
+        summary = None if summary_fn is None else summary_fn(values, stats, data)
+        loglik = None
+        if config.keep_draws and config.log_likelihood:
+            loglik = jax.vmap(jax.vmap(lambda x: compiled.loglik_fn(x, data)))(positions)
+        kept = (values, stats, loglik) if config.keep_draws else (None, None, None)
+        return kept, jnp.all(ok), summary
+
+    def chunk_fn(root_key, indices, data):
+        return jax.vmap(one_problem, in_axes=(None, 0, 0))(root_key, indices, data)
+
+    return jax.jit(chunk_fn)
+
+
+def _build_init_fn(compiled: CompiledModel, config: BatchConfig):
+    def one_problem(root_key, index, data):
+        logdensity_fn = lambda x: compiled.logdensity_fn(x, data)  # noqa: E731
+        keys = _chain_keys(root_key, index, config.chains)
+        start = jnp.asarray(compiled.initial_position, dtype=jnp.result_type(float))
+        _, ok = jax.vmap(
+            lambda k: init_positions(k, logdensity_fn, start, config.init_tries, config.jitter)
+        )(keys[:, 0])
+        return jnp.all(ok)
+
+    return jax.jit(jax.vmap(one_problem, in_axes=(None, 0, 0)))
+
+
+def _cast(arrays: dict[str, np.ndarray], precision: str) -> dict[str, np.ndarray]:
+    if precision == "float64":
+        return arrays
+    return {
+        k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in arrays.items()
+    }
+
+
+def _chunk_inputs(device_arrays, start, stop, size):
+    """Problems ``start:stop`` padded to ``size`` by repeating the last one."""
+    index = np.arange(start, stop)
+    if stop - start < size:
+        index = np.concatenate([index, np.full(size - (stop - start), stop - 1)])
+    return index, {k: v[index] for k, v in device_arrays.items()}
+
+
+def _progress(total: int, enabled: bool | None, desc: str):
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if enabled is None else (not enabled)
+    return tqdm(total=total, desc=desc, unit="problem", disable=disable, leave=False)
+
+
+def check_init(compiled: CompiledModel, problem_data: ProblemData, config: BatchConfig) -> np.ndarray:
+    """``[problem]`` flags: every chain of the problem has a finite jittered start."""
+    with jax.enable_x64(config.precision == "float64"):
+        fn = _build_init_fn(compiled, config)
+        arrays = _cast(problem_data.device_arrays(), config.precision)
+        root = jax.random.PRNGKey(config.seed)
+        out = []
+        for start, stop in chunk_grid(problem_data.num_problems, config.batch_size):
+            size = stop - start if config.batch_size is None else min(config.batch_size, problem_data.num_problems)
+            index, chunk = _chunk_inputs(arrays, start, stop, size)
+            out.append(np.asarray(fn(root, jnp.asarray(index), chunk))[: stop - start])
+    return np.concatenate(out)
+
+
+def run_batched(
+    compiled: CompiledModel,
+    problem_data: ProblemData,
+    config: BatchConfig,
+    *,
+    summary_fn: Callable | None = None,
+    chunks: list[tuple[int, int]] | None = None,
+    on_chunk: Callable | None = None,
+    progress: bool | None = None,
+) -> BatchResult:
+    """Sample every problem of ``problem_data`` (or of the given ``chunks``) chunk by chunk.
+
+    Parameters
+    ----------
+    compiled
+        The template compiled for ``problem_data``'s padded shapes.
+    problem_data
+        Stacked per-problem data.
+    config
+        Sampler, sizes, seed, chunking and precision.
+    summary_fn
+        Optional ``(values {name: [chain, draw, ...]}, stats, data) -> pytree`` for ONE problem,
+        run on the device inside the chunk's program (e.g. means and R-hat), so draws need not
+        leave the device.
+    chunks
+        Subset of :func:`chunk_grid` to run (resume, shards); default all.
+    on_chunk
+        Called as ``on_chunk(start, stop, chunk_result)`` after each chunk (durable stores).
+    progress
+        Show a progress bar (default: only when stderr is a terminal).
+    """
+    num_problems = problem_data.num_problems
+    grid = chunk_grid(num_problems, config.batch_size)
+    todo = grid if chunks is None else list(chunks)
+    size = grid[0][1] - grid[0][0]
+    results = []
+    with jax.enable_x64(config.precision == "float64"):
+        fn = _build_chunk_fn(compiled, config, summary_fn)
+        arrays = _cast(problem_data.device_arrays(), config.precision)
+        root = jax.random.PRNGKey(config.seed)
+        bar = _progress(sum(b - a for a, b in todo), progress, f"{config.sampler} NUTS")
+        try:
+            for start, stop in todo:
+                index, chunk = _chunk_inputs(arrays, start, stop, size)
+                kept, ok, summary = fn(root, jnp.asarray(index), chunk)
+                n = stop - start
+                host = jax.tree.map(lambda a: np.asarray(a)[:n], (kept, ok, summary))
+                if on_chunk is not None:
+                    on_chunk(start, stop, host)
+                results.append(host)
+                bar.update(n)
+        finally:
+            bar.close()
+    if not results:
+        return BatchResult(None, None, None, np.zeros(0, bool), None)
+    concat = lambda *xs: np.concatenate(xs)  # noqa: E731
+    kept, ok, summaries = jax.tree.map(concat, *results) if len(results) > 1 else results[0]
+    values, stats, loglik = kept
+    return BatchResult(
+        draws=values, stats=stats, log_likelihood=loglik, init_ok=ok, summaries=summaries
+    )

@@ -1,0 +1,74 @@
+"""Single-problem MCMC kernels.
+
+Each module knows ONE posterior: ``run_chain(rng_key, logdensity_fn, position, *, num_tune,
+num_draws, settings) -> (positions [num_draws, dim], SampleStats)``. ``engine.batch`` is the only
+place that adds the chain and problem axes (``vmap``). ``pymc_default`` is the baseline that
+loops ``pm.sample`` and is not a JAX kernel.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+
+
+class NUTSSettings(NamedTuple):
+    """Settings shared by the NUTS kernels.
+
+    target_accept
+        Target mean acceptance probability of the step-size adaptation (PyMC's default 0.8).
+    max_tree_depth
+        Maximum number of trajectory doublings (``2**max_tree_depth - 1`` leapfrog steps).
+    dense_mass
+        Adapt a dense inverse mass matrix (correlated posteriors) instead of a diagonal one.
+    initial_step_size
+        Step size at the start of warmup.
+    """
+
+    target_accept: float = 0.8
+    max_tree_depth: int = 10
+    dense_mass: bool = False
+    initial_step_size: float = 1.0
+
+
+class SampleStats(NamedTuple):
+    """Per-draw statistics of one chain, each ``[num_draws]``.
+
+    diverging
+        Whether the transition hit a divergence.
+    tree_depth
+        Number of trajectory doublings.
+    n_steps
+        Number of leapfrog steps (gradient evaluations).
+    energy
+        Hamiltonian at the accepted state.
+    lp
+        Log density (unconstrained space) at the accepted state.
+    acceptance_rate
+        Mean Metropolis acceptance probability over the trajectory.
+    step_size
+        Adapted step size (constant over draws).
+    """
+
+    diverging: jax.Array
+    tree_depth: jax.Array
+    n_steps: jax.Array
+    energy: jax.Array
+    lp: jax.Array
+    acceptance_rate: jax.Array
+    step_size: jax.Array
+
+
+SAMPLERS = ("blackjax", "numpyro", "pymc")
+
+
+def get_kernel(name: str):
+    """The ``run_chain`` of sampler ``name`` ("blackjax" or "numpyro")."""
+    if name == "blackjax":
+        from engine.samplers.blackjax_nuts import run_chain
+    elif name == "numpyro":
+        from engine.samplers.numpyro_nuts import run_chain
+    else:
+        raise ValueError(f"unknown JAX sampler {name!r}; choose one of 'blackjax', 'numpyro'")
+    return run_chain
