@@ -1,0 +1,1 @@
+"""Analyses: one module per ``analysis=`` option, each ``run(cfg, run_dir) -> Result``."""
