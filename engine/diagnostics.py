@@ -126,7 +126,7 @@ def ess(x):
     nonpos = pair_sums <= 0
     last = jnp.where(jnp.any(nonpos, -1), jnp.argmax(nonpos, -1), max_pair)
     monotone = jax.lax.cummin(pair_sums, axis=pair_sums.ndim - 1)
-    index = jnp.arange(num_pairs)
+    index = jnp.arange(num_pairs).reshape((1,) * last.ndim + (num_pairs,))
     sum_pairs = jnp.sum(jnp.where(index < last[..., None], monotone, 0.0), -1)
     even_last = jnp.take_along_axis(even, last[..., None], -1)[..., 0]
     pair_last = jnp.take_along_axis(pair_sums, last[..., None], -1)[..., 0]

@@ -1,0 +1,317 @@
+"""Helpers shared by the experiment analyses: sampling settings, tables, reports, plots.
+
+Kept free of any one analysis' model: reading user tables (with one-line :class:`InputError`
+messages), per-problem posterior summaries with HDIs, the ``summary.json`` / ``report.md`` writers
+and a headless matplotlib.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from engine.errors import InputError
+
+HDI_PROB = 0.94
+"""Default credible mass of the reported highest-density intervals (ArviZ's default)."""
+
+
+# --------------------------------------------------------------------------- sampling settings
+def sample_kwargs(cfg, **overrides) -> dict:
+    """``sample_batched`` keyword arguments from ``cfg.sampler``/``cfg.runtime`` plus overrides.
+
+    ``log_likelihood`` is dropped for ``sampler=pymc`` (the loop returns no log-likelihood; the
+    analyses that need it compute it from the draws, see :func:`pointwise_normal_loglik`).
+    """
+    from engine.run import sampling_kwargs
+
+    kw = sampling_kwargs(cfg)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    if kw["sampler"] == "pymc":
+        kw.pop("log_likelihood", None)
+        kw.pop("precision", None)
+    return kw
+
+
+def analysis_option(cfg, key: str, default=None):
+    """``cfg.analysis.<key>`` or ``default`` when absent or null."""
+    value = cfg.analysis.get(key, default)
+    return default if value is None else value
+
+
+def plain(value):
+    """OmegaConf containers -> plain Python (lists, dicts) so they can be inspected freely."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+# --------------------------------------------------------------------------- inputs
+def resolve_path(path) -> Path:
+    """A user path (``~`` expanded); :class:`InputError` when it does not exist."""
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        raise InputError(f"input {str(path)!r}: no such file or directory")
+    return p
+
+
+def read_table(path) -> "pd.DataFrame":  # noqa: F821
+    """A CSV or parquet file as a DataFrame; one-line :class:`InputError` on failure."""
+    import pandas as pd
+
+    p = resolve_path(path)
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(p)
+        elif suffix in (".parquet", ".pq"):
+            frame = pd.read_parquet(p)
+        elif suffix == ".tsv":
+            frame = pd.read_csv(p, sep="\t")
+        else:
+            raise InputError(f"input {str(path)!r}: expected a .csv or .parquet table, got {suffix!r}")
+    except InputError:
+        raise
+    except Exception as err:  # parser errors differ by format; report one line
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"input {str(path)!r}: could not read table: {first}") from err
+    if frame.empty:
+        raise InputError(f"input {str(path)!r}: the table has no rows")
+    return frame
+
+
+def require_columns(frame, columns: Iterable[str], source: str) -> None:
+    """:class:`InputError` naming the first of ``columns`` missing from ``frame``."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InputError(
+            f"{source}: missing column {missing[0]!r}; columns are {list(map(str, frame.columns))}"
+        )
+
+
+def numeric_column(frame, column: str, source: str) -> np.ndarray:
+    """``frame[column]`` as float; :class:`InputError` naming the first non-numeric row."""
+    import pandas as pd
+
+    values = pd.to_numeric(frame[column], errors="coerce")
+    bad = np.flatnonzero(values.isna().to_numpy() | ~np.isfinite(values.to_numpy(dtype=float)))
+    if bad.size:
+        raw = frame[column].iloc[bad[0]]
+        raise InputError(
+            f"{source}: column {column!r} must be numeric and finite; row {int(bad[0])} is {raw!r}"
+        )
+    return values.to_numpy(dtype=float)
+
+
+# --------------------------------------------------------------------------- summaries
+def hdi(samples: np.ndarray, prob: float = HDI_PROB) -> np.ndarray:
+    """Highest-density interval of ``samples[..., n]`` along the last axis -> ``[..., 2]``.
+
+    The narrowest window holding ``ceil(prob * n)`` sorted draws (ArviZ's ``hdi`` for unimodal
+    posteriors), vectorised over leading axes.
+    """
+    x = np.sort(np.asarray(samples, dtype=float), axis=-1)
+    n = x.shape[-1]
+    keep = int(math.floor(prob * n))
+    if keep < 1 or keep >= n:
+        return np.stack([x[..., 0], x[..., -1]], axis=-1)
+    widths = x[..., keep:] - x[..., : n - keep]
+    start = np.argmin(widths, axis=-1)[..., None]
+    low = np.take_along_axis(x, start, -1)[..., 0]
+    high = np.take_along_axis(x, start + keep, -1)[..., 0]
+    return np.stack([low, high], axis=-1)
+
+
+def draw_summary(draws: np.ndarray, prob: float = HDI_PROB) -> dict[str, np.ndarray]:
+    """Posterior summary of ``draws[..., chain, draw]`` (any leading axes, e.g. problems).
+
+    Returns ``mean``, ``sd``, ``hdi_low``, ``hdi_high`` and the engine's batched rank-normalised
+    ``r_hat``, ``ess_bulk``, ``ess_tail`` (Vehtari et al. 2021), each ``[...]``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from engine.diagnostics import ess_bulk, ess_tail, rhat
+
+    x = np.asarray(draws, dtype=float)
+    flat = x.reshape(x.shape[:-2] + (-1,))
+    interval = hdi(flat, prob)
+    with jax.enable_x64(True):
+        arr = jnp.asarray(x)
+        diag = {"r_hat": rhat(arr), "ess_bulk": ess_bulk(arr), "ess_tail": ess_tail(arr)}
+        diag = {k: np.asarray(v, dtype=float) for k, v in diag.items()}
+    return {
+        "mean": flat.mean(-1),
+        "sd": flat.std(-1, ddof=1),
+        "hdi_low": interval[..., 0],
+        "hdi_high": interval[..., 1],
+        **diag,
+    }
+
+
+def var_draws(idata, name: str, group: str = "posterior") -> np.ndarray:
+    """``idata.<group>[name]`` as ``[problem, *var_dims, chain, draw]`` (a problem axis is added
+    when the trace has none)."""
+    arr = getattr(idata, group)[name]
+    other = [d for d in arr.dims if d not in ("chain", "draw", "problem")]
+    if "problem" in arr.dims:
+        return arr.transpose("problem", *other, "chain", "draw").values
+    return arr.transpose(*other, "chain", "draw").values[None]
+
+
+def divergences(idata) -> np.ndarray:
+    """Divergent transitions per problem, ``[problem]`` (zeros without sample stats)."""
+    ss = getattr(idata, "sample_stats", None)
+    if ss is None or "diverging" not in ss:
+        return np.zeros(idata.posterior.sizes.get("problem", 1), dtype=int)
+    div = ss["diverging"]
+    if "problem" not in div.dims:
+        return np.array([int(div.values.sum())])
+    return div.sum(("chain", "draw")).values.astype(int)
+
+
+def select_problem(idata, index: int):
+    """Problem ``index`` of an engine trace as an ordinary single-posterior InferenceData."""
+    if "problem" not in idata.posterior.dims:
+        return idata
+    return idata.isel(problem=int(index))
+
+
+def pointwise_normal_loglik(y: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """Elementwise Normal log density, broadcast (used when a sampler returns no log-likelihood)."""
+    z = (y - mean) / sd
+    return -0.5 * z * z - np.log(sd) - 0.5 * math.log(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------- outputs
+def versions() -> dict[str, str]:
+    """Versions of the packages that determine the numbers."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("engine", "jax", "pymc", "arviz", "blackjax", "numpyro"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_summary(run_dir: Path, cfg, results: Mapping[str, Any]) -> Path:
+    """``summary.json``: the analysis results, the resolved settings and package versions."""
+    from engine.run import to_container
+
+    settings = to_container(cfg)
+    settings = {k: settings[k] for k in ("analysis", "sampler", "runtime") if k in settings}
+    payload = {"analysis": cfg.analysis.name, "results": results, "settings": settings,
+               "versions": versions()}
+    path = Path(run_dir) / "summary.json"
+    path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    return path
+
+
+def fmt(value, digits: int = 3) -> str:
+    """Compact number formatting for tables."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if not math.isfinite(v):
+            return "nan"
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 10 ** (-digits)):
+            return f"{v:.{digits}g}"
+        return f"{v:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A list of row dicts as a GitHub markdown table."""
+    if not rows:
+        return "_(no rows)_\n"
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, title: str, sections: Sequence[tuple[str, str]],
+                 images: Mapping[str, Path] | None = None) -> Path:
+    """``report.md``: a title, ``(heading, markdown body)`` sections and the PNG plots beside it."""
+    parts = [f"# {title}\n"]
+    for heading, body in sections:
+        parts.append(f"## {heading}\n\n{body.rstrip()}\n")
+    if images:
+        parts.append("## Plots\n")
+        for label, path in images.items():
+            parts.append(f"![{label}]({Path(path).name})\n")
+    path = Path(run_dir) / "report.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the headless Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save ``fig`` as a PNG and close it."""
+    plt = pyplot()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def forest_plot(ax, labels: Sequence[str], means, lows, highs, *, reference: float | None = 0.0,
+                xlabel: str = "", color: str = "C0") -> None:
+    """Horizontal forest plot: a point per row with its interval, top row first."""
+    y = np.arange(len(labels))[::-1]
+    means, lows, highs = (np.asarray(a, dtype=float) for a in (means, lows, highs))
+    ax.hlines(y, lows, highs, color=color, lw=2)
+    ax.plot(means, y, "o", color=color)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels)
+    if reference is not None:
+        ax.axvline(reference, color="0.5", ls="--", lw=1)
+    ax.set_xlabel(xlabel)
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir

@@ -1,0 +1,110 @@
+"""Core sampling against closed-form posteriors, with Monte Carlo standard error tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pymc as pm
+import pytest
+from scipy import stats
+
+import engine
+from engine.diagnostics import summarize_draws
+from tests.models import normal_normal_data, normal_normal_model, normal_normal_posterior
+
+
+def _bonferroni_z(num_tests: int, alpha: float = 0.01) -> float:
+    """Two-sided z bound so that all ``num_tests`` pass together with probability 1 - alpha."""
+    return float(stats.norm.ppf(1 - alpha / (2 * num_tests)))
+
+
+def _theta_summary(idata, name="theta"):
+    x = idata.posterior[name].transpose("problem", ..., "chain", "draw").values
+    return {k: np.asarray(v) for k, v in summarize_draws(x).items()}
+
+
+def test_normal_normal_400_problems_match_closed_form():
+    data = normal_normal_data(400, seed=1)
+    idata = engine.sample_batched(normal_normal_model(), data, seed=3, progress=False)
+    assert idata.posterior.theta.dims == ("chain", "draw", "problem")
+    assert idata.posterior.theta.shape == (4, 1000, 400)
+    mean, sd = normal_normal_posterior(data)
+    s = _theta_summary(idata)
+    z = (s["mean"] - mean) / s["mcse_mean"]
+    assert np.all(np.abs(z) < _bonferroni_z(400)), np.abs(z).max()
+    # the z-scores are standard normal if the MCSE is honest: their spread is about 1
+    assert 0.8 < np.std(z) < 1.25
+    assert np.mean(np.abs(s["sd"] / sd - 1) < 0.10) >= 0.99
+    assert int(idata.sample_stats.diverging.sum()) == 0
+
+
+def test_mvnormal_full_covariance_matches_closed_form():
+    K, n, P = 4, 15, 12
+    rng = np.random.default_rng(5)
+    A = rng.normal(size=(K, K))
+    obs_cov = A @ A.T + K * np.eye(K)
+    prior_cov = np.eye(K) * 4.0 + 0.5
+    prior_mu = rng.normal(size=(P, K))
+    theta = prior_mu + rng.multivariate_normal(np.zeros(K), prior_cov, size=P)
+    y = theta[:, None, :] + rng.multivariate_normal(np.zeros(K), obs_cov, size=(P, n))
+    with pm.Model() as model:
+        y_d = pm.Data("y", np.zeros((n, K)))
+        mu_d = pm.Data("prior_mu", np.zeros(K))
+        th = pm.MvNormal("theta", mu=mu_d, cov=prior_cov)
+        pm.MvNormal("obs", mu=th, cov=obs_cov, observed=y_d)
+    idata = engine.sample_batched(
+        model, {"y": y, "prior_mu": prior_mu}, seed=0, dense_mass=True, progress=False
+    )
+    prec = np.linalg.inv(prior_cov) + n * np.linalg.inv(obs_cov)
+    cov = np.linalg.inv(prec)
+    post_mean = np.einsum(
+        "ij,pj->pi", cov, prior_mu @ np.linalg.inv(prior_cov).T + y.sum(1) @ np.linalg.inv(obs_cov).T
+    )
+    draws = idata.posterior.theta.transpose("problem", "theta_dim_0", "chain", "draw").values
+    s = {k: np.asarray(v) for k, v in summarize_draws(draws).items()}
+    z = (s["mean"] - post_mean) / s["mcse_mean"]
+    assert np.all(np.abs(z) < _bonferroni_z(P * K)), np.abs(z).max()
+    flat = draws.reshape(P, K, -1)
+    est_cov = np.stack([np.cov(f) for f in flat])
+    # covariance entries: relative error of a sample covariance with ~ESS draws is ~ sqrt(2/ESS)
+    scale = np.sqrt(np.outer(np.diag(cov), np.diag(cov)))
+    tol = 5 * np.sqrt(2.0 / s["ess_bulk"].min())
+    assert np.all(np.abs(est_cov - cov) / scale < tol)
+
+
+def test_constrained_noise_scale_agrees_with_pm_sample():
+    rng = np.random.default_rng(2)
+    P, n = 3, 30
+    true_sigma = np.array([0.5, 1.0, 3.0])
+    y = rng.normal(1.0, true_sigma[:, None], size=(P, n))
+    with pm.Model() as model:
+        y_d = pm.Data("y", np.zeros(n))
+        mu = pm.Normal("mu", 0, 10)
+        sigma = pm.HalfNormal("sigma", 5)
+        pm.Normal("obs", mu, sigma, observed=y_d)
+    ours = engine.sample_batched(model, {"y": y}, seed=1, progress=False)
+    theirs = engine.sample_batched(model, {"y": y}, sampler="pymc", seed=1, progress=False)
+    assert float(ours.posterior.sigma.min()) > 0
+    for name in ("mu", "sigma"):
+        a = _theta_summary(ours, name)
+        b = _theta_summary(theirs, name)
+        z = (a["mean"] - b["mean"]) / np.hypot(a["mcse_mean"], b["mcse_mean"])
+        assert np.all(np.abs(z) < _bonferroni_z(2 * P)), (name, z)
+
+
+def test_samplers_agree_on_shared_case():
+    data = normal_normal_data(3, seed=7)
+    model = normal_normal_model()
+    mean, _ = normal_normal_posterior(data)
+    results = {
+        s: _theta_summary(engine.sample_batched(model, data, sampler=s, seed=2, progress=False))
+        for s in ("blackjax", "numpyro", "pymc")
+    }
+    z_bound = _bonferroni_z(9)
+    for s, r in results.items():
+        z = (r["mean"] - mean) / r["mcse_mean"]
+        assert np.all(np.abs(z) < z_bound), (s, z)
+        assert np.all(r["r_hat"] < 1.01), s
+    z = (results["blackjax"]["mean"] - results["numpyro"]["mean"]) / np.hypot(
+        results["blackjax"]["mcse_mean"], results["numpyro"]["mcse_mean"]
+    )
+    assert np.all(np.abs(z) < z_bound)
