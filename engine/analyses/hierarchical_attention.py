@@ -1,0 +1,361 @@
+"""``analysis=hierarchical_attention``: partial pooling of per-head attention entropies.
+
+Input: entropies ``[n_layers, n_heads, n_samples]`` or stacked over checkpoints
+``[C, n_layers, n_heads, n_samples]``; each checkpoint is one problem of ONE compiled template, so
+all checkpoints are sampled in a single batched run. The likelihood is vectorised over layers,
+heads and samples (one ``Normal`` on the whole ``[L, H, S]`` block, no Python loop per head)::
+
+    mu ~ Normal(0, 1)                              global mean entropy
+    tau_layer, tau_head, sigma ~ HalfNormal(1)     between-layer, between-head, within-head SDs
+    layer_mean[l] = mu + tau_layer * z_layer[l]    z ~ Normal(0, 1)   (non-centered, default)
+    theta[l, h] = layer_mean[l] + tau_head * z_head[l, h]
+    y[l, h, s] ~ Normal(theta[l, h], sigma)
+
+The centered form samples ``layer_mean ~ Normal(mu, tau_layer)`` and ``theta ~ Normal(layer_mean,
+tau_head)`` directly; with little data per head it has Neal's funnel and NUTS diverges, which the
+non-centered form removes (Betancourt & Girolami 2015, "Hamiltonian Monte Carlo for hierarchical
+models"). Variants ``pooled`` (one mean for all heads) and ``unpooled`` (independent heads) are the
+comparison models of ``analysis=loo``.
+
+Each checkpoint is standardised by its own mean and SD before sampling (unit priors then fit any
+entropy scale); draws and log-likelihoods are mapped back to the input's units (nats).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from engine.analyses import _common as C
+from engine.errors import InputError
+from engine.run import Result
+
+VARIANTS = ("hierarchical", "pooled", "unpooled")
+PARAMETERIZATIONS = ("noncentered", "centered")
+
+
+@functools.lru_cache(maxsize=None)
+def build_model(num_layers: int, num_heads: int, num_samples: int, variant: str = "hierarchical",
+                parameterization: str = "noncentered"):
+    """Template for ONE checkpoint with container ``y`` ``[L, H, S]`` (standardised entropies).
+
+    Every variant has the Deterministic ``theta`` ``[L, H]`` (head means) and ``sigma``; the
+    hierarchical one also ``mu``, ``tau_layer``, ``tau_head``, ``layer_mean`` ``[L]``. Cached per
+    arguments so the engine compiles a template once per process.
+    """
+    import pymc as pm
+
+    if variant not in VARIANTS:
+        raise InputError(f"analysis.variant must be one of {list(VARIANTS)}, got {variant!r}")
+    if parameterization not in PARAMETERIZATIONS:
+        raise InputError(
+            f"analysis.parameterization must be one of {list(PARAMETERIZATIONS)}, got {parameterization!r}"
+        )
+    shape = (num_layers, num_heads)
+    with pm.Model() as model:
+        y = pm.Data("y", np.zeros(shape + (num_samples,)))
+        sigma = pm.HalfNormal("sigma", 1.0)
+        if variant == "pooled":
+            mu = pm.Normal("mu", 0.0, 1.0)
+            theta = pm.Deterministic("theta", mu * np.ones(shape))
+        elif variant == "unpooled":
+            theta = pm.Normal("theta", 0.0, 2.0, shape=shape)
+        else:
+            mu = pm.Normal("mu", 0.0, 1.0)
+            tau_layer = pm.HalfNormal("tau_layer", 1.0)
+            tau_head = pm.HalfNormal("tau_head", 1.0)
+            if parameterization == "noncentered":
+                z_layer = pm.Normal("z_layer", 0.0, 1.0, shape=num_layers)
+                layer_mean = pm.Deterministic("layer_mean", mu + tau_layer * z_layer)
+                z_head = pm.Normal("z_head", 0.0, 1.0, shape=shape)
+                theta = pm.Deterministic("theta", layer_mean[:, None] + tau_head * z_head)
+            else:
+                layer_mean = pm.Normal("layer_mean", mu, tau_layer, shape=num_layers)
+                theta = pm.Normal("theta", layer_mean[:, None], tau_head, shape=shape)
+        pm.Normal("obs", theta[..., None], sigma, observed=y)
+    return model
+
+
+def demo_entropies(seed: int = 0, num_checkpoints: int = 3, num_layers: int = 4, num_heads: int = 8,
+                   num_samples: int = 12) -> np.ndarray:
+    """Deterministic demo ``[C, L, H, S]``: entropies that sharpen over training and with depth."""
+    rng = np.random.default_rng(seed)
+    c = np.arange(num_checkpoints)[:, None]
+    layer = 2.6 - 0.25 * c - 0.2 * np.arange(num_layers)[None, :]            # [C, L]
+    heads = layer[..., None] + 0.3 * rng.standard_normal((num_checkpoints, num_layers, num_heads))
+    return heads[..., None] + 0.4 * rng.standard_normal(heads.shape + (num_samples,))
+
+
+def load_entropies(path, key: str = "entropies") -> np.ndarray:
+    """Entropies from ``.npy``, ``.npz``/``.pt`` (key ``key``) or ``.nc`` (variable ``key``) as
+    ``[C, L, H, S]`` float; :class:`InputError` for a missing key, a wrong rank or non-finite values."""
+    p = C.resolve_path(path)
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".npy":
+            arr = np.load(p, allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(p, allow_pickle=False) as f:
+                if key not in f:
+                    raise InputError(f"input {str(path)!r}: no array {key!r}; keys are {sorted(f.files)}")
+                arr = f[key]
+        elif suffix == ".pt":
+            import torch
+
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+            if hasattr(obj, "numpy"):
+                arr = obj.numpy()
+            elif isinstance(obj, dict) and key in obj:
+                arr = np.asarray(obj[key])
+            else:
+                raise InputError(f"input {str(path)!r}: no tensor {key!r} in the saved dict")
+        elif suffix == ".nc":
+            import xarray as xr
+
+            with xr.open_dataset(p) as ds:
+                if key not in ds:
+                    raise InputError(f"input {str(path)!r}: no variable {key!r}; variables are {list(ds)}")
+                arr = ds[key].values
+        else:
+            raise InputError(f"input {str(path)!r}: expected .npy, .npz, .pt or .nc, got {suffix!r}")
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"input {str(path)!r}: could not read: {str(err).splitlines()[0]}") from err
+    return check_entropies(arr, str(path))
+
+
+def check_entropies(arr, source: str = "entropies") -> np.ndarray:
+    """Validate an entropy array and add the checkpoint axis: ``-> [C, L, H, S]`` float."""
+    try:
+        arr = np.asarray(arr, dtype=float)
+    except (TypeError, ValueError):
+        raise InputError(f"{source}: entropies must be numeric") from None
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise InputError(
+            f"{source}: entropies must be [n_layers, n_heads, n_samples] or "
+            f"[checkpoints, n_layers, n_heads, n_samples], got shape {arr.shape}"
+        )
+    if min(arr.shape) < 1 or arr.shape[3] < 2:
+        raise InputError(f"{source}: need at least 2 samples per head, got shape {arr.shape}")
+    bad = np.argwhere(~np.isfinite(arr))
+    if bad.size:
+        raise InputError(f"{source}: non-finite entropy at index {tuple(int(i) for i in bad[0])}")
+    return arr
+
+
+def fit(entropies: np.ndarray, sample_kw: dict, *, variant: str = "hierarchical",
+        parameterization: str = "noncentered", log_likelihood: bool = False, labels=None):
+    """Sample every checkpoint's posterior in one batched call.
+
+    Parameters
+    ----------
+    entropies
+        ``[C, L, H, S]`` in the user's units.
+    sample_kw
+        ``sample_batched`` keyword arguments (sampler, chains, draws, ...).
+    variant, parameterization
+        The model (see :func:`build_model`).
+    log_likelihood
+        Also return the pointwise log-likelihood ``[C, chain, draw, L, H, S]`` in the input's
+        units: the engine's when the sampler gives one, else the Normal density of the draws.
+    labels
+        Checkpoint labels (the problem coordinate).
+
+    Returns
+    -------
+    (idata, draws, loglik)
+        The engine trace (standardised scale); raw-unit draws ``theta`` ``[C, L, H, chain, draw]``
+        and ``sigma`` (and for ``hierarchical`` ``mu``, ``tau_layer``, ``tau_head``) with the
+        problem first and chain, draw last; ``loglik`` or ``None``.
+    """
+    from engine.api import sample_batched
+
+    entropies = check_entropies(entropies)
+    num_checkpoints, num_layers, num_heads, num_samples = entropies.shape
+    model = build_model(num_layers, num_heads, num_samples, variant, parameterization)
+    loc = entropies.reshape(num_checkpoints, -1).mean(-1)
+    scale = entropies.reshape(num_checkpoints, -1).std(-1, ddof=1)
+    scale = np.where(scale > 0, scale, 1.0)
+    z = (entropies - loc[:, None, None, None]) / scale[:, None, None, None]
+    kw = dict(sample_kw)
+    want_engine_ll = log_likelihood and kw.get("sampler") != "pymc"
+    if want_engine_ll:
+        kw["log_likelihood"] = True
+    if labels is None:
+        labels = list(range(num_checkpoints))
+    idata = sample_batched(model, {"y": z}, problem_coords=list(labels), **kw)
+    s = scale.reshape((-1, 1, 1, 1, 1))
+    draws = {"theta": loc.reshape((-1, 1, 1, 1, 1)) + s * C.var_draws(idata, "theta")}
+    draws["sigma"] = scale[:, None, None] * C.var_draws(idata, "sigma")
+    if variant == "hierarchical":
+        draws["mu"] = loc[:, None, None] + scale[:, None, None] * C.var_draws(idata, "mu")
+        draws["tau_layer"] = scale[:, None, None] * C.var_draws(idata, "tau_layer")
+        draws["tau_head"] = scale[:, None, None] * C.var_draws(idata, "tau_head")
+    loglik = None
+    if log_likelihood:
+        if want_engine_ll:
+            ll = idata.log_likelihood["obs"].transpose("problem", "chain", "draw", ...).values
+            loglik = ll - np.log(scale)[:, None, None, None, None, None]
+        else:
+            loglik = pointwise_loglik(entropies, draws)
+    return idata, draws, loglik
+
+
+def pointwise_loglik(entropies: np.ndarray, draws: dict) -> np.ndarray:
+    """Normal log density of every entropy under every draw: ``[C, chain, draw, L, H, S]``."""
+    theta = np.moveaxis(draws["theta"], (-2, -1), (1, 2))          # [C, chain, draw, L, H]
+    sigma = draws["sigma"][..., None, None, None]                     # [C, chain, draw, 1, 1, 1]
+    return C.pointwise_normal_loglik(entropies[:, None, None], theta[..., None], sigma)
+
+
+def head_table(entropies: np.ndarray, draws: dict, labels, hdi_prob: float) -> list[dict]:
+    """One row per (checkpoint, layer, head): raw sample mean, posterior mean, HDI, diagnostics."""
+    stats = C.draw_summary(draws["theta"], hdi_prob)
+    raw = entropies.mean(-1)
+    rows = []
+    for c, layer, head in np.ndindex(*raw.shape):
+        rows.append({
+            "checkpoint": labels[c], "layer": layer, "head": head, "raw_mean": raw[c, layer, head],
+            "mean": stats["mean"][c, layer, head], "sd": stats["sd"][c, layer, head],
+            "hdi_low": stats["hdi_low"][c, layer, head], "hdi_high": stats["hdi_high"][c, layer, head],
+            "r_hat": stats["r_hat"][c, layer, head], "ess_bulk": stats["ess_bulk"][c, layer, head],
+        })
+    return rows
+
+
+def checkpoint_table(idata, draws: dict, labels, hdi_prob: float) -> list[dict]:
+    """One row per checkpoint: hyperparameters (mean and HDI), worst R-hat, least ESS, divergences."""
+    div = C.divergences(idata)
+    names = [n for n in ("mu", "tau_layer", "tau_head", "sigma") if n in draws]
+    stats = {n: C.draw_summary(draws[n], hdi_prob) for n in names}
+    theta = C.draw_summary(draws["theta"], hdi_prob)
+    rows = []
+    for c, label in enumerate(labels):
+        row = {"checkpoint": label}
+        for n in names:
+            row[n] = stats[n]["mean"][c]
+            row[f"{n}_hdi"] = f"[{C.fmt(stats[n]['hdi_low'][c])}, {C.fmt(stats[n]['hdi_high'][c])}]"
+        row["max_r_hat"] = float(max(np.nanmax(theta["r_hat"][c]), *(stats[n]["r_hat"][c] for n in names)))
+        row["min_ess_bulk"] = float(min(np.nanmin(theta["ess_bulk"][c]), *(stats[n]["ess_bulk"][c] for n in names)))
+        row["divergences"] = int(div[c])
+        rows.append(row)
+    return rows
+
+
+def plot_forest(entropies, draws, labels, hdi_prob, path: Path, max_panels: int = 4) -> Path:
+    """Forest plot of head means (posterior mean and HDI) per checkpoint, heads grouped by layer."""
+    plt = C.pyplot()
+    stats = C.draw_summary(draws["theta"], hdi_prob)
+    num_checkpoints, num_layers, num_heads = entropies.shape[:3]
+    panels = list(range(num_checkpoints))[-max_panels:]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 1.0 + 0.18 * num_layers * num_heads),
+                             sharey=True, squeeze=False)
+    names = [f"L{l}.H{h}" for l in range(num_layers) for h in range(num_heads)]
+    for ax, c in zip(axes[0], panels):
+        for layer in range(num_layers):
+            sl = slice(layer * num_heads, (layer + 1) * num_heads)
+            idx = np.arange(num_layers * num_heads)[::-1][sl]
+            ax.hlines(idx, stats["hdi_low"][c, layer], stats["hdi_high"][c, layer], color=f"C{layer % 10}")
+            ax.plot(stats["mean"][c, layer], idx, "o", ms=3, color=f"C{layer % 10}")
+        ax.set_title(f"checkpoint {labels[c]}", fontsize=9)
+        ax.set_xlabel("head mean entropy")
+    axes[0, 0].set_yticks(np.arange(len(names))[::-1])
+    axes[0, 0].set_yticklabels(names, fontsize=6)
+    fig.tight_layout()
+    return C.save_figure(fig, path)
+
+
+def plot_shrinkage(entropies, draws, labels, path: Path, max_panels: int = 4) -> Path:
+    """Raw per-head sample means vs posterior means: partial pooling pulls heads to their layer."""
+    plt = C.pyplot()
+    post = draws["theta"].mean((-2, -1))
+    raw = entropies.mean(-1)
+    panels = list(range(raw.shape[0]))[-max_panels:]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, c in zip(axes[0], panels):
+        for layer in range(raw.shape[1]):
+            for h in range(raw.shape[2]):
+                ax.plot([0, 1], [raw[c, layer, h], post[c, layer, h]], color=f"C{layer % 10}", lw=0.8, alpha=0.8)
+        ax.set_xticks([0, 1])
+        ax.set_xticklabels(["sample mean", "posterior mean"])
+        ax.set_title(f"checkpoint {labels[c]}", fontsize=9)
+    axes[0, 0].set_ylabel("head entropy")
+    fig.tight_layout()
+    return C.save_figure(fig, path)
+
+
+def posterior_predictive(entropies, draws, labels, rng, max_draws: int = 500):
+    """Replicated entropies per checkpoint: ``[(label, y_obs [n], y_rep [S, n])]``."""
+    out = []
+    for c, label in enumerate(labels):
+        theta = draws["theta"][c].reshape(entropies.shape[1:3] + (-1,))   # [L, H, chain*draw]
+        sigma = draws["sigma"][c].reshape(-1)
+        take = rng.choice(sigma.size, size=min(max_draws, sigma.size), replace=False)
+        mean = np.moveaxis(theta[..., take], -1, 0)[..., None]             # [S, L, H, 1]
+        rep = mean + sigma[take, None, None, None] * rng.standard_normal((take.size,) + entropies.shape[1:])
+        out.append((f"checkpoint {label}", entropies[c].ravel(), rep.reshape(take.size, -1)))
+    return out
+
+
+def load_input(cfg):
+    """``(entropies [C, L, H, S], checkpoint labels)`` from ``analysis.input`` or the demo."""
+    opt = functools.partial(C.analysis_option, cfg)
+    path = opt("input")
+    if path is None:
+        arr = demo_entropies(int(opt("demo_seed", 0)))
+    else:
+        arr = load_entropies(path, str(opt("key", "entropies")))
+    return arr, list(range(arr.shape[0]))
+
+
+def run(cfg, run_dir: Path) -> Result:
+    """Fit the hierarchical model to every checkpoint; writes ``summary.json``, ``report.md``,
+    ``head_means.csv``, ``attention_forest.png`` and ``attention_shrinkage.png``."""
+    import pandas as pd
+
+    run_dir = C.prepare_run_dir(run_dir)
+    opt = functools.partial(C.analysis_option, cfg)
+    variant = str(opt("variant", "hierarchical"))
+    parameterization = str(opt("parameterization", "noncentered"))
+    hdi_prob = float(opt("hdi_prob", C.HDI_PROB))
+    entropies, labels = load_input(cfg)
+    build_model(*entropies.shape[1:], variant, parameterization)  # option errors before sampling
+    idata, draws, _ = fit(entropies, C.sample_kwargs(cfg), variant=variant,
+                          parameterization=parameterization, labels=labels)
+    heads = head_table(entropies, draws, labels, hdi_prob)
+    checkpoints = checkpoint_table(idata, draws, labels, hdi_prob)
+    table_path = run_dir / "head_means.csv"
+    pd.DataFrame(heads).to_csv(table_path, index=False)
+    outputs = {
+        "forest plot": plot_forest(entropies, draws, labels, hdi_prob, run_dir / "attention_forest.png"),
+        "shrinkage plot": plot_shrinkage(entropies, draws, labels, run_dir / "attention_shrinkage.png"),
+        "head table": table_path,
+    }
+    total_div = int(sum(r["divergences"] for r in checkpoints))
+    outputs["summary"] = C.write_summary(run_dir, cfg, {
+        "shape": dict(zip(("checkpoints", "layers", "heads", "samples"), entropies.shape)),
+        "variant": variant, "parameterization": parameterization, "divergences": total_div,
+        "checkpoints": checkpoints, "heads": heads,
+    })
+    warn = (f"\n**{total_div} divergent transitions**: estimates may be biased; try "
+            "`analysis.parameterization=noncentered` or a higher `sampler.target_accept`.\n"
+            if total_div else "\nNo divergent transitions.\n")
+    outputs["report"] = C.write_report(run_dir, "Hierarchical attention entropies", [
+        ("Setup", f"Entropies of shape {list(entropies.shape)} (checkpoints, layers, heads, samples); "
+                  f"variant `{variant}`, `{parameterization}` parameterisation; one batched run over "
+                  f"checkpoints. {int(hdi_prob * 100)}% HDIs in the input's units.\n" + warn),
+        ("Checkpoints", C.markdown_table(checkpoints)),
+        ("Heads (last checkpoint)", C.markdown_table([h for h in heads if h["checkpoint"] == labels[-1]])),
+    ], {k: v for k, v in outputs.items() if str(v).endswith(".png")})
+    lines = [f"hierarchical attention ({variant}, {parameterization}), entropies {list(entropies.shape)}:"]
+    for r in checkpoints:
+        extra = "".join(f", {n} {r[n]:.3f}" for n in ("tau_layer", "tau_head") if n in r)
+        lines.append(f"  checkpoint {r['checkpoint']}: sigma {r['sigma']:.3f}{extra}, "
+                     f"max R-hat {r['max_r_hat']:.3f}, divergences {r['divergences']}")
+    return Result("\n".join(lines), outputs, data={"idata": idata, "draws": draws, "heads": heads,
+                                                   "checkpoints": checkpoints})
