@@ -1,0 +1,278 @@
+"""Writing benchmark results: JSON (everything), markdown (tables, targets) and a scaling PNG.
+
+Every file carries the machine, the versions and the settings it was measured with.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+
+import numpy as np
+
+__all__ = ["machine_info", "add_ratios", "targets", "markdown_table", "write_results", "plot_scaling"]
+
+PACKAGES = ("jax", "jaxlib", "blackjax", "numpyro", "pymc", "pytensor", "arviz", "numpy", "nutpie")
+
+TARGETS = {
+    "w1": {"n": 10000, "ratio": 200.0},
+    "w2": {"n": 10000, "ratio": 50.0},
+}
+"""Issue 5: posteriors/s (compile included) relative to the pm.sample loop, at N = 10,000."""
+PASS_SHARE_TARGET = 0.99
+FLAT_FROM, FLAT_TO = 1000, 10000
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git(*cmd) -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", *cmd], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict:
+    """Machine, accelerator, package versions and the commit the figures belong to."""
+    import jax
+    import psutil
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    devices = jax.devices()
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count_logical": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in devices],
+        "accelerator": getattr(devices[0], "device_kind", str(devices[0])),
+        "versions": versions,
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--", "engine", "benchmarks")),
+    }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Add ``ratio_e2e`` / ``ratio_run``: posteriors/s over the same workload's pm.sample loop."""
+    base = {r["workload"]: r for r in rows if r["sampler"] == "pymc"}
+    for r in rows:
+        ref = base.get(r["workload"])
+        ok = ref is not None and ref["posteriors_per_s_e2e"] > 0
+        r["ratio_e2e"] = r["posteriors_per_s_e2e"] / ref["posteriors_per_s_e2e"] if ok else None
+        run = r.get("posteriors_per_s_run")
+        r["ratio_run"] = run / ref["posteriors_per_s_e2e"] if ok and run is not None else None
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 5's targets, each with the measured figure and met / missed / not measured."""
+    out = []
+    engine_rows = [r for r in rows if r["sampler"] in ("blackjax", "numpyro")]
+    for w, t in TARGETS.items():
+        for r in engine_rows:
+            if r["workload"] == w and r["n"] == t["n"]:
+                out.append({
+                    "target": f"{w} N={t['n']} {r['contestant']}: >= {t['ratio']:.0f}x pm.sample (compile incl.)",
+                    "measured": r["ratio_e2e"],
+                    "met": None if r["ratio_e2e"] is None else bool(r["ratio_e2e"] >= t["ratio"]),
+                })
+    by_key: dict = {}
+    for r in engine_rows:
+        by_key.setdefault((r["workload"], r["contestant"]), {})[r["n"]] = r
+    for (w, c), per_n in by_key.items():
+        if FLAT_FROM in per_n and FLAT_TO in per_n:
+            for kind in ("run", "e2e"):
+                growth = per_n[FLAT_TO][f"ms_per_posterior_{kind}"] / per_n[FLAT_FROM][f"ms_per_posterior_{kind}"]
+                out.append({
+                    "target": f"{w} {c}: per-posterior cost ({kind}) N={FLAT_TO} / N={FLAT_FROM} <= 1",
+                    "measured": growth,
+                    "met": bool(growth <= 1.0),
+                })
+        for n, r in sorted(per_n.items()):
+            if n == max(per_n):
+                out.append({
+                    "target": f"{w} {c} N={n}: >= {PASS_SHARE_TARGET:.0%} pass the gate",
+                    "measured": r["pass_share"],
+                    "met": bool(r["pass_share"] >= PASS_SHARE_TARGET),
+                })
+    return out
+
+
+def _fmt(value, spec=".3g") -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    if isinstance(value, float) and spec == ".3g" and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return format(value, spec)
+
+
+COLUMNS = [
+    ("workload", "workload", "s"),
+    ("contestant", "contestant", "s"),
+    ("N", "n", "d"),
+    ("pass", "pass_share", ".1%"),
+    ("post/s e2e", "posteriors_per_s_e2e", ".3g"),
+    ("post/s run", "posteriors_per_s_run", ".3g"),
+    ("compile s", "compile_s", ".1f"),
+    ("ms/post e2e", "ms_per_posterior_e2e", ".3g"),
+    ("ms/post run", "ms_per_posterior_run", ".3g"),
+    ("min bulk ESS/s/post", "min_bulk_ess_per_s", ".3g"),
+    ("x pm.sample e2e", "ratio_e2e", ".3g"),
+    ("x pm.sample run", "ratio_run", ".3g"),
+    ("lockstep", "lockstep_efficiency", ".2f"),
+    ("steps mean/max", None, None),
+    ("peak RSS MB", "peak_rss_mb", ".0f"),
+    ("load 1m", "load_avg_1m", ".1f"),
+]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One markdown row per (workload, contestant, N)."""
+    head = "| " + " | ".join(c[0] for c in COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for _, key, spec in COLUMNS:
+            if key is None:
+                ms, mx = r.get("mean_steps"), r.get("mean_max_steps")
+                cells.append("-" if ms is None else f"{ms:.1f}/{mx:.1f}")
+            elif spec == "s":
+                cells.append(str(r.get(key, "-")))
+            elif spec == "d":
+                cells.append(str(r.get(key, "-")))
+            else:
+                cells.append(_fmt(r.get(key), spec))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _markdown(results: dict, png_name: str) -> str:
+    meta, settings, rows = results["meta"], results["settings"], results["rows"]
+    v = meta["versions"]
+    lines = [
+        f"# Throughput benchmark ({settings['tag']})",
+        "",
+        f"- date (UTC): {meta['date_utc']}; wall time {meta['wall_s']:.0f} s; commit {meta['git_commit']}"
+        f"{' (engine/benchmarks dirty)' if meta['git_dirty'] else ''}",
+        f"- machine: {meta['cpu']}, {meta['cpu_affinity']} usable cores, {meta['memory_gb']} GB; "
+        f"JAX backend {meta['jax_backend']} ({meta['accelerator']})",
+        f"- load average (1, 5, 15 min) at start {', '.join(f'{x:.1f}' for x in meta['load_avg_start'])}, "
+        f"at end {', '.join(f'{x:.1f}' for x in meta['load_avg_end'])} "
+        "(other processes share the cores: absolute figures are noisy, ratios less so)",
+        "- versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]),
+        f"- settings: {settings['chains']} chains x {settings['tune']} tune + {settings['draws']} draws, "
+        f"target_accept {settings['target_accept']}, max tree depth {settings['max_tree_depth']}, "
+        f"engine batch_size {settings['batch_size']}, default precision {settings['precision']}, "
+        f"loops on {settings['loop_problems']} problems spread over the set, run-only repeats "
+        f"<= {settings['repeats']} (median), seed {settings['seed']}",
+        "- gate: R-hat < 1.01 and bulk ESS >= 400 for every parameter; post/s and ESS/s count passing "
+        "problems only. e2e = PyMC->JAX + trace + XLA compile + run (what a fresh process pays); "
+        "run = chunks on a compiled program, summaries on the host. Loops (pm.sample, nutpie): wall "
+        "time of the calls, their own per-call compilation included.",
+        "",
+        markdown_table(rows),
+        "",
+    ]
+    tg = targets(rows)
+    if tg:
+        lines += ["## Targets (issue 5)", "", "| target | measured | met |", "|---|---|---|"]
+        for t in tg:
+            met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+            lines.append(f"| {t['target']} | {_fmt(t['measured'])} | {met} |")
+        lines.append("")
+    if results["notes"]:
+        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    lines += [f"![per-posterior cost vs N]({png_name})", ""]
+    return "\n".join(lines)
+
+
+def plot_scaling(rows: list[dict], path: str, title: str = "") -> None:
+    """Per-posterior cost (ms, log) against N (log), one panel per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = sorted({r["workload"] for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(workloads)), figsize=(4.2 * max(1, len(workloads)), 3.6), squeeze=False)
+    for ax, w in zip(axes[0], workloads):
+        wr = [r for r in rows if r["workload"] == w]
+        for c in dict.fromkeys(r["contestant"] for r in wr):
+            cr = sorted((r for r in wr if r["contestant"] == c), key=lambda r: r["n"])
+            if cr[0]["sampler"] in ("pymc", "nutpie"):
+                ax.axhline(cr[0]["ms_per_posterior_e2e"], ls="--", color="k" if c == "pymc" else "C7",
+                           label=f"{c} loop ({cr[0]['n']} problems)")
+                continue
+            ns = [r["n"] for r in cr]
+            (line,) = ax.plot(ns, [r["ms_per_posterior_e2e"] for r in cr], "o-", label=f"{c} e2e")
+            ax.plot(ns, [r["ms_per_posterior_run"] for r in cr], "s:", color=line.get_color(), label=f"{c} run only")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("N problems")
+        ax.set_ylabel("ms per posterior")
+        ax.set_title(w)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def write_results(results: dict, out_dir: str, tag: str) -> list[str]:
+    """``<tag>.json``, ``<tag>.md`` and ``<tag>_scaling.png`` in ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, tag)
+    results = {**results, "targets": targets(results["rows"])}
+    png = f"{stem}_scaling.png"
+    meta = results["meta"]
+    plot_scaling(
+        results["rows"], png,
+        title=f"{meta['cpu']} ({meta['cpu_affinity']} cores, {meta['jax_backend']}), "
+        f"{results['settings']['chains']}x({results['settings']['tune']}+{results['settings']['draws']}), "
+        f"{meta['date_utc']}",
+    )
+    tmp = f"{stem}.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(results), f, indent=1)
+    os.replace(tmp, f"{stem}.json")
+    with open(f"{stem}.md", "w") as f:
+        f.write(_markdown(results, os.path.basename(png)))
+    return [f"{stem}.json", f"{stem}.md", png]
