@@ -1,0 +1,118 @@
+"""Smoke tests of the throughput benchmark: it runs, and its outputs are well formed.
+
+No timing assertions: the figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import throughput
+from benchmarks.workloads import WORKLOADS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROW_KEYS = {
+    "workload", "contestant", "sampler", "n", "n_pass", "pass_share", "e2e_s", "posteriors_per_s_e2e",
+    "ms_per_posterior_e2e", "min_bulk_ess_per_s", "ratio_e2e", "peak_rss_mb", "load_avg_1m",
+}
+ENGINE_KEYS = {
+    "run_s", "posteriors_per_s_run", "ms_per_posterior_run", "compile_s", "trace_s", "xla_compile_s",
+    "lockstep_efficiency", "mean_steps", "mean_max_steps", "ratio_run", "batch_size", "num_chunks",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--quick", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_quick_mode_writes_well_formed_results(quick_results):
+    out, proc = quick_results
+    for name in ("quick.json", "quick.md", "quick_scaling.png"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "quick_scaling.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "quick.json").read_text())
+    meta = results["meta"]
+    for key in ("date_utc", "cpu", "jax_backend", "versions", "load_avg_start", "load_avg_end", "wall_s"):
+        assert key in meta, key
+    assert meta["versions"]["jax"] and meta["versions"]["pymc"]
+    assert results["settings"]["gate"] == throughput.GATE
+    rows = results["rows"]
+    samplers = {r["sampler"] for r in rows}
+    assert {"blackjax", "numpyro", "pymc"} <= samplers
+    for r in rows:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert 0 <= r["n_pass"] <= r["n"] and 0.0 <= r["pass_share"] <= 1.0
+        assert r["e2e_s"] > 0 and r["peak_rss_mb"] > 0
+        if r["sampler"] in ("blackjax", "numpyro"):
+            assert ENGINE_KEYS <= set(r), ENGINE_KEYS - set(r)
+            assert 0.0 < r["lockstep_efficiency"] <= 1.0
+            assert r["mean_steps"] <= r["mean_max_steps"]
+            assert r["compile_s"] > 0 and r["run_s"] > 0
+            assert r["e2e_s"] == pytest.approx(r["compile_s"] + r["run_s"])
+    assert sorted({r["n"] for r in rows if r["sampler"] == "blackjax"}) == [10, 40]
+    if "nutpie" not in samplers:  # skipped cleanly, with a note
+        assert any("nutpie" in n for n in results["notes"])
+    md = (out / "quick.md").read_text()
+    assert "| workload | contestant | N |" in md and "quick_scaling.png" in md
+    assert md.count("\n| w1 |") == len(rows)
+
+
+def test_every_workload_compiles_for_the_engine():
+    import jax
+
+    from engine.compile import compile_model, prepare_data
+
+    for name, workload in WORKLOADS.items():
+        model = workload.build_model()
+        data = workload.make_data(3, 0)
+        problem_data = prepare_data(model, data)
+        compiled = compile_model(model, problem_data)
+        assert problem_data.num_problems == 3
+        assert compiled.dim >= 1 and compiled.free_var_names, name
+        one_problem = {k: v[1] for k, v in problem_data.device_arrays().items()}
+        lp = jax.jit(compiled.logdensity_fn)(compiled.initial_position, one_problem)
+        assert np.isfinite(lp), name
+    assert prepare_data(WORKLOADS["w4"].build_model(), WORKLOADS["w4"].make_data(5, 0)).is_ragged
+
+
+def test_lockstep_efficiency_is_mean_over_max():
+    # one chunk, 2 problems x 2 chains, 2 draws: steps (1, 3 | 3, 3) and (7, 1 | 1, 7)
+    chunk = {
+        "steps_sum": np.array([[4, 8], [6, 8]]),  # per problem: sum over chains, per draw
+        "steps_max": np.array([[3, 7], [3, 7]]),
+    }
+    out = throughput.lockstep([chunk], chains=2)
+    assert out["lockstep_efficiency"] == pytest.approx(np.mean([10 / 4 / 3, 16 / 4 / 7]))
+    assert out["mean_max_steps"] == pytest.approx(5.0)
+
+
+def test_gate_and_argument_parsing():
+    passed = throughput.gate_mask([1.0, 1.02, np.nan, 1.005], [500, 500, 500, 399])
+    assert passed.tolist() == [True, False, False, False]
+    c = throughput.parse_contestant("blackjax:dense:f32")
+    assert (c.sampler, c.dense_mass, c.precision, c.is_engine) == ("blackjax", True, "float32", True)
+    with pytest.raises(ValueError):
+        throughput.parse_contestant("stan")
+    args = throughput.resolve_args(["--quick", "--n", "w2=5,7", "--draws", "50"])
+    assert args.draws == 50 and args.tune == 500 and args.workloads == ["w1"]
+    assert args.n_map == {"w2": [5, 7], "*": [10, 40]}
+    full = throughput.resolve_args([])
+    assert (full.chains, full.draws, full.tune) == (4, 1000, 1000)
+    assert full.n_map["*"] == [10, 100, 1000, 10000]
+    assert throughput.loop_problems(100, 3) == [0, 50, 99]
