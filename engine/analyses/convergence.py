@@ -187,6 +187,7 @@ def plot_worst(idata, problems, elements, run_dir: Path, max_vars: int = 4):
     out = {}
     axes = az.plot_trace(one, var_names=var_names, compact=True, divergences="bottom")
     fig = np.ravel(axes)[0].figure
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.suptitle(f"problem {label}: {problems[worst]['failed'] or 'all checks passed'}", fontsize=10)
     out["trace plot"] = C.save_figure(fig, Path(run_dir) / "convergence_trace.png")
     axes = az.plot_rank(one, var_names=var_names)
