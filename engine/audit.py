@@ -14,8 +14,10 @@ Flat problem index ``p = checkpoint * T + token``; problem ``p``'s MCMC stream i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -104,8 +106,17 @@ def _cached_template(name: str, *args):
 
     key = (name,) + args
     if key not in _TEMPLATES:
-        _TEMPLATES[key] = getattr(vfe_models, name)(*args)
+        with _quiet_pytensor():
+            _TEMPLATES[key] = getattr(vfe_models, name)(*args)
     return _TEMPLATES[key]
+
+
+@contextlib.contextmanager
+def _quiet_pytensor():
+    """Silence PyTensor's C-BLAS notice: the engine runs the model through JAX, not C."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="PyTensor could not link to a BLAS")
+        yield
 
 
 def _model_inputs(model, bs: BeliefSet) -> dict[str, Any]:
@@ -271,14 +282,15 @@ def audit_vfe(
     InputError
         Bad beliefs or a model whose log density is not finite for some token, before sampling.
     """
+    t_start = time.perf_counter()
+    bs = _as_beliefs(beliefs)  # validate before the heavy imports: bad input fails fast
+
     import jax
 
     from engine.api import compile_for
     from engine.batch import BatchConfig, check_init, run_batched
     from engine.samplers import NUTSSettings
 
-    t_start = time.perf_counter()
-    bs = _as_beliefs(beliefs)
     if not 0.0 < float(interval) < 1.0:
         raise InputError(f"field 'analysis.interval': must be in (0, 1), got {interval}")
     if int(num_q_draws) < 25:
@@ -305,7 +317,8 @@ def audit_vfe(
     except ValueError as err:
         raise InputError(f"field 'sampler': {err}") from None
     try:
-        compiled = compile_for(pm_model, model_data)
+        with _quiet_pytensor():
+            compiled = compile_for(pm_model, model_data)
     except ValueError as err:
         raise InputError(f"field 'model': {err}") from None
     psis = set(compiled.value_slices) == {"theta"}  # theta is the only, untransformed, latent
@@ -451,6 +464,10 @@ def run_from_config(cfg, run_dir: Path, kind: str):
     from engine.report import summary_text
     from engine.run import Result, sampling_kwargs, to_container
 
+    import logging
+
+    # arviz logs optional-package notices at INFO, which Hydra's job logging would print
+    logging.getLogger("arviz.preview").setLevel(logging.WARNING)
     run_dir = Path(run_dir)
     beliefs = beliefs_from_config(cfg, run_dir, kind)
     model, closed_form, name = (None, None, None) if kind == "multivariate" else model_from_config(cfg)

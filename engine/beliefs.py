@@ -253,10 +253,7 @@ def beliefs_from_arrays(arrays: Mapping[str, Any], *, source: str = "arrays") ->
     return BeliefSet(kind, fields, num_obs, checkpoints, tokens, source)
 
 
-_PER_TOKEN = {
-    "mu_q", "sigma_q", "cov_q", "observed", "n_obs", "mask",
-    "prior_mu", "prior_sigma", "prior_cov", "obs_sigma", "obs_cov",
-}
+_PER_TOKEN = {"mu_q"}  # the rest broadcast from [T...] to [1,T...] as they are
 
 
 def _labels(value, size: int, name: str, has_axis: bool) -> np.ndarray:
@@ -439,6 +436,8 @@ def _check_spd(cov, name, ckpts, tokens):
 
 
 def _read_npz(path: Path) -> dict[str, Any]:
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"field 'data.path': could not read {path} as .npz (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
@@ -460,6 +459,11 @@ def _read_pt(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):
+            raise InputError(
+                f"field 'data.path': could not read {path} as .pt (not a torch.save zip archive; "
+                "corrupt, or a legacy pickle, refused unexecuted)"
+            ) from None
         first = str(err).strip().splitlines()
         hint = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
         raise InputError(
