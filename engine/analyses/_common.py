@@ -7,6 +7,7 @@ and a headless matplotlib.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -287,6 +288,16 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextlib.contextmanager
+def quiet_plots():
+    """Silence matplotlib's deprecation chatter from ArviZ's plotting backend."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*alias_mapping.*")
+        yield
 
 
 def save_figure(fig, path: Path) -> Path:

@@ -180,17 +180,21 @@ def plot_worst(idata, problems, elements, run_dir: Path, max_vars: int = 4):
     ranked = sorted((e for e in elements if e["problem"] == label),
                     key=lambda e: -(e["r_hat"] if np.isfinite(e["r_hat"]) else np.inf))
     var_names = list(dict.fromkeys(e["variable"].split("[")[0] for e in ranked))[:max_vars]
-    for name in var_names:  # plot at most a few elements of each variable
-        dims = [d for d in one.posterior[name].dims if d not in ("chain", "draw")]
-        if dims and np.prod([one.posterior.sizes[d] for d in dims]) > 4:
-            one.posterior[name] = one.posterior[name].isel({d: slice(0, 2) for d in dims})
+    post = one.posterior[var_names]
+    big = {d: slice(0, 2) for d in post.dims if d not in ("chain", "draw") and post.sizes[d] > 2}
+    groups = {"posterior": post.isel(big)}  # at most a few elements of each variable
+    if "sample_stats" in one.groups():
+        groups["sample_stats"] = one.sample_stats
+    one = az.InferenceData(**groups)
     out = {}
-    axes = az.plot_trace(one, var_names=var_names, compact=True, divergences="bottom")
+    with C.quiet_plots():
+        axes = az.plot_trace(one, var_names=var_names, compact=True, divergences="bottom")
     fig = np.ravel(axes)[0].figure
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.suptitle(f"problem {label}: {problems[worst]['failed'] or 'all checks passed'}", fontsize=10)
     out["trace plot"] = C.save_figure(fig, Path(run_dir) / "convergence_trace.png")
-    axes = az.plot_rank(one, var_names=var_names)
+    with C.quiet_plots():
+        axes = az.plot_rank(one, var_names=var_names)
     fig = np.ravel(axes)[0].figure
     out["rank plot"] = C.save_figure(fig, Path(run_dir) / "convergence_rank.png")
     plt.close("all")

@@ -41,9 +41,10 @@ def build_model(num_layers: int, num_heads: int, num_samples: int, variant: str 
                 parameterization: str = "noncentered"):
     """Template for ONE checkpoint with container ``y`` ``[L, H, S]`` (standardised entropies).
 
-    Every variant has the Deterministic ``theta`` ``[L, H]`` (head means) and ``sigma``; the
-    hierarchical one also ``mu``, ``tau_layer``, ``tau_head``, ``layer_mean`` ``[L]``. Cached per
-    arguments so the engine compiles a template once per process.
+    Every variant has ``theta`` ``[L, H]`` (head means) and ``sigma``; the hierarchical one also
+    ``mu``, ``tau_head``, ``layer_mean`` ``[L]`` and, with more than one layer, ``tau_layer`` (a
+    single layer has no layer level). Cached per arguments so the engine compiles a template once
+    per process.
     """
     import pymc as pm
 
@@ -64,15 +65,20 @@ def build_model(num_layers: int, num_heads: int, num_samples: int, variant: str 
             theta = pm.Normal("theta", 0.0, 2.0, shape=shape)
         else:
             mu = pm.Normal("mu", 0.0, 1.0)
-            tau_layer = pm.HalfNormal("tau_layer", 1.0)
             tau_head = pm.HalfNormal("tau_head", 1.0)
-            if parameterization == "noncentered":
+            if num_layers == 1:  # no layer level: mu + tau_layer * z would be unidentified
+                layer_mean = pm.Deterministic("layer_mean", mu * np.ones(1))
+            elif parameterization == "noncentered":
+                tau_layer = pm.HalfNormal("tau_layer", 1.0)
                 z_layer = pm.Normal("z_layer", 0.0, 1.0, shape=num_layers)
                 layer_mean = pm.Deterministic("layer_mean", mu + tau_layer * z_layer)
+            else:
+                tau_layer = pm.HalfNormal("tau_layer", 1.0)
+                layer_mean = pm.Normal("layer_mean", mu, tau_layer, shape=num_layers)
+            if parameterization == "noncentered":
                 z_head = pm.Normal("z_head", 0.0, 1.0, shape=shape)
                 theta = pm.Deterministic("theta", layer_mean[:, None] + tau_head * z_head)
             else:
-                layer_mean = pm.Normal("layer_mean", mu, tau_layer, shape=num_layers)
                 theta = pm.Normal("theta", layer_mean[:, None], tau_head, shape=shape)
         pm.Normal("obs", theta[..., None], sigma, observed=y)
     return model
@@ -194,7 +200,8 @@ def fit(entropies: np.ndarray, sample_kw: dict, *, variant: str = "hierarchical"
     draws["sigma"] = scale[:, None, None] * C.var_draws(idata, "sigma")
     if variant == "hierarchical":
         draws["mu"] = loc[:, None, None] + scale[:, None, None] * C.var_draws(idata, "mu")
-        draws["tau_layer"] = scale[:, None, None] * C.var_draws(idata, "tau_layer")
+        if "tau_layer" in idata.posterior:
+            draws["tau_layer"] = scale[:, None, None] * C.var_draws(idata, "tau_layer")
         draws["tau_head"] = scale[:, None, None] * C.var_draws(idata, "tau_head")
     loglik = None
     if log_likelihood:

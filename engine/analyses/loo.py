@@ -125,7 +125,8 @@ def plot_compare(compares: dict, path: Path, max_panels: int = 4) -> Path:
     items = list(compares.items())[-max_panels:]
     fig, axes = plt.subplots(len(items), 1, figsize=(6.5, 1.0 + 1.3 * len(items) * 1.0 + 0.4), squeeze=False)
     for ax, (label, frame) in zip(axes[:, 0], items):
-        az.plot_compare(frame, ax=ax, insample_dev=False, legend=False)
+        with C.quiet_plots():
+            az.plot_compare(frame, ax=ax, insample_dev=False, legend=False)
         ax.set_title(f"problem {label}: PSIS-LOO (higher is better)", fontsize=9)
     fig.tight_layout()
     return C.save_figure(fig, path)
@@ -138,7 +139,8 @@ def plot_khat(loos: dict, label, path: Path) -> Path:
     plt = C.pyplot()
     fig, axes = plt.subplots(1, len(loos), figsize=(4.0 * len(loos), 3.0), squeeze=False)
     for ax, (name, loo) in zip(axes[0], loos.items()):
-        az.plot_khat(loo, ax=ax, show_hlines=True, markersize=8)
+        with C.quiet_plots():
+            az.plot_khat(loo, ax=ax, show_hlines=True, markersize=8)
         ax.set_title(f"{name} (problem {label})", fontsize=9)
     fig.tight_layout()
     return C.save_figure(fig, path)

@@ -188,7 +188,7 @@ def _as_list(value) -> list:
 
 
 def build_design(frame, metrics: list[str], *, predictors=None, categorical=None, interactions=None,
-                 source: str = "table") -> Design:
+                 log10=None, exclude=None, source: str = "table") -> Design:
     """Standardised design matrix from the predictor columns of ``frame``.
 
     Parameters
@@ -204,12 +204,29 @@ def build_design(frame, metrics: list[str], *, predictors=None, categorical=None
     interactions
         ``"a:b"`` strings (products of the standardised columns; a categorical side interacts
         through each of its one-hot columns), or ``"all"`` for every pair of numeric predictors.
+    log10
+        Positive columns to use on a log10 scale (learning rates, weight decays); the term is
+        named ``log10(<column>)`` and its per-unit effect is per decade.
+    exclude
+        Columns never used as predictors (seeds, run ids).
     """
     import pandas as pd
 
     C.require_columns(frame, metrics, source)
-    names = [c for c in frame.columns if c not in metrics] if predictors is None else _as_list(predictors)
+    excluded = set(_as_list(exclude))
+    names = ([c for c in frame.columns if c not in metrics and c not in excluded] if predictors is None
+             else _as_list(predictors))
     C.require_columns(frame, names, source)
+    frame = frame.copy()
+    for name in _as_list(log10):
+        if name not in names:
+            raise InputError(f"analysis.log10: {name!r} is not a predictor; predictors are {names}")
+        values = C.numeric_column(frame, name, source)
+        bad = np.flatnonzero(values <= 0)
+        if bad.size:
+            raise InputError(f"{source}: column {name!r} must be positive for log10; row {int(bad[0])} is {values[bad[0]]}")
+        frame[f"log10({name})"] = np.log10(values)
+        names[names.index(name)] = f"log10({name})"
     if not names:
         raise InputError(f"{source}: no predictor columns besides the metric(s) {metrics}")
     categorical = set(_as_list(categorical))
@@ -250,7 +267,7 @@ def build_design(frame, metrics: list[str], *, predictors=None, categorical=None
             raise InputError(f"analysis.interactions: {spec!r} is not of the form 'a:b'")
         sides = []
         for part in parts:
-            terms = [t for t, v in main.items() if v[3] == part]
+            terms = [t for t, v in main.items() if v[3] in (part, f"log10({part})")]
             if not terms:
                 raise InputError(f"analysis.interactions: {spec!r} names {part!r}, which is not a used predictor")
             sides.append(terms)
@@ -334,7 +351,8 @@ def prepare(cfg):
     if y.shape[1] < 3:
         raise InputError(f"{source}: {y.shape[1]} run(s); a regression needs at least 3")
     design = build_design(frame, metrics, predictors=opt("predictors"), categorical=opt("categorical"),
-                          interactions=opt("interactions"), source=source)
+                          interactions=opt("interactions"), log10=opt("log10"), exclude=opt("exclude"),
+                          source=source)
     if y.shape[1] <= len(design.terms):
         raise InputError(
             f"{source}: {y.shape[1]} runs for {len(design.terms)} terms; the effects are not identified"

@@ -1,0 +1,61 @@
+"""Shared analysis helpers: HDI against ArviZ, table reading errors, report writers."""
+
+from __future__ import annotations
+
+import json
+
+import arviz as az
+import numpy as np
+import pandas as pd
+import pytest
+
+from engine.analyses import _common as C
+from engine.errors import InputError
+
+
+def test_hdi_matches_arviz():
+    rng = np.random.default_rng(0)
+    x = rng.gamma(2.0, size=(3, 2000))
+    ours = C.hdi(x, 0.94)
+    for i in range(3):
+        np.testing.assert_allclose(ours[i], az.hdi(x[i], hdi_prob=0.94), rtol=0, atol=1e-12)
+
+
+def test_draw_summary_matches_arviz():
+    rng = np.random.default_rng(1)
+    draws = rng.standard_normal((2, 4, 300)).cumsum(-1) * 0.1 + rng.standard_normal((2, 4, 300))
+    ours = C.draw_summary(draws)
+    for p in range(2):
+        np.testing.assert_allclose(ours["r_hat"][p], az.rhat(draws[p]), rtol=1e-6)
+        np.testing.assert_allclose(ours["ess_bulk"][p], az.ess(draws[p], method="bulk"), rtol=1e-6)
+        np.testing.assert_allclose(ours["ess_tail"][p], az.ess(draws[p], method="tail"), rtol=1e-6)
+
+
+def test_read_table_errors(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        C.read_table(tmp_path / "missing.csv")
+    (tmp_path / "t.txt").write_text("a\n1\n")
+    with pytest.raises(InputError, match="expected a .csv or .parquet"):
+        C.read_table(tmp_path / "t.txt")
+    (tmp_path / "empty.csv").write_text("a,b\n")
+    with pytest.raises(InputError, match="no rows"):
+        C.read_table(tmp_path / "empty.csv")
+    frame = pd.DataFrame({"x": [1.0, 2.0], "y": ["3", "oops"]})
+    frame.to_parquet(tmp_path / "t.parquet")
+    read = C.read_table(tmp_path / "t.parquet")
+    with pytest.raises(InputError, match=r"column 'y' must be numeric and finite; row 1 is 'oops'"):
+        C.numeric_column(read, "y", "t.parquet")
+    with pytest.raises(InputError, match="missing column 'z'"):
+        C.require_columns(read, ["x", "z"], "t.parquet")
+
+
+def test_outputs_are_plain_json_and_markdown(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"analysis": {"name": "x"}, "sampler": {"name": "blackjax"}, "runtime": {"seed": 0}})
+    path = C.write_summary(tmp_path, cfg, {"a": np.float64(1.5), "b": np.arange(2), "c": float("nan")})
+    payload = json.loads(path.read_text())
+    assert payload["results"] == {"a": 1.5, "b": [0, 1], "c": None}
+    assert payload["versions"]["arviz"] == az.__version__
+    table = C.markdown_table([{"a": 1, "b": 0.123456, "c": True}])
+    assert table.splitlines()[2] == "| 1 | 0.123 | yes |"
