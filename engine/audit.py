@@ -194,7 +194,7 @@ def _summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: int, inte
         else:
             s = summarize_draws(jnp.moveaxis(theta, -1, 0))  # each [K]
             flat = theta.reshape((-1, dim))
-            centred = flat - flat.mean(0)
+            centred = flat - flat.mean(0, keepdims=True)
             out["mean"] = flat.mean(0)
             out["cov"] = centred.T @ centred / (flat.shape[0] - 1)
             out["mcse_mean"] = s["mcse_mean"].max()
@@ -202,7 +202,7 @@ def _summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: int, inte
             out["ess_bulk"] = s["ess_bulk"].min()
             out["ess_tail"] = s["ess_tail"].min()
             chol_q = data["chol_q"]
-            white = jax.scipy.linalg.solve_triangular(chol_q, (flat - mu_q).T, lower=True)
+            white = jax.scipy.linalg.solve_triangular(chol_q, (flat - mu_q[None, :]).T, lower=True)
             out["coverage"] = ((white**2).sum(0) <= radius2).mean()
         if psis:
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), data["__index__"]), Q_STREAM)
@@ -212,7 +212,7 @@ def _summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: int, inte
                 log_q = -0.5 * eps**2 - jnp.log(data["sigma_q"]) - 0.5 * log2pi
             else:
                 eps = jax.random.normal(key, (num_q_draws, dim), mu_q.dtype)
-                x = mu_q + eps @ data["chol_q"].T
+                x = mu_q[None, :] + eps @ data["chol_q"].T
                 log_q = (-0.5 * (eps**2).sum(-1) - jnp.log(jnp.diagonal(data["chol_q"])).sum()
                          - 0.5 * dim * log2pi)
             log_p = jax.vmap(lambda v: compiled.logdensity_fn(v, data))(x)
