@@ -297,6 +297,7 @@ def quiet_plots():
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*alias_mapping.*")
+        warnings.filterwarnings("ignore", module="arviz")
         yield
 
 
