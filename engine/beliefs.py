@@ -126,9 +126,15 @@ def _to_array(value, name: str):
     if mod.startswith("torch"):
         tensor = value.detach()
         if tensor.is_cuda:
+            import jax
             import jax.dlpack
 
-            return jax.dlpack.from_dlpack(tensor)
+            if not any(d.platform == "gpu" for d in jax.devices()):
+                raise InputError(
+                    f"field {name!r}: a CUDA tensor, but JAX runs on {jax.default_backend()}; use "
+                    "runtime=gpu with jax[cuda12], or pass tensor.cpu()"
+                )
+            return jax.dlpack.from_dlpack(tensor)  # zero-copy: stays on the GPU
         if tensor.dtype.is_complex:
             raise InputError(f"field {name!r}: complex values are not supported")
         return tensor.resolve_conj().resolve_neg().numpy()
@@ -208,6 +214,16 @@ def beliefs_from_arrays(arrays: Mapping[str, Any], *, source: str = "arrays") ->
     """
     if not isinstance(arrays, Mapping):
         raise InputError(f"beliefs: expected a mapping of field names to arrays, got {type(arrays).__name__}")
+    on_device = any(_is_jax(v) or getattr(v, "is_cuda", False) for v in arrays.values())
+    if on_device:  # JAX would silently truncate float64 inputs outside x64 mode
+        import jax
+
+        with jax.enable_x64(True):
+            return _from_arrays(arrays, source)
+    return _from_arrays(arrays, source)
+
+
+def _from_arrays(arrays: Mapping[str, Any], source: str) -> BeliefSet:
     keys = set(arrays)
     kind = _kind_of(keys)
     names = UNIVARIATE if kind == "univariate" else MULTIVARIATE

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -50,7 +52,11 @@ def univariate_case():
         "obs_sigma": obs_sigma,
         "checkpoint": np.array(["off", "exact"]),
     }
-    result = audit_vfe(arrays, **SMALL)
+    # JAX arrays (as a CUDA tensor arrives through DLPack) go through the same path as numpy
+    with jax.enable_x64(True):
+        as_jax = {**arrays, "mu_q": jnp.asarray(arrays["mu_q"]), "observed": jnp.asarray(observed)}
+    assert as_jax["mu_q"].dtype == np.float64
+    result = audit_vfe(as_jax, **SMALL)
     return arrays, mean, sd, result
 
 

@@ -198,3 +198,27 @@ def test_bare_demo_runs_within_budget(analysis, tmp_path):
     assert all(c["frac_converged"] > 0.95 for c in summary["checkpoints"])
     # 90 s on an idle 2-core CPU; allow for a shared machine
     assert elapsed < 180, elapsed
+
+
+def test_every_audit_config_option_composes():
+    from hydra import compose, initialize_config_dir
+
+    from engine.audit import model_from_config
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for analysis in ("vfe_univariate", "vfe_multivariate"):
+            for data in ("demo", "file"):
+                for model in ("normal_normal", "student_t", "bernoulli_logit"):
+                    cfg = compose("config", overrides=[f"analysis={analysis}", f"data={data}", f"model={model}"])
+                    assert cfg.analysis.name == analysis and cfg.data.name == data
+                    assert (cfg.data.shard, cfg.data.num_shards) == (0, 1)
+                    built, closed_form, name = model_from_config(cfg)
+                    assert name == model and closed_form == (model == "normal_normal")
+                    assert "theta" in [rv.name for rv in built.free_RVs]
+
+
+def test_help_lists_audit_groups(env):
+    proc = engine(["--help"], env)
+    assert proc.returncode == 0
+    for option in ("vfe_univariate", "vfe_multivariate", "student_t", "bernoulli_logit", "file"):
+        assert option in proc.stdout
