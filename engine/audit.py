@@ -264,6 +264,7 @@ def audit_vfe(
         Label of the model in outputs (default: the built-in's or builder's name).
     sampler, chains, draws, tune, seed, batch_size, precision, target_accept, max_tree_depth, dense_mass
         As in :func:`engine.sample_batched`; ``sampler="pymc"`` loops ``pm.sample`` (baseline).
+        ``batch_size=None`` picks equal chunks whose in-program draws fit ``CHUNK_MEMORY_BYTES``.
     interval
         Central credible mass of q whose MCMC coverage is reported (``coverage``).
     num_q_draws
@@ -307,6 +308,7 @@ def audit_vfe(
     model_data = _problem_data(inputs, bs.num_obs.reshape(-1))
     full_data = _problem_data(inputs, bs.num_obs.reshape(-1), extras)
 
+    batch_size = _chunk_size(P, int(chains), int(draws), bs.dim, int(num_q_draws), batch_size)
     settings = NUTSSettings(target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
                             dense_mass=bool(dense_mass))
     jax_sampler = sampler if sampler != "pymc" else "blackjax"
@@ -372,6 +374,27 @@ def audit_vfe(
     if out_dir is not None:
         audit.summary["outputs"] = {k: str(v) for k, v in audit.write(out_dir).items()}
     return audit
+
+
+CHUNK_MEMORY_BYTES = 1 << 30
+"""Default memory budget of one chunk's per-draw arrays (draws and NUTS statistics)."""
+
+
+def _chunk_size(num_problems: int, chains: int, draws: int, dim: int, num_q_draws: int, batch_size):
+    """``batch_size``, or when None the fewest equal chunks whose draws fit CHUNK_MEMORY_BYTES.
+
+    Draws never leave the device, but inside a chunk's program every problem's
+    ``[chain, draw, dim]`` values and seven ``[chain, draw]`` statistics exist at once, so
+    10^5 tokens in one chunk would need tens of GB. Equal chunks keep padding small.
+    """
+    if batch_size is not None:
+        return int(batch_size)
+    from engine.samplers import SampleStats
+
+    per_problem = 8 * (chains * draws * (dim + len(SampleStats._fields)) + num_q_draws * (dim + 2))
+    max_size = max(1, CHUNK_MEMORY_BYTES // per_problem)
+    num_chunks = -(-num_problems // max_size)
+    return -(-num_problems // num_chunks)
 
 
 def _pymc_summaries(pm_model, model_data, full_data, summary_fn: Callable, config, progress):
