@@ -397,7 +397,7 @@ def run(cfg, run_dir: Path) -> Result:
         "dropped": design.dropped, "divergences": div, "effects": rows,
     })
     note = f"Dropped: {', '.join(design.dropped)}.\n" if design.dropped else ""
-    cols = ["metric", "term", "per_sd_mean", "per_sd_hdi_low", "per_sd_hdi_high", "per_unit_mean",
+    cols = ["metric", "term", "per_sd_mean", "per_sd_sd", "per_sd_hdi_low", "per_sd_hdi_high", "per_unit_mean",
             "per_unit_hdi_low", "per_unit_hdi_high", "r_hat", "ess_bulk", "ess_tail", "p_negative"]
     outputs["report"] = C.write_report(run_dir, "Hyperparameter sensitivity", [
         ("Setup", f"{y.shape[1]} runs from {source}; metric(s) {metrics}; {len(design.terms)} standardised "
