@@ -9,7 +9,10 @@ repeating its final problem, so every chunk reuses one compiled program.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -64,8 +67,10 @@ class BatchConfig:
     log_likelihood: bool = False
 
     def __post_init__(self):
-        if self.sampler not in ("blackjax", "numpyro"):
-            raise ValueError(f"sampler must be 'blackjax' or 'numpyro', got {self.sampler!r}")
+        if self.sampler not in ("blackjax", "numpyro", "stepwise"):
+            raise ValueError(
+                f"sampler must be 'blackjax', 'numpyro', 'stepwise' or 'pymc', got {self.sampler!r}"
+            )
         for name in ("chains", "draws"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -131,29 +136,37 @@ def _chain_keys(root_key, index, chains):
     return jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [chains, 2]: (init, run)
 
 
-def _build_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
-    kernel = get_kernel(config.sampler)
+def _cached(compiled: CompiledModel, kind: str, config: BatchConfig, extra, build):
+    """One jitted program per (compiled model, settings); the seed is an argument, not a key."""
+    cache = compiled.__dict__.setdefault("_program_cache", {})
+    key = (kind, dataclasses.replace(config, seed=0), extra)
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
-    def one_problem(root_key, index, data):
+
+def _build_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
+    return _cached(
+        compiled, "chunk", config, summary_fn, lambda: _make_chunk_fn(compiled, config, summary_fn)
+    )
+
+
+def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
+    kernel = get_kernel(config.sampler)
+    stepwise = config.sampler == "stepwise"
+    total = config.tune + config.draws
+
+    def start(root_key, index, data):
+        """Per problem: jittered starts ``[chains, dim]``, their finiteness, and run keys."""
         logdensity_fn = lambda x: compiled.logdensity_fn(x, data)  # noqa: E731
         keys = _chain_keys(root_key, index, config.chains)
         start = jnp.asarray(compiled.initial_position, dtype=jnp.result_type(float))
+        positions, ok = jax.vmap(
+            lambda k: init_positions(k, logdensity_fn, start, config.init_tries, config.jitter)
+        )(keys[:, 0])
+        return positions, ok, keys[:, 1]
 
-        def one_chain(init_key, run_key):
-            position, ok = init_positions(
-                init_key, logdensity_fn, start, config.init_tries, config.jitter
-            )
-            positions, stats = kernel(
-                run_key,
-                logdensity_fn,
-                position,
-                num_tune=config.tune,
-                num_draws=config.draws,
-                settings=config.settings,
-            )
-            return positions, stats, ok
-
-        positions, stats, ok = jax.vmap(one_chain)(keys[:, 0], keys[:, 1])
+    def finish(positions, stats, ok, data):
         values = jax.vmap(jax.vmap(lambda x: compiled.constrain_fn(x, data)))(positions)
         summary = None if summary_fn is None else summary_fn(values, stats, data)
         loglik = None
@@ -162,13 +175,54 @@ def _build_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
         kept = (values, stats, loglik) if config.keep_draws else (None, None, None)
         return kept, jnp.all(ok), summary
 
+    def one_problem(root_key, index, data):
+        logdensity_fn = lambda x: compiled.logdensity_fn(x, data)  # noqa: E731
+        positions, ok, run_keys = start(root_key, index, data)
+        run = lambda k, x: kernel(  # noqa: E731
+            k, logdensity_fn, x, num_tune=config.tune, num_draws=config.draws, settings=config.settings
+        )
+        draws, stats = jax.vmap(run)(run_keys, positions)
+        return finish(draws, stats, ok, data)
+
     def chunk_fn(root_key, indices, data):
-        return jax.vmap(one_problem, in_axes=(None, 0, 0))(root_key, indices, data)
+        if not stepwise:
+            return jax.vmap(one_problem, in_axes=(None, 0, 0))(root_key, indices, data)
+        from engine.samplers import stepwise_nuts as sw
+
+        positions, ok, run_keys = jax.vmap(start, in_axes=(None, 0, 0))(root_key, indices, data)
+
+        def per_lane(fn):
+            """``fn(state, logdensity_fn)`` over problems (with their data) and chains."""
+            def problem(states, d):
+                lp = lambda x: compiled.logdensity_fn(x, d)  # noqa: E731
+                return jax.vmap(lambda st: fn(st, lp))(states)
+            return lambda states: jax.vmap(problem)(states, data)
+
+        states = jax.vmap(
+            lambda keys, pos, d: jax.vmap(
+                lambda k, x: sw.init(
+                    k, lambda y: compiled.logdensity_fn(y, d), x, config.draws, config.settings
+                )
+            )(keys, pos)
+        )(run_keys, positions, data)
+        # one loop for the whole batch: its predicate is a reduction, not batched, so JAX never
+        # selects the output buffers whole; finished chains idle inside ``step``
+        states = jax.lax.while_loop(
+            lambda st: jnp.any(st.num_done < total),
+            per_lane(lambda st, lp: sw.step(st, lp, config.tune, total, config.settings)),
+            states,
+        )
+        draws, stats = sw.outputs(states)
+        return jax.vmap(finish)(draws, stats, ok, data)
 
     return jax.jit(chunk_fn)
 
 
 def _build_init_fn(compiled: CompiledModel, config: BatchConfig):
+    return _cached(compiled, "init", config, None, lambda: _make_init_fn(compiled, config))
+
+
+def _make_init_fn(compiled: CompiledModel, config: BatchConfig):
     def one_problem(root_key, index, data):
         logdensity_fn = lambda x: compiled.logdensity_fn(x, data)  # noqa: E731
         keys = _chain_keys(root_key, index, config.chains)
@@ -179,6 +233,14 @@ def _build_init_fn(compiled: CompiledModel, config: BatchConfig):
         return jnp.all(ok)
 
     return jax.jit(jax.vmap(one_problem, in_axes=(None, 0, 0)))
+
+
+@contextmanager
+def precision_scope(precision: str):
+    """JAX's x64 mode for the run; float64 casts inside PyTensor's graph truncate quietly in float32."""
+    with jax.enable_x64(precision == "float64"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Explicitly requested dtype float64")
+        yield
 
 
 def _cast(arrays: dict[str, np.ndarray], precision: str) -> dict[str, np.ndarray]:
@@ -206,7 +268,7 @@ def _progress(total: int, enabled: bool | None, desc: str):
 
 def check_init(compiled: CompiledModel, problem_data: ProblemData, config: BatchConfig) -> np.ndarray:
     """``[problem]`` flags: every chain of the problem has a finite jittered start."""
-    with jax.enable_x64(config.precision == "float64"):
+    with precision_scope(config.precision):
         fn = _build_init_fn(compiled, config)
         arrays = _cast(problem_data.device_arrays(), config.precision)
         root = jax.random.PRNGKey(config.seed)
@@ -254,7 +316,7 @@ def run_batched(
     todo = grid if chunks is None else list(chunks)
     size = grid[0][1] - grid[0][0]
     results = []
-    with jax.enable_x64(config.precision == "float64"):
+    with precision_scope(config.precision):
         fn = _build_chunk_fn(compiled, config, summary_fn)
         arrays = _cast(problem_data.device_arrays(), config.precision)
         root = jax.random.PRNGKey(config.seed)

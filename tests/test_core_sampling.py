@@ -22,9 +22,10 @@ def _theta_summary(idata, name="theta"):
     return {k: np.asarray(v) for k, v in summarize_draws(x).items()}
 
 
-def test_normal_normal_400_problems_match_closed_form():
+@pytest.mark.parametrize("sampler", ["blackjax", "stepwise"])
+def test_normal_normal_400_problems_match_closed_form(sampler):
     data = normal_normal_data(400, seed=1)
-    idata = engine.sample_batched(normal_normal_model(), data, seed=3, progress=False)
+    idata = engine.sample_batched(normal_normal_model(), data, sampler=sampler, seed=3, progress=False)
     assert idata.posterior.theta.dims == ("chain", "draw", "problem")
     assert idata.posterior.theta.shape == (4, 1000, 400)
     mean, sd = normal_normal_posterior(data)
@@ -37,7 +38,8 @@ def test_normal_normal_400_problems_match_closed_form():
     assert int(idata.sample_stats.diverging.sum()) == 0
 
 
-def test_mvnormal_full_covariance_matches_closed_form():
+@pytest.mark.parametrize("sampler", ["blackjax", "stepwise"])
+def test_mvnormal_full_covariance_matches_closed_form(sampler):
     K, n, P = 4, 15, 12
     rng = np.random.default_rng(5)
     A = rng.normal(size=(K, K))
@@ -52,7 +54,8 @@ def test_mvnormal_full_covariance_matches_closed_form():
         th = pm.MvNormal("theta", mu=mu_d, cov=prior_cov)
         pm.MvNormal("obs", mu=th, cov=obs_cov, observed=y_d)
     idata = engine.sample_batched(
-        model, {"y": y, "prior_mu": prior_mu}, seed=0, dense_mass=True, progress=False
+        model, {"y": y, "prior_mu": prior_mu}, sampler=sampler, seed=0, dense_mass=True,
+        progress=False,
     )
     prec = np.linalg.inv(prior_cov) + n * np.linalg.inv(obs_cov)
     cov = np.linalg.inv(prec)
@@ -81,7 +84,7 @@ def test_constrained_noise_scale_agrees_with_pm_sample():
         mu = pm.Normal("mu", 0, 10)
         sigma = pm.HalfNormal("sigma", 5)
         pm.Normal("obs", mu, sigma, observed=y_d)
-    ours = engine.sample_batched(model, {"y": y}, seed=1, progress=False)
+    ours = engine.sample_batched(model, {"y": y}, sampler="stepwise", seed=1, progress=False)
     theirs = engine.sample_batched(model, {"y": y}, sampler="pymc", seed=1, progress=False)
     assert float(ours.posterior.sigma.min()) > 0
     for name in ("mu", "sigma"):
@@ -97,14 +100,15 @@ def test_samplers_agree_on_shared_case():
     mean, _ = normal_normal_posterior(data)
     results = {
         s: _theta_summary(engine.sample_batched(model, data, sampler=s, seed=2, progress=False))
-        for s in ("blackjax", "numpyro", "pymc")
+        for s in ("blackjax", "numpyro", "stepwise", "pymc")
     }
-    z_bound = _bonferroni_z(9)
+    z_bound = _bonferroni_z(12)
     for s, r in results.items():
         z = (r["mean"] - mean) / r["mcse_mean"]
         assert np.all(np.abs(z) < z_bound), (s, z)
         assert np.all(r["r_hat"] < 1.01), s
-    z = (results["blackjax"]["mean"] - results["numpyro"]["mean"]) / np.hypot(
-        results["blackjax"]["mcse_mean"], results["numpyro"]["mcse_mean"]
-    )
-    assert np.all(np.abs(z) < z_bound)
+    for other in ("numpyro", "stepwise", "pymc"):
+        z = (results["blackjax"]["mean"] - results[other]["mean"]) / np.hypot(
+            results["blackjax"]["mcse_mean"], results[other]["mcse_mean"]
+        )
+        assert np.all(np.abs(z) < z_bound), other

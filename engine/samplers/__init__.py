@@ -60,15 +60,17 @@ class SampleStats(NamedTuple):
     step_size: jax.Array
 
 
-SAMPLERS = ("blackjax", "numpyro", "pymc")
+SAMPLERS = ("blackjax", "numpyro", "stepwise", "pymc")
 
 
 def get_kernel(name: str):
-    """The ``run_chain`` of sampler ``name`` ("blackjax" or "numpyro")."""
-    if name == "blackjax":
+    """The ``run_chain`` of JAX sampler ``name`` ("blackjax", "numpyro" or "stepwise")."""
+    if name == "stepwise":
+        from engine.samplers.stepwise_nuts import run_chain
+    elif name == "blackjax":
         from engine.samplers.blackjax_nuts import run_chain
     elif name == "numpyro":
         from engine.samplers.numpyro_nuts import run_chain
     else:
-        raise ValueError(f"unknown JAX sampler {name!r}; choose one of 'blackjax', 'numpyro'")
+        raise ValueError(f"unknown JAX sampler {name!r}; choose one of 'blackjax', 'numpyro', 'stepwise'")
     return run_chain
