@@ -79,7 +79,8 @@ def sample_batched(
     **kw
         ``target_accept`` (0.8), ``max_tree_depth`` (10), ``dense_mass`` (False),
         ``initial_step_size`` (1.0), ``precision`` ("float64" or "float32"), ``init_tries``
-        (20), ``jitter`` (1.0), ``log_likelihood`` (False: add the pointwise log-likelihood
+        (20), ``jitter`` (1.0), ``devices`` (None: one device; N or -1: shard problems over
+        local devices), ``log_likelihood`` (False: add the pointwise log-likelihood
         group), ``problem_coords`` (labels of the problem axis), ``progress`` (None: only on
         a terminal).
 
@@ -115,7 +116,7 @@ def sample_batched(
             progress=progress,
         )
         return to_inference_data(draws_, stats, problem_coords=problem_coords)
-    config_kw = {k: kw.pop(k) for k in ("precision", "init_tries", "jitter") if k in kw}
+    config_kw = {k: kw.pop(k) for k in ("precision", "init_tries", "jitter", "devices") if k in kw}
     config_kw["log_likelihood"] = log_likelihood
     if kw:
         raise TypeError(f"sample_batched() got unexpected keyword argument {next(iter(kw))!r}")

@@ -51,6 +51,10 @@ class BatchConfig:
         Bring full draws back to the host; otherwise only ``summary_fn``'s output returns.
     log_likelihood
         With ``keep_draws``, also return the pointwise observed log-likelihood of every draw.
+    devices
+        Local devices to shard each chunk's problem axis over (``jax.shard_map``); ``None`` or 1
+        runs on the default device, -1 on all local devices. On CPU, several host devices
+        need ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts.
     """
 
     sampler: str = "blackjax"
@@ -65,6 +69,7 @@ class BatchConfig:
     jitter: float = 1.0
     keep_draws: bool = True
     log_likelihood: bool = False
+    devices: int | None = None
 
     def __post_init__(self):
         if self.sampler not in ("blackjax", "numpyro", "stepwise"):
@@ -145,10 +150,40 @@ def _cached(compiled: CompiledModel, kind: str, config: BatchConfig, extra, buil
     return cache[key]
 
 
+def local_devices(requested: int | None) -> list:
+    """The devices a run shards over: the first ``requested`` local ones (-1: all)."""
+    available = jax.local_devices()
+    if requested is None or requested == 1:
+        return available[:1]
+    count = len(available) if requested == -1 else int(requested)
+    if count < 1 or count > len(available):
+        raise ValueError(
+            f"runtime asks for {requested} devices but JAX sees {len(available)} "
+            f"({available[0].platform}); on CPU set "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts"
+        )
+    return available[:count]
+
+
 def _build_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
-    return _cached(
-        compiled, "chunk", config, summary_fn, lambda: _make_chunk_fn(compiled, config, summary_fn)
-    )
+    def build():
+        chunk_fn = _make_chunk_fn(compiled, config, summary_fn)
+        devices = local_devices(config.devices)
+        if len(devices) == 1:
+            return jax.jit(chunk_fn)
+        from jax.sharding import Mesh, PartitionSpec
+
+        mesh = Mesh(np.array(devices), ("problem",))
+        sharded = jax.shard_map(
+            chunk_fn,
+            mesh=mesh,
+            in_specs=(PartitionSpec(), PartitionSpec("problem"), PartitionSpec("problem")),
+            out_specs=PartitionSpec("problem"),
+            check_vma=False,
+        )
+        return jax.jit(sharded)
+
+    return _cached(compiled, "chunk", config, summary_fn, build)
 
 
 def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
@@ -215,7 +250,7 @@ def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
         draws, stats = sw.outputs(states)
         return jax.vmap(finish)(draws, stats, ok, data)
 
-    return jax.jit(chunk_fn)
+    return chunk_fn
 
 
 def _build_init_fn(compiled: CompiledModel, config: BatchConfig):
@@ -314,7 +349,8 @@ def run_batched(
     num_problems = problem_data.num_problems
     grid = chunk_grid(num_problems, config.batch_size)
     todo = grid if chunks is None else list(chunks)
-    size = grid[0][1] - grid[0][0]
+    num_devices = len(local_devices(config.devices))
+    size = -(-(grid[0][1] - grid[0][0]) // num_devices) * num_devices  # a multiple of devices
     results = []
     with precision_scope(config.precision):
         fn = _build_chunk_fn(compiled, config, summary_fn)
