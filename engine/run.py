@@ -30,8 +30,14 @@ class Result:
 
 
 def configure_runtime(cfg: DictConfig) -> None:
-    """Apply ``cfg.runtime`` before JAX initialises its backend (platform, threads)."""
+    """Apply ``cfg.runtime`` before JAX initialises its backend (platform, host devices)."""
     platform = cfg.runtime.get("platform", "cpu")
+    devices = cfg.runtime.get("devices", 1)
+    if platform == "cpu" and devices not in (None, 1) and "jax" not in sys.modules:
+        count = os.cpu_count() or 1 if int(devices) == -1 else int(devices)
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
     if platform and "jax" not in sys.modules:
         os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu" if platform == "gpu" else platform)
     elif platform:
@@ -94,4 +100,6 @@ def sampling_kwargs(cfg: DictConfig) -> dict:
     )
     if s.name != "pymc":
         kw["precision"] = str(r.precision)
+        devices = r.get("devices", 1)
+        kw["devices"] = None if devices in (None, 1) else int(devices)
     return kw
