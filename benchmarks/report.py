@@ -85,6 +85,12 @@ def add_ratios(rows: list[dict]) -> None:
         r["ratio_e2e"] = r["posteriors_per_s_e2e"] / ref["posteriors_per_s_e2e"] if ok else None
         run = r.get("posteriors_per_s_run")
         r["ratio_run"] = run / ref["posteriors_per_s_e2e"] if ok and run is not None else None
+        # the same ratio in CPU seconds (passing posteriors per CPU second), less load-sensitive
+        cpu, ref_cpu = r.get("cpu_ms_per_posterior_e2e"), (ref or {}).get("cpu_ms_per_posterior_e2e")
+        r["ratio_cpu_e2e"] = (
+            (r["pass_share"] / cpu) / (ref["pass_share"] / ref_cpu)
+            if ok and cpu and ref_cpu and ref["pass_share"] > 0 else None
+        )
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -142,6 +148,8 @@ COLUMNS = [
     ("min bulk ESS/s/post", "min_bulk_ess_per_s", ".3g"),
     ("x pm.sample e2e", "ratio_e2e", ".3g"),
     ("x pm.sample run", "ratio_run", ".3g"),
+    ("CPU ms/post e2e", "cpu_ms_per_posterior_e2e", ".3g"),
+    ("x pm.sample CPU e2e", "ratio_cpu_e2e", ".3g"),
     ("lockstep", "lockstep_efficiency", ".2f"),
     ("steps mean/max", None, None),
     ("peak RSS MB", "peak_rss_mb", ".0f"),

@@ -116,6 +116,21 @@ class PeakRSS:
         self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process, its threads and its reaped children.
+
+    Beside wall time because the cores may be shared: CPU time is less sensitive to other
+    processes' load (though not immune: they also share caches and memory bandwidth).
+    """
+    import resource
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        ru = resource.getrusage(who)
+        total += ru.ru_utime + ru.ru_stime
+    return total
+
+
 def subset_data(data: dict, n: int) -> dict:
     """The first ``n`` problems of a workload's data (arrays or ragged lists)."""
     return {k: (list(v[:n]) if isinstance(v, (list, tuple)) else np.asarray(v)[:n]) for k, v in data.items()}
@@ -128,13 +143,19 @@ def gate_mask(r_hat_max: np.ndarray, ess_bulk_min: np.ndarray) -> np.ndarray:
     return (r_hat_max < GATE["r_hat_max"]) & (ess_bulk_min >= GATE["ess_bulk_min"])
 
 
-def make_summary_fn(free_var_names):
+STEP_SAMPLES = 100
+"""Draws (evenly spaced) whose leapfrog-step counts come back for the lockstep estimate."""
+
+
+def make_summary_fn(free_var_names, num_draws: int):
     """Per-problem on-device summary for ``run_batched(summary_fn=...)``.
 
     Returns worst R-hat, smallest bulk and tail ESS over all parameter elements, the divergence
-    count and, per draw, the sum and max over chains of leapfrog steps (``[draw]`` each), from
-    which the host computes the lockstep efficiency of each chunk.
+    count and, for ``STEP_SAMPLES`` evenly spaced draws, the sum and max over chains of leapfrog
+    steps (``[STEP_SAMPLES]`` each), from which the host computes the lockstep efficiency of each
+    chunk (a subsample keeps the transfer small at 10^6 problems).
     """
+    every = max(1, num_draws // STEP_SAMPLES)
     import jax.numpy as jnp
 
     from engine.diagnostics import summarize_draws
@@ -153,8 +174,8 @@ def make_summary_fn(free_var_names):
             "ess_bulk_min": jnp.min(jnp.stack(ess_bulk)),
             "ess_tail_min": jnp.min(jnp.stack(ess_tail)),
             "divergences": jnp.sum(stats.diverging).astype(jnp.int32),
-            "steps_sum": jnp.sum(stats.n_steps, axis=0).astype(jnp.int32),
-            "steps_max": jnp.max(stats.n_steps, axis=0).astype(jnp.int32),
+            "steps_sum": jnp.sum(stats.n_steps[:, ::every], axis=0).astype(jnp.int32),
+            "steps_max": jnp.max(stats.n_steps[:, ::every], axis=0).astype(jnp.int32),
             "tree_depth_max": jnp.max(stats.tree_depth).astype(jnp.int32),
         }
 
@@ -166,8 +187,8 @@ def lockstep(chunks: list[dict], chains: int) -> dict:
 
     For one chunk and one draw the batched step costs the MAX leapfrog steps over the chunk's
     problems x chains; useful work is their MEAN. Efficiency = mean/max per draw, averaged over
-    draws, then over chunks weighted by size (padded duplicate problems included: they occupy
-    lanes). Warmup steps are not recorded by the kernels and are not included.
+    (sampled) draws, then over chunks weighted by size (padded duplicate problems included: they
+    occupy lanes). Warmup steps are not recorded by the kernels and are not included.
     """
     effs, weights, means, maxes = [], [], [], []
     for c in chunks:
@@ -202,10 +223,10 @@ class EngineProgram:
 
         self.config = config
         self._x64 = config.precision == "float64"
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         self.compiled = compile_model(model, problem_data)
         t1 = time.perf_counter()
-        self.summary_fn = make_summary_fn(self.compiled.free_var_names)
+        self.summary_fn = make_summary_fn(self.compiled.free_var_names, config.draws)
         with jax.enable_x64(self._x64):
             fn = batch._build_chunk_fn(self.compiled, config, self.summary_fn)
             arrays = batch._cast(problem_data.device_arrays(), config.precision)
@@ -216,6 +237,7 @@ class EngineProgram:
             t2 = time.perf_counter()
             self.executable = lowered.compile()
             t3 = time.perf_counter()
+        self.compile_cpu_s = cpu_seconds() - c0
         self.chunk_size = size
         self.model_compile_s, self.trace_s, self.xla_compile_s = t1 - t0, t2 - t1, t3 - t2
 
@@ -223,8 +245,11 @@ class EngineProgram:
     def compile_s(self) -> float:
         return self.model_compile_s + self.trace_s + self.xla_compile_s
 
-    def run(self, problem_data) -> tuple[dict, list[dict]]:
-        """All problems, chunk by chunk, summaries to the host; ``(per-problem, per-chunk)``."""
+    def run(self, problem_data, log=None) -> tuple[dict, list[dict]]:
+        """All problems, chunk by chunk, summaries to the host; ``(per-problem, per-chunk)``.
+
+        ``log`` (optional) gets one line per chunk: progress of long runs.
+        """
         import jax
         import jax.numpy as jnp
 
@@ -234,19 +259,23 @@ class EngineProgram:
             arrays = batch._cast(problem_data.device_arrays(), self.config.precision)
             root = jax.random.PRNGKey(self.config.seed)
             chunks = []
-            for start, stop in batch.chunk_grid(problem_data.num_problems, self.chunk_size):
+            grid = batch.chunk_grid(problem_data.num_problems, self.chunk_size)
+            t0 = time.perf_counter()
+            for start, stop in grid:
                 index, chunk = batch._chunk_inputs(arrays, start, stop, self.chunk_size)
                 _, ok, summary = self.executable(root, jnp.asarray(index), chunk)
                 host = jax.tree.map(np.asarray, summary)
                 host["init_ok"] = np.asarray(ok)
                 host["_n"] = stop - start
                 chunks.append(host)
+                if log is not None and len(grid) > 1:
+                    log(f"      chunk {len(chunks)}/{len(grid)} done at {time.perf_counter() - t0:.1f}s")
         keys = [k for k in chunks[0] if k != "_n"]
         per_problem = {k: np.concatenate([c[k][: c["_n"]] for c in chunks]) for k in keys}
         return per_problem, chunks
 
 
-def bench_engine(model, data, n, contestant, args, programs: dict) -> dict:
+def bench_engine(model, data, n, contestant, args, programs: dict, log=None) -> dict:
     """Time one engine contestant on the first ``n`` problems; one result row."""
     from engine.batch import BatchConfig
     from engine.compile import prepare_data
@@ -267,12 +296,15 @@ def bench_engine(model, data, n, contestant, args, programs: dict) -> dict:
         fresh = key not in programs
         if fresh:  # one compile per chunk shape; later N with the same chunk reuse it
             programs[key] = EngineProgram(model, problem_data, config)
+            if log is not None:
+                log(f"      compiled in {programs[key].compile_s:.1f}s (chunk of {batch_size})")
         program = programs[key]
-        run_times, spent, out = [], 0.0, None
+        run_times, cpu_times, spent, out = [], [], 0.0, None
         while len(run_times) < args.repeats and (not run_times or spent < args.repeat_budget_s):
-            t = time.perf_counter()
-            result = program.run(problem_data)
+            t, c = time.perf_counter(), cpu_seconds()
+            result = program.run(problem_data, log=log)
             elapsed = time.perf_counter() - t
+            cpu_times.append(cpu_seconds() - c)
             run_times.append(elapsed)
             spent += elapsed
             out = out or result
@@ -286,15 +318,29 @@ def bench_engine(model, data, n, contestant, args, programs: dict) -> dict:
         xla_compile_s=program.xla_compile_s,
         compile_reused=not fresh,
         run_times_s=run_times,
+        cpu_ms_per_posterior_run=1000 * float(np.median(cpu_times)) / n,
+        cpu_ms_per_posterior_e2e=1000 * (float(np.median(cpu_times)) + program.compile_cpu_s) / n,
         batch_size=batch_size,
         num_chunks=len(chunks),
         init_ok_share=float(per_problem["init_ok"].mean()),
         tree_depth_max=int(per_problem["tree_depth_max"].max()),
         peak_rss_mb=rss.peak_mb,
         rss_increase_mb=rss.peak_mb - rss.start_mb,
+        device_peak_mb=_device_peak_mb(),
         **lockstep(chunks, args.chains),
     )
     return row
+
+
+def _device_peak_mb() -> float | None:
+    """Accelerator's peak bytes in use so far (process-wide), where the backend reports it."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # CPU backends may not implement it
+        return None
+    return None if not stats or "peak_bytes_in_use" not in stats else stats["peak_bytes_in_use"] / 2**20
 
 
 def _row_common(per_problem: dict, n: int, e2e_s: float, run_s: float | None, args) -> dict:
@@ -355,6 +401,7 @@ def bench_pymc(model, data, problems: list[int], args) -> dict:
     problem_data = prepare_data(model, data)
     free_names = [rv.name for rv in model.free_RVs]
     times, collected, divs = [], {n: [] for n in free_names}, []
+    cpu0 = cpu_seconds()
     with PeakRSS() as rss:
         for i in problems:
             t = time.perf_counter()
@@ -372,6 +419,7 @@ def bench_pymc(model, data, problems: list[int], args) -> dict:
     row = _row_common(per_problem, len(problems), float(np.sum(times)), None, args)
     row.update(
         problems=problems, per_problem_s=times, per_problem_s_median=float(np.median(times)),
+        cpu_ms_per_posterior_e2e=1000 * (cpu_seconds() - cpu0) / len(problems),
         peak_rss_mb=rss.peak_mb, rss_increase_mb=rss.peak_mb - rss.start_mb,
     )
     return row
@@ -422,14 +470,14 @@ def bench_nutpie(model, data, problems: list[int], args) -> dict:
 
 # ------------------------------------------------------------------------------ driver
 FULL = {
-    "workloads": "w1,w2,w3,w4", "contestants": "blackjax,numpyro,pymc,nutpie", "chains": 4,
+    "workloads": "w1,w2,w3,w4", "contestants": ["blackjax,numpyro,pymc,nutpie"], "chains": 4,
     "draws": 1000, "tune": 1000, "batch_size": 1000, "loop_problems": 10, "repeats": 3,
     "n": ["10,100,1000,10000"],
 }
 """Defaults of the full benchmark (the issue's target setting: 4 chains x 1000 tune + 1000 draws)."""
 
 QUICK = {
-    "workloads": "w1", "contestants": "blackjax,numpyro,pymc,nutpie", "draws": 500, "tune": 500,
+    "workloads": "w1", "contestants": ["blackjax,numpyro,pymc,nutpie"], "draws": 500, "tune": 500,
     "batch_size": 10, "loop_problems": 2, "repeats": 1, "n": ["10,40"],
 }
 """``--quick`` (CI smoke size, < 2 minutes on 2 cores); any option given explicitly wins."""
@@ -459,8 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", help="comma list of %s (default all)" % ",".join(WORKLOADS))
     p.add_argument("--n", action="append", metavar="[wX=]N1,N2",
                    help="problem counts (default 10,100,1000,10000); repeat with wX= for one workload's")
-    p.add_argument("--contestants", help="comma list: blackjax|numpyro[:dense][:f32], pymc, nutpie "
-                   "(default blackjax,numpyro,pymc,nutpie)")
+    p.add_argument("--contestants", action="append", metavar="[wX=]C1,C2",
+                   help="comma list: blackjax|numpyro[:dense][:f32], pymc, nutpie (default "
+                   "blackjax,numpyro,pymc,nutpie); repeat with wX= for one workload's")
+    p.add_argument("--max-n", action="append", metavar="CONTESTANT=N", default=[],
+                   help="largest N a contestant runs (e.g. numpyro=1000 to save time); repeatable")
     p.add_argument("--chains", type=int)
     p.add_argument("--draws", type=int)
     p.add_argument("--tune", type=int)
@@ -487,14 +538,26 @@ def resolve_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    args.contestants = [c.strip() for c in args.contestants.split(",") if c.strip()]
     for w in args.workloads:
         get_workload(w)
+    by_workload: dict[str, list[Contestant]] = {}
+    for value in args.contestants:
+        name, _, specs = value.rpartition("=")
+        if name and name not in WORKLOADS:
+            raise ValueError(f"--contestants {value!r}: unknown workload {name!r}")
+        by_workload[name or "*"] = [parse_contestant(c, args.precision) for c in specs.split(",") if c.strip()]
+    by_workload.setdefault("*", [parse_contestant(c, args.precision) for c in preset["contestants"][0].split(",")])
+    args.contestants_map = by_workload
+    args.max_n_map = {}
+    for value in args.max_n:
+        label, _, cap = value.rpartition("=")
+        if not label or not cap.isdigit():
+            raise ValueError(f"--max-n {value!r}: give CONTESTANT=N")
+        args.max_n_map[label] = int(cap)
     n_map = parse_n(args.n, args.workloads)
     n_map.setdefault("*", parse_n(preset["n"], args.workloads)["*"])
     args.n_map = n_map
     args.tag = args.tag or ("quick" if args.quick else "full")
-    args.parsed_contestants = [parse_contestant(c, args.precision) for c in args.contestants]
     return args
 
 
@@ -512,7 +575,7 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
         ns = args.n_map.get(wname, args.n_map["*"])
         model = workload.build_model()
         data = workload.make_data(max(ns), args.seed)
-        for contestant in args.parsed_contestants:
+        for contestant in args.contestants_map.get(wname, args.contestants_map["*"]):
             base = {"workload": wname, "contestant": contestant.label, "sampler": contestant.sampler,
                     "precision": contestant.precision, "dense_mass": contestant.dense_mass}
             if contestant.sampler == "nutpie" and not ok_nutpie:
@@ -534,9 +597,13 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
                 log(f"    {row['ms_per_posterior_e2e']:.0f} ms/posterior, pass {row['pass_share']:.0%}")
                 continue
             programs: dict = {}
+            cap = args.max_n_map.get(contestant.label)
             for n in ns:
+                if cap is not None and n > cap:
+                    notes.append(f"{wname} {contestant.label}: N={n} not run (--max-n {contestant.label}={cap})")
+                    continue
                 log(f"[{wname}] {contestant.label} N={n} ...")
-                row = {**base, **bench_engine(model, data, n, contestant, args, programs)}
+                row = {**base, **bench_engine(model, data, n, contestant, args, programs, log=log)}
                 rows.append(row)
                 log(
                     f"    compile {row['compile_s']:.1f}s{' (reused)' if row['compile_reused'] else ''}, "
@@ -544,7 +611,8 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
                     f"pass {row['pass_share']:.1%}, lockstep {row['lockstep_efficiency']:.2f}"
                 )
     report.add_ratios(rows)
-    settings = {k: v for k, v in vars(args).items() if k not in ("parsed_contestants", "n")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("contestants_map", "n")}
+    settings["contestants_map"] = {w: [c.label for c in cs] for w, cs in args.contestants_map.items()}
     settings["gate"] = GATE
     meta["load_avg_end"] = list(os.getloadavg())
     meta["wall_s"] = time.perf_counter() - t_start

@@ -34,7 +34,7 @@ def configure_runtime(cfg: DictConfig) -> None:
     platform = cfg.runtime.get("platform", "cpu")
     devices = cfg.runtime.get("devices", 1)
     if platform == "cpu" and devices not in (None, 1) and "jax" not in sys.modules:
-        count = os.cpu_count() or 1 if int(devices) == -1 else int(devices)
+        count = (os.cpu_count() or 1) if int(devices) == -1 else int(devices)
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
