@@ -84,8 +84,8 @@ def build_model(num_layers: int, num_heads: int, num_samples: int, variant: str 
     return model
 
 
-def demo_entropies(seed: int = 0, num_checkpoints: int = 3, num_layers: int = 4, num_heads: int = 8,
-                   num_samples: int = 12) -> np.ndarray:
+def demo_entropies(seed: int = 0, num_checkpoints: int = 3, num_layers: int = 6, num_heads: int = 8,
+                   num_samples: int = 8) -> np.ndarray:
     """Deterministic demo ``[C, L, H, S]``: entropies that sharpen over training and with depth."""
     rng = np.random.default_rng(seed)
     c = np.arange(num_checkpoints)[:, None]
@@ -309,6 +309,12 @@ def posterior_predictive(entropies, draws, labels, rng, max_draws: int = 500):
     return out
 
 
+def sample_kwargs(cfg) -> dict:
+    """The sampler settings, with this analysis' ``target_accept`` (0.9 by default: hierarchical
+    posteriors have regions of high curvature where smaller steps avoid divergences)."""
+    return C.sample_kwargs(cfg, target_accept=float(C.analysis_option(cfg, "target_accept", 0.9)))
+
+
 def load_input(cfg):
     """``(entropies [C, L, H, S], checkpoint labels)`` from ``analysis.input`` or the demo."""
     opt = functools.partial(C.analysis_option, cfg)
@@ -332,7 +338,7 @@ def run(cfg, run_dir: Path) -> Result:
     hdi_prob = float(opt("hdi_prob", C.HDI_PROB))
     entropies, labels = load_input(cfg)
     build_model(*entropies.shape[1:], variant, parameterization)  # option errors before sampling
-    idata, draws, _ = fit(entropies, C.sample_kwargs(cfg), variant=variant,
+    idata, draws, _ = fit(entropies, sample_kwargs(cfg), variant=variant,
                           parameterization=parameterization, labels=labels)
     heads = head_table(entropies, draws, labels, hdi_prob)
     checkpoints = checkpoint_table(idata, draws, labels, hdi_prob)

@@ -54,7 +54,7 @@ def replicate(cfg, model: str, options: dict, rng, num_draws: int):
 
         entropies, labels = ha.load_input(sub)
         opt = functools.partial(C.analysis_option, sub)
-        idata, draws, _ = ha.fit(entropies, kw, variant=str(opt("variant", "hierarchical")),
+        idata, draws, _ = ha.fit(entropies, ha.sample_kwargs(sub), variant=str(opt("variant", "hierarchical")),
                                  parameterization=str(opt("parameterization", "noncentered")), labels=labels)
         return ha.posterior_predictive(entropies, draws, labels, rng, num_draws), idata
     if model == "model_comparison":
