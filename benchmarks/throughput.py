@@ -471,7 +471,7 @@ def bench_nutpie(model, data, problems: list[int], args) -> dict:
 # ------------------------------------------------------------------------------ driver
 FULL = {
     "workloads": "w1,w2,w3,w4", "contestants": ["blackjax,numpyro,pymc,nutpie"], "chains": 4,
-    "draws": 1000, "tune": 1000, "batch_size": 1000, "loop_problems": 10, "repeats": 3,
+    "draws": 1000, "tune": 1000, "batch_size": 100, "loop_problems": 10, "repeats": 3,
     "n": ["10,100,1000,10000"],
 }
 """Defaults of the full benchmark (the issue's target setting: 4 chains x 1000 tune + 1000 draws)."""
@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", type=int)
     p.add_argument("--precision", choices=["float64", "float32"], default="float64",
                    help="engine precision unless a contestant says :f32/:f64")
-    p.add_argument("--batch-size", type=int, help="problems per compiled chunk (default 1000; 0: all at once)")
+    p.add_argument("--batch-size", type=int, help="problems per compiled chunk (default 100; 0: all at once)")
     p.add_argument("--target-accept", type=float, default=0.8)
     p.add_argument("--max-tree-depth", type=int, default=10)
     p.add_argument("--loop-problems", type=int, help="problems the pm.sample / nutpie loops run (default 10)")

@@ -109,9 +109,14 @@ def test_gate_and_argument_parsing():
     assert (c.sampler, c.dense_mass, c.precision, c.is_engine) == ("blackjax", True, "float32", True)
     with pytest.raises(ValueError):
         throughput.parse_contestant("stan")
-    args = throughput.resolve_args(["--quick", "--n", "w2=5,7", "--draws", "50"])
+    args = throughput.resolve_args(
+        ["--quick", "--n", "w2=5,7", "--draws", "50", "--contestants", "w2=pymc", "--max-n", "numpyro=20"]
+    )
     assert args.draws == 50 and args.tune == 500 and args.workloads == ["w1"]
     assert args.n_map == {"w2": [5, 7], "*": [10, 40]}
+    assert [c.label for c in args.contestants_map["w2"]] == ["pymc"]
+    assert [c.label for c in args.contestants_map["*"]] == ["blackjax", "numpyro", "pymc", "nutpie"]
+    assert args.max_n_map == {"numpyro": 20}
     full = throughput.resolve_args([])
     assert (full.chains, full.draws, full.tune) == (4, 1000, 1000)
     assert full.n_map["*"] == [10, 100, 1000, 10000]
