@@ -194,7 +194,7 @@ def check_options(better: str, rope, rope_on: str) -> None:
         raise InputError(f"analysis.rope_on must be 'effect_size' or 'diff', got {rope_on!r}")
     try:
         lo, hi = (float(v) for v in rope)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # not a pair of numbers
         raise InputError(f"analysis.rope must be [low, high], got {rope!r}") from None
     if not lo <= hi:
         raise InputError(f"analysis.rope must be [low, high] with low <= high, got {list(rope)}")
@@ -283,10 +283,11 @@ def run(cfg, run_dir: Path) -> Result:
     opt = functools.partial(C.analysis_option, cfg)
     likelihood = str(opt("likelihood", "student_t"))
     better = str(opt("better", "lower"))
-    rope = list(C.plain(opt("rope", [-0.1, 0.1])))
+    rope = C.plain(opt("rope", [-0.1, 0.1]))
     rope_on = str(opt("rope_on", "effect_size"))
     hdi_prob = float(opt("hdi_prob", C.HDI_PROB))
     check_options(better, rope, rope_on)
+    rope = [float(v) for v in rope]
     pairs = load_pairs(cfg)
     idata, draws = fit(pairs, C.sample_kwargs(cfg), likelihood=likelihood,
                        prior_width=float(opt("prior_width", 10.0)))

@@ -89,20 +89,18 @@ def p_value_table(model: str, series, statistics) -> list[dict]:
 
 
 def plot_ppc(model: str, series, statistics, path: Path, max_series: int = 4, max_lines: int = 60) -> Path:
-    """Per series: observed vs replicated densities, then T(y_rep) with T(y) for each statistic."""
+    """Per series: observed vs replicated ECDFs, then T(y_rep) with T(y) for each statistic."""
     plt = C.pyplot()
     shown = series[:max_series]
     ncols = 1 + len(statistics)
     fig, axes = plt.subplots(len(shown), ncols, figsize=(3.3 * ncols, 2.5 * len(shown)), squeeze=False)
     for r, (label, y_obs, y_rep) in enumerate(shown):
         ax = axes[r, 0]
-        lo, hi = np.percentile(y_rep, [0.5, 99.5])
-        lo, hi = min(lo, y_obs.min()), max(hi, y_obs.max())
-        bins = np.linspace(lo, hi, 30)
+        levels = (np.arange(y_obs.size) + 1) / y_obs.size
         for rep in y_rep[:max_lines]:
-            ax.hist(rep, bins=bins, density=True, histtype="step", color="C0", alpha=0.15)
-        ax.hist(y_obs, bins=bins, density=True, histtype="step", color="k", lw=2)
-        ax.set_title(f"{label}", fontsize=8)
+            ax.step(np.sort(rep), levels, where="post", color="C0", alpha=0.15, lw=1)
+        ax.step(np.sort(y_obs), levels, where="post", color="k", lw=2)
+        ax.set_title(f"{label}: ECDF", fontsize=8)
         for c, stat in enumerate(statistics, start=1):
             ax = axes[r, c]
             ax.hist(STATISTICS[stat](y_rep), bins=40, color="C0", alpha=0.7)
