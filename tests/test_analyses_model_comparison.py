@@ -71,3 +71,27 @@ def test_recovers_true_difference_at_nominal_rate(likelihood):
     # P(A better) follows the sign of the truth where the evidence is strong
     strong = [r for r, t in zip(rows, truth) if abs(t) > 1.5]
     assert all((r["p_a_better"] > 0.9) == (t < 0) for r, t in zip(rows, truth) if abs(t) > 1.5) and strong
+
+
+def test_run_on_a_table_writes_outputs(tmp_path):
+    """End to end on a small CSV (the one sampling test of the default tier: tiny sizes)."""
+    from omegaconf import OmegaConf
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"metric": ["ppl"] * 16, "group": ["gauge"] * 8 + ["std"] * 8,
+                          "value": np.concatenate([rng.normal(20, 1, 8), rng.normal(25, 1, 8)])})
+    path = tmp_path / "runs.csv"
+    frame.to_csv(path, index=False)
+    cfg = OmegaConf.create({
+        "analysis": {"name": "model_comparison", "input": str(path), "group_a": "gauge", "group_b": "std",
+                     "likelihood": "normal"},
+        "sampler": {"name": "blackjax", "chains": 2, "draws": 150, "tune": 150, "target_accept": 0.8,
+                    "max_tree_depth": 10, "dense_mass": False},
+        "runtime": {"seed": 0, "batch_size": None, "precision": "float64"},
+    })
+    result = mc.run(cfg, tmp_path / "out")
+    (row,) = result.data["rows"]
+    assert row["p_a_better"] > 0.99 and row["decision"] == "credible difference"
+    assert row["diff_hdi_low"] < -5.0 < row["diff_hdi_high"], row  # the true difference
+    for name in ("summary.json", "report.md", "best_posterior.png", "best_forest.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
