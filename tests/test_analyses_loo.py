@@ -110,3 +110,16 @@ def test_compare_and_errors(tmp_path):
     cfg = OmegaConf.create({"analysis": {"name": "loo", "variants": ["pooled"]}})
     with pytest.raises(InputError, match="at least two different variants"):
         loo.run(cfg, tmp_path)
+
+
+def test_padded_rows_of_ragged_traces_are_dropped():
+    """The engine marks padded rows of ragged problems NaN; LOO uses only the real rows."""
+    idata, ll = synthetic_trace(num_obs=5)
+    ll = ll.copy()
+    ll[:, :, 1, 3:] = np.nan
+    idata.log_likelihood["obs"].values[:] = ll
+    one = loo.per_problem_idata(idata, None, 1)
+    assert one.log_likelihood["obs"].shape == (2, 300, 3)
+    ref = az.from_dict(posterior={"mu": idata.posterior["mu"].values[:, :, 1]},
+                       log_likelihood={"obs": ll[:, :, 1, :3]})
+    assert float(az.loo(one).elpd_loo) == pytest.approx(float(az.loo(ref).elpd_loo), rel=1e-12)

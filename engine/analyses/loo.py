@@ -34,6 +34,7 @@ def per_problem_idata(idata, loglik: np.ndarray | None, problem: int):
     (e.g. the raw-unit one); ``None`` keeps the trace's own.
     """
     import arviz as az
+    import xarray as xr
 
     one = C.select_problem(idata, problem)
     groups = {"posterior": one.posterior}
@@ -42,15 +43,28 @@ def per_problem_idata(idata, loglik: np.ndarray | None, problem: int):
     if loglik is not None:
         ll = loglik[problem]
         dims = ["chain", "draw"] + [f"obs_dim_{i}" for i in range(ll.ndim - 2)]
-        import xarray as xr
-
         groups["log_likelihood"] = xr.Dataset({"obs": (dims, ll)}, coords={
             "chain": one.posterior["chain"].values, "draw": one.posterior["draw"].values})
     elif "log_likelihood" in one.groups():
-        groups["log_likelihood"] = one.log_likelihood
+        groups["log_likelihood"] = _drop_padding(one.log_likelihood)
     else:
         raise InputError("trace has no log_likelihood group; sample it with log_likelihood=True")
     return az.InferenceData(**groups)
+
+
+def _drop_padding(log_likelihood):
+    """Drop observations whose log-likelihood is NaN in every draw (the padded rows of a ragged
+    engine trace), flattening that variable's observation axes."""
+    out = {}
+    for name, arr in log_likelihood.data_vars.items():
+        obs_dims = [d for d in arr.dims if d not in ("chain", "draw")]
+        if not obs_dims or not bool(arr.isnull().any()):
+            out[name] = arr
+            continue
+        flat = arr.stack(__obs__=obs_dims).reset_index("__obs__", drop=True)
+        keep = ~flat.isnull().all(("chain", "draw")).values
+        out[name] = flat.isel(__obs__=np.flatnonzero(keep)).rename(__obs__=f"{name}_obs")
+    return type(log_likelihood)(out)
 
 
 def pareto_k_threshold(num_samples: int) -> float:
