@@ -38,6 +38,17 @@ def sample_kwargs(cfg, **overrides) -> dict:
     return kw
 
 
+def sample(model, data, **kw):
+    """``engine.sample_batched``; its one-line ``ValueError`` for bad data or settings becomes an
+    :class:`InputError` (exit status 2 at the CLI, no traceback)."""
+    from engine.api import sample_batched
+
+    try:
+        return sample_batched(model, data, **kw)
+    except ValueError as err:
+        raise InputError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+
+
 def analysis_option(cfg, key: str, default=None):
     """``cfg.analysis.<key>`` or ``default`` when absent or null."""
     value = cfg.analysis.get(key, default)

@@ -179,8 +179,6 @@ def fit(entropies: np.ndarray, sample_kw: dict, *, variant: str = "hierarchical"
         and ``sigma`` (and for ``hierarchical`` ``mu``, ``tau_layer``, ``tau_head``) with the
         problem first and chain, draw last; ``loglik`` or ``None``.
     """
-    from engine.api import sample_batched
-
     entropies = check_entropies(entropies)
     num_checkpoints, num_layers, num_heads, num_samples = entropies.shape
     model = build_model(num_layers, num_heads, num_samples, variant, parameterization)
@@ -194,7 +192,7 @@ def fit(entropies: np.ndarray, sample_kw: dict, *, variant: str = "hierarchical"
         kw["log_likelihood"] = True
     if labels is None:
         labels = list(range(num_checkpoints))
-    idata = sample_batched(model, {"y": z}, problem_coords=list(labels), **kw)
+    idata = C.sample(model, {"y": z}, problem_coords=list(labels), **kw)
     s = scale.reshape((-1, 1, 1, 1, 1))
     draws = {"theta": loc.reshape((-1, 1, 1, 1, 1)) + s * C.var_draws(idata, "theta")}
     draws["sigma"] = scale[:, None, None] * C.var_draws(idata, "sigma")

@@ -156,13 +156,11 @@ def fit(pairs: PairData, sample_kw: dict, *, likelihood: str = "student_t", prio
     draws ``[pair, chain, draw]``: ``mu_a``, ``mu_b``, ``sigma_a``, ``sigma_b``, ``diff``
     (``mu_a - mu_b``), ``effect_size`` (``diff / sqrt((sigma_a^2 + sigma_b^2) / 2)``) and ``nu``.
     """
-    from engine.api import sample_batched
-
     model = build_model(likelihood, float(prior_width))
     loc, scale, ys, gs = standardise(pairs)
     same = len({y.size for y in ys}) == 1
     data = {"y": np.stack(ys) if same else ys, "group": np.stack(gs) if same else gs}
-    idata = sample_batched(model, data, problem_coords=list(pairs.labels), **sample_kw)
+    idata = C.sample(model, data, problem_coords=list(pairs.labels), **sample_kw)
     mu = C.var_draws(idata, "mu")  # [pair, 2, chain, draw]
     sigma = C.var_draws(idata, "sigma")
     s, m = scale[:, None, None], loc[:, None, None]

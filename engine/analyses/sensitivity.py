@@ -288,8 +288,6 @@ def fit(design: Design, y: np.ndarray, sample_kw: dict, *, prior_sd: float = 1.0
     Returns ``(idata, per_sd, per_unit)``: the engine trace and effect draws in metric units
     ``[num_metrics, n_terms, chain, draw]``.
     """
-    from engine.api import sample_batched
-
     y = np.atleast_2d(np.asarray(y, dtype=float))
     num_metrics, num_runs = y.shape
     loc = y.mean(-1, keepdims=True)
@@ -297,7 +295,7 @@ def fit(design: Design, y: np.ndarray, sample_kw: dict, *, prior_sd: float = 1.0
     sd_y = np.where(sd_y > 0, sd_y, 1.0)
     model = build_model(num_runs, len(design.terms), float(prior_sd))
     data = {"x": np.broadcast_to(design.x, (num_metrics,) + design.x.shape).copy(), "y": (y - loc) / sd_y}
-    idata = sample_batched(model, data, problem_coords=labels, **sample_kw)
+    idata = C.sample(model, data, problem_coords=labels, **sample_kw)
     beta = C.var_draws(idata, "beta")                                  # [m, p, chain, draw]
     per_sd = beta * sd_y[:, :, None, None]
     per_unit = per_sd / design.scale[None, :, None, None]
