@@ -178,6 +178,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _per_workload(mapping: dict) -> str:
+    """``{"*": 100, "w2": 20}`` -> ``"100 (w2: 20)"``."""
+    rest = ", ".join(f"{k}: {v}" for k, v in mapping.items() if k != "*")
+    return f"{mapping.get('*')}" + (f" ({rest})" if rest else "")
+
+
 def _markdown(results: dict, png_name: str) -> str:
     meta, settings, rows = results["meta"], results["settings"], results["rows"]
     v = meta["versions"]
@@ -194,8 +200,9 @@ def _markdown(results: dict, png_name: str) -> str:
         "- versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]),
         f"- settings: {settings['chains']} chains x {settings['tune']} tune + {settings['draws']} draws, "
         f"target_accept {settings['target_accept']}, max tree depth {settings['max_tree_depth']}, "
-        f"engine batch_size {settings['batch_size']}, default precision {settings['precision']}, "
-        f"loops on {settings['loop_problems']} problems spread over the set, run-only repeats "
+        f"engine batch_size {_per_workload(settings['batch_size_map'])}, default precision "
+        f"{settings['precision']}, loops (pm.sample, nutpie) on {_per_workload(settings['loop_problems_map'])} "
+        f"problems spread over the set, XLA_FLAGS '{meta.get('xla_flags', '')}', run-only repeats "
         f"<= {settings['repeats']} (median), seed {settings['seed']}",
         "- gate: R-hat < 1.01 and bulk ESS >= 400 for every parameter; post/s and ESS/s count passing "
         "problems only. e2e = PyMC->JAX + trace + XLA compile + run (what a fresh process pays); "

@@ -275,14 +275,15 @@ class EngineProgram:
         return per_problem, chunks
 
 
-def bench_engine(model, data, n, contestant, args, programs: dict, log=None) -> dict:
+def bench_engine(model, data, n, contestant, args, programs: dict, log=None, workload_name="*") -> dict:
     """Time one engine contestant on the first ``n`` problems; one result row."""
     from engine.batch import BatchConfig
     from engine.compile import prepare_data
     from engine.samplers import NUTSSettings
 
     problem_data = prepare_data(model, subset_data(data, n))
-    batch_size = min(args.batch_size, n) if args.batch_size else n
+    wanted = args.batch_size_map.get(workload_name, args.batch_size_map["*"])
+    batch_size = min(wanted, n) if wanted else n
     config = BatchConfig(
         sampler=contestant.sampler, chains=args.chains, draws=args.draws, tune=args.tune,
         seed=args.seed, batch_size=batch_size, precision=contestant.precision, keep_draws=False,
@@ -471,16 +472,30 @@ def bench_nutpie(model, data, problems: list[int], args) -> dict:
 # ------------------------------------------------------------------------------ driver
 FULL = {
     "workloads": "w1,w2,w3,w4", "contestants": ["blackjax,numpyro,pymc,nutpie"], "chains": 4,
-    "draws": 1000, "tune": 1000, "batch_size": 100, "loop_problems": 10, "repeats": 3,
+    "draws": 1000, "tune": 1000, "batch_size": ["100"], "loop_problems": ["10"], "repeats": 3,
     "n": ["10,100,1000,10000"],
 }
 """Defaults of the full benchmark (the issue's target setting: 4 chains x 1000 tune + 1000 draws)."""
 
 QUICK = {
     "workloads": "w1", "contestants": ["blackjax,numpyro,pymc,nutpie"], "draws": 500, "tune": 500,
-    "batch_size": 10, "loop_problems": 2, "repeats": 1, "n": ["10,40"],
+    "batch_size": ["10"], "loop_problems": ["2"], "repeats": 1, "n": ["10,40"],
 }
 """``--quick`` (CI smoke size, < 2 minutes on 2 cores); any option given explicitly wins."""
+
+
+def parse_per_workload(option: str, values: list[str], default: str) -> dict[str, int]:
+    """``["100", "w2=20"]`` -> ``{"*": 100, "w2": 20}`` for an integer option."""
+    out: dict[str, int] = {}
+    for value in values:
+        name, _, number = value.rpartition("=")
+        if name and name not in WORKLOADS:
+            raise ValueError(f"{option} {value!r}: unknown workload {name!r}")
+        if not number.isdigit():
+            raise ValueError(f"{option} {value!r}: give a non-negative integer")
+        out[name or "*"] = int(number)
+    out.setdefault("*", int(default))
+    return out
 
 
 def parse_n(values: list[str], workloads: list[str]) -> dict[str, list[int]]:
@@ -517,13 +532,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", type=int)
     p.add_argument("--precision", choices=["float64", "float32"], default="float64",
                    help="engine precision unless a contestant says :f32/:f64")
-    p.add_argument("--batch-size", type=int, help="problems per compiled chunk (default 100; 0: all at once)")
+    p.add_argument("--batch-size", action="append", metavar="[wX=]B",
+                   help="problems per compiled chunk (default 100; 0: all at once); repeat with wX= "
+                   "for one workload's")
     p.add_argument("--target-accept", type=float, default=0.8)
     p.add_argument("--max-tree-depth", type=int, default=10)
-    p.add_argument("--loop-problems", type=int, help="problems the pm.sample / nutpie loops run (default 10)")
+    p.add_argument("--loop-problems", action="append", metavar="[wX=]K",
+                   help="problems the pm.sample / nutpie loops run (default 10); repeat with wX= for "
+                   "one workload's")
     p.add_argument("--repeats", type=int, help="run-only repeats, median reported (default 3)")
     p.add_argument("--repeat-budget-s", type=float, default=60.0,
                    help="no further repeat once the runs of one row took this long")
+    p.add_argument("--cpu-eigen", choices=["single", "multi"], default="single",
+                   help="XLA:CPU intra-op (Eigen) pool. 'single' (default) adds "
+                   "--xla_cpu_multi_thread_eigen=false to XLA_FLAGS: with jaxlib 0.10.2 the "
+                   "multi-threaded pool deadlocks on batched LAPACK calls (w2's triangular solves) "
+                   "on a 2-core machine; must be set before JAX starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", help="file stem of the results (default: quick or full)")
@@ -557,18 +581,40 @@ def resolve_args(argv=None) -> argparse.Namespace:
     n_map = parse_n(args.n, args.workloads)
     n_map.setdefault("*", parse_n(preset["n"], args.workloads)["*"])
     args.n_map = n_map
+    args.batch_size_map = parse_per_workload("--batch-size", args.batch_size, preset["batch_size"][0])
+    args.loop_problems_map = parse_per_workload("--loop-problems", args.loop_problems, preset["loop_problems"][0])
     args.tag = args.tag or ("quick" if args.quick else "full")
     return args
 
 
-def run_benchmark(args: argparse.Namespace, log=print) -> dict:
-    """Run every workload x contestant x N; returns the results dict (also written by ``report``)."""
+def run_benchmark(args: argparse.Namespace, log=print, on_row=None) -> dict:
+    """Run every workload x contestant x N; returns the results dict (also written by ``report``).
+
+    ``on_row(results_so_far)`` is called after every row, so a run that is stopped (or wedged)
+    keeps what it measured.
+    """
     from benchmarks import report
 
     meta = report.machine_info()
     meta["load_avg_start"] = list(os.getloadavg())
+    meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     t_start = time.perf_counter()
     rows, notes = [], []
+    settings = {k: v for k, v in vars(args).items() if k not in ("contestants_map", "n")}
+    settings["contestants_map"] = {w: [c.label for c in cs] for w, cs in args.contestants_map.items()}
+    settings["gate"] = GATE
+
+    def snapshot() -> dict:
+        report.add_ratios(rows)
+        meta["load_avg_end"] = list(os.getloadavg())
+        meta["wall_s"] = time.perf_counter() - t_start
+        return {"meta": dict(meta), "settings": settings, "rows": list(rows), "notes": list(notes)}
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(snapshot())
+
     ok_nutpie, why = nutpie_available()
     for wname in args.workloads:
         workload = get_workload(wname)
@@ -584,7 +630,7 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
                 log(f"[{wname}] nutpie skipped: {why}")
                 continue
             if not contestant.is_engine:
-                problems = loop_problems(max(ns), args.loop_problems)
+                problems = loop_problems(max(ns), args.loop_problems_map.get(wname, args.loop_problems_map["*"]))
                 log(f"[{wname}] {contestant.label}: loop over {len(problems)} of {max(ns)} problems ...")
                 fn = bench_pymc if contestant.sampler == "pymc" else bench_nutpie
                 try:
@@ -593,7 +639,7 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
                     notes.append(f"{wname} {contestant.label} failed: {type(err).__name__}: {err}")
                     log(notes[-1])
                     continue
-                rows.append(row)
+                add(row)
                 log(f"    {row['ms_per_posterior_e2e']:.0f} ms/posterior, pass {row['pass_share']:.0%}")
                 continue
             programs: dict = {}
@@ -603,27 +649,44 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
                     notes.append(f"{wname} {contestant.label}: N={n} not run (--max-n {contestant.label}={cap})")
                     continue
                 log(f"[{wname}] {contestant.label} N={n} ...")
-                row = {**base, **bench_engine(model, data, n, contestant, args, programs, log=log)}
-                rows.append(row)
+                row = {**base, **bench_engine(model, data, n, contestant, args, programs, log=log, workload_name=wname)}
+                add(row)
                 log(
                     f"    compile {row['compile_s']:.1f}s{' (reused)' if row['compile_reused'] else ''}, "
                     f"run {row['run_s']:.2f}s, {row['ms_per_posterior_run']:.2f} ms/posterior run, "
                     f"pass {row['pass_share']:.1%}, lockstep {row['lockstep_efficiency']:.2f}"
                 )
-    report.add_ratios(rows)
-    settings = {k: v for k, v in vars(args).items() if k not in ("contestants_map", "n")}
-    settings["contestants_map"] = {w: [c.label for c in cs] for w, cs in args.contestants_map.items()}
-    settings["gate"] = GATE
-    meta["load_avg_end"] = list(os.getloadavg())
-    meta["wall_s"] = time.perf_counter() - t_start
-    return {"meta": meta, "settings": settings, "rows": rows, "notes": notes}
+    return snapshot()
+
+
+EIGEN_FLAG = "--xla_cpu_multi_thread_eigen=false"
+
+
+def configure_xla(cpu_eigen: str) -> None:
+    """Add the single-threaded-Eigen workaround to ``XLA_FLAGS`` (before JAX's backend starts)."""
+    if cpu_eigen != "single":
+        return
+    import sys as _sys
+
+    if "jax" in _sys.modules:
+        import jax
+
+        if jax._src.xla_bridge.backends_are_initialized():
+            raise RuntimeError("--cpu-eigen single must be applied before JAX starts its backend")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " " + EIGEN_FLAG).strip()
 
 
 def main(argv=None) -> int:
     args = resolve_args(argv)
+    configure_xla(args.cpu_eigen)
     from benchmarks import report
 
-    results = run_benchmark(args, log=lambda m: print(m, flush=True))
+    results = run_benchmark(
+        args, log=lambda m: print(m, flush=True),
+        on_row=lambda partial: report.write_results(partial, args.out, args.tag),
+    )
     paths = report.write_results(results, args.out, args.tag)
     print("\n" + report.markdown_table(results["rows"]))
     print("\nwrote " + ", ".join(paths))

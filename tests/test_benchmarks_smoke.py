@@ -117,6 +117,9 @@ def test_gate_and_argument_parsing():
     assert [c.label for c in args.contestants_map["w2"]] == ["pymc"]
     assert [c.label for c in args.contestants_map["*"]] == ["blackjax", "numpyro", "pymc", "nutpie"]
     assert args.max_n_map == {"numpyro": 20}
+    assert args.batch_size_map == {"*": 10} and args.loop_problems_map == {"*": 2}
+    args = throughput.resolve_args(["--batch-size", "w2=20", "--loop-problems", "w3=2"])
+    assert args.batch_size_map == {"w2": 20, "*": 100} and args.loop_problems_map == {"w3": 2, "*": 10}
     full = throughput.resolve_args([])
     assert (full.chains, full.draws, full.tune) == (4, 1000, 1000)
     assert full.n_map["*"] == [10, 100, 1000, 10000]
