@@ -15,6 +15,7 @@ Flat problem index ``p = checkpoint * T + token``; problem ``p``'s MCMC stream i
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 import warnings
@@ -239,6 +240,7 @@ def audit_vfe(
     target_accept: float = 0.8,
     max_tree_depth: int = 10,
     dense_mass: bool = False,
+    devices: int | None = None,
     interval: float = 0.9,
     num_q_draws: int = 1000,
     progress: bool | None = None,
@@ -265,6 +267,8 @@ def audit_vfe(
     sampler, chains, draws, tune, seed, batch_size, precision, target_accept, max_tree_depth, dense_mass
         As in :func:`engine.sample_batched`; ``sampler="pymc"`` loops ``pm.sample`` (baseline).
         ``batch_size=None`` picks equal chunks whose in-program draws fit ``CHUNK_MEMORY_BYTES``.
+    devices
+        Local devices to shard each chunk's problems over (None: one; -1: all), see ``batch.py``.
     interval
         Central credible mass of q whose MCMC coverage is reported (``coverage``).
     num_q_draws
@@ -315,7 +319,7 @@ def audit_vfe(
     try:
         config = BatchConfig(sampler=jax_sampler, chains=int(chains), draws=int(draws), tune=int(tune),
                              seed=int(seed), batch_size=batch_size, settings=settings,
-                             precision=precision, keep_draws=False)
+                             precision=precision, keep_draws=False, devices=devices)
     except ValueError as err:
         raise InputError(f"field 'sampler': {err}") from None
     try:
@@ -359,7 +363,7 @@ def audit_vfe(
             "sampler": sampler, "chains": int(chains), "draws": int(draws), "tune": int(tune),
             "seed": int(seed), "batch_size": batch_size, "precision": precision,
             "target_accept": float(target_accept), "max_tree_depth": int(max_tree_depth),
-            "dense_mass": bool(dense_mass), "interval": float(interval),
+            "dense_mass": bool(dense_mass), "devices": devices, "interval": float(interval),
             "num_q_draws": int(num_q_draws),
         },
         "timings_s": {
@@ -495,10 +499,15 @@ def run_from_config(cfg, run_dir: Path, kind: str):
     beliefs = beliefs_from_config(cfg, run_dir, kind)
     model, closed_form, name = (None, None, None) if kind == "multivariate" else model_from_config(cfg)
     opts = cfg.analysis
+    accepted = inspect.signature(audit_vfe).parameters
+    kw = sampling_kwargs(cfg)
+    unknown = sorted(set(kw) - set(accepted))
+    if unknown:
+        logging.getLogger("engine").warning("audit ignores sampling options %s", unknown)
     audit = audit_vfe(
         beliefs, model=model, closed_form=closed_form, model_name=name,
         interval=float(opts.get("interval", 0.9)), num_q_draws=int(opts.get("num_q_draws", 1000)),
-        **sampling_kwargs(cfg),
+        **{k: v for k, v in kw.items() if k in accepted},
     )
     audit.summary["config"] = to_container(cfg)
     paths = audit.write(run_dir, plots=bool(opts.get("plots", True)),

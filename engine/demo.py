@@ -144,8 +144,9 @@ def multivariate_demo(
     """Mean-field beliefs of K-dimensional tokens at ``num_checkpoints`` stages; one ``.npz``.
 
     Stage ``c`` has mean error ``0.8 * 0.35**c`` posterior sds and variances inflated by
-    ``1 + 2 * 0.3**c`` over the optimal mean-field ones, so it improves towards, but never
-    reaches, the exact posterior (mean-field cannot represent its correlations).
+    ``1 + 1.5 * 0.15**c`` over the optimal mean-field ones, so it improves towards, but never
+    reaches, the exact posterior: mean-field cannot represent its correlations and ends up
+    over-confident in the correlated directions.
     """
     from engine.references import mvnormal_known_cov
 
@@ -169,7 +170,7 @@ def multivariate_demo(
     for c in range(num_checkpoints):
         err = 0.8 * 0.35**c * sd * rng.normal(size=(num_tokens, K))
         mus.append(mean + err)
-        covs.append(np.eye(K) * (mf_var * (1.0 + 2.0 * 0.3**c))[..., None, :])
+        covs.append(np.eye(K) * (mf_var * (1.0 + 1.5 * 0.15**c))[..., None, :])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "beliefs_multivariate.npz"
