@@ -31,19 +31,46 @@ def _regression_model():
     return model
 
 
+def _known_noise_regression(sigma: float = 0.7):
+    with pm.Model() as model:
+        x = pm.Data("x", np.zeros(5))
+        y = pm.Data("y", np.zeros(5))
+        a = pm.Normal("a", 0, 5)
+        b = pm.Normal("b", 0, 5)
+        pm.Normal("obs", a + b * x, sigma, observed=y)
+    return model
+
+
+def _regression_posterior(x, y, sigma=0.7, prior_sd=5.0):
+    """Closed-form posterior mean and sd of (a, b) for the known-noise regression."""
+    X = np.column_stack([np.ones_like(x), x])
+    precision = X.T @ X / sigma**2 + np.eye(2) / prior_sd**2
+    cov = np.linalg.inv(precision)
+    return cov @ X.T @ y / sigma**2, np.sqrt(np.diag(cov))
+
+
 def test_ragged_problems_match_each_problem_alone():
+    """8 problems of 5..300 rows in one padded batch: each equals its exact posterior, and the
+    smallest and largest equal the same problem sampled alone (unpadded), within MCSE."""
     rng = np.random.default_rng(0)
     sizes = [5, 12, 30, 61, 100, 150, 220, 300]
     xs = [rng.normal(size=n) for n in sizes]
     ys = [1.0 - 0.5 * x + rng.normal(0, 0.7, size=x.shape) for x in xs]
-    model = _regression_model()
+    model = _known_noise_regression()
     batched = engine.sample_batched(model, {"x": xs, "y": ys}, seed=0, progress=False)
-    z_max = stats.norm.ppf(1 - 0.01 / (2 * 3 * len(sizes)))
+    z_max = stats.norm.ppf(1 - 0.01 / (2 * 2 * len(sizes) + 8))
+    summaries = {name: _summary(batched, name) for name in ("a", "b")}
     for i, (x, y) in enumerate(zip(xs, ys)):
-        alone = engine.sample_batched(model, {"x": x[None], "y": y[None]}, seed=100 + i, progress=False)
-        for name in ("a", "b", "sigma"):
-            a = _summary(batched, name)
-            b = _summary(alone, name)
+        mean, _ = _regression_posterior(x, y)
+        for j, name in enumerate(("a", "b")):
+            s = summaries[name]
+            assert abs(s["mean"][i] - mean[j]) / s["mcse_mean"][i] < z_max, (i, name)
+    for i in (0, len(sizes) - 1):
+        alone = engine.sample_batched(
+            model, {"x": xs[i][None], "y": ys[i][None]}, seed=100 + i, progress=False
+        )
+        for name in ("a", "b"):
+            a, b = summaries[name], _summary(alone, name)
             z = (a["mean"][i] - b["mean"][0]) / np.hypot(a["mcse_mean"][i], b["mcse_mean"][0])
             assert abs(z) < z_max, (i, name, z)
 

@@ -38,7 +38,9 @@ def test_normal_normal_400_problems_match_closed_form(sampler):
     assert int(idata.sample_stats.diverging.sum()) == 0
 
 
-@pytest.mark.parametrize("sampler", ["blackjax", "stepwise"])
+@pytest.mark.parametrize(
+    "sampler", ["blackjax", pytest.param("stepwise", marks=pytest.mark.slow)]
+)
 def test_mvnormal_full_covariance_matches_closed_form(sampler):
     K, n, P = 4, 15, 12
     rng = np.random.default_rng(5)
