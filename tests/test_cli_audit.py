@@ -123,6 +123,20 @@ def test_bad_input_exits_2_with_one_line(kind, tmp_path, env):
 # --------------------------------------------------------------------------- runs
 
 
+def test_small_univariate_demo_via_cli(tmp_path, env):
+    run = tmp_path / "run"
+    proc = engine(["data.num_tokens=6", "data.checkpoint_steps=[5,30,300]", *TINY, f"hydra.run.dir={run}"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "KL(q|mcmc)" in proc.stdout and f"report: {run / 'report.md'}" in proc.stdout
+    t = pd.read_parquet(run / "metrics.parquet")
+    assert len(t) == 18 and (t.status == "ok").all()
+    assert t.checkpoint.unique().tolist() == ["step00005", "step00030", "step00300"]
+    for name in ("summary.json", "report.md", "kl_by_checkpoint.png", "diagnostics.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert not list(run.glob(".*.tmp-*"))  # atomic writes leave no temporaries
+
+
+@pytest.mark.slow
 def test_npz_pt_nc_give_identical_tables_via_cli(tmp_path, env):
     arrays = univariate_arrays(C=2, T=4, n=5)
     paths = [save(arrays, tmp_path / f"beliefs{ext}") for ext in (".npz", ".pt", ".nc")]
@@ -137,6 +151,7 @@ def test_npz_pt_nc_give_identical_tables_via_cli(tmp_path, env):
     assert (t.status == "ok").all() and np.isfinite(t.kl_q_exact).all()
 
 
+@pytest.mark.slow
 def test_small_demos_via_multirun(tmp_path, env):
     sweep = tmp_path / "sweep"
     proc = engine(
