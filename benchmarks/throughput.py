@@ -551,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", help="file stem of the results (default: quick or full)")
+    p.add_argument("--note", action="append", help="a line of context written into the results (repeatable)")
     return p
 
 
@@ -599,7 +600,7 @@ def run_benchmark(args: argparse.Namespace, log=print, on_row=None) -> dict:
     meta["load_avg_start"] = list(os.getloadavg())
     meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     t_start = time.perf_counter()
-    rows, notes = [], []
+    rows, notes = [], list(args.note or [])
     settings = {k: v for k, v in vars(args).items() if k not in ("contestants_map", "n")}
     settings["contestants_map"] = {w: [c.label for c in cs] for w, cs in args.contestants_map.items()}
     settings["gate"] = GATE
@@ -625,7 +626,7 @@ def run_benchmark(args: argparse.Namespace, log=print, on_row=None) -> dict:
             base = {"workload": wname, "contestant": contestant.label, "sampler": contestant.sampler,
                     "precision": contestant.precision, "dense_mass": contestant.dense_mass}
             if contestant.sampler == "nutpie" and not ok_nutpie:
-                if why not in notes:
+                if f"nutpie skipped: {why}" not in notes:
                     notes.append(f"nutpie skipped: {why}")
                 log(f"[{wname}] nutpie skipped: {why}")
                 continue
