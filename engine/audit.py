@@ -15,7 +15,6 @@ Flat problem index ``p = checkpoint * T + token``; problem ``p``'s MCMC stream i
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 import warnings
@@ -423,98 +422,9 @@ def _pymc_summaries(pm_model, model_data, full_data, summary_fn: Callable, confi
         return jax.tree.map(np.asarray, fn({"theta": draws["theta"]}, stats, arrays))
 
 
-# --------------------------------------------------------------------------- Hydra analyses
-
-
-def beliefs_from_config(cfg, run_dir: Path, kind: str) -> BeliefSet:
-    """The beliefs ``cfg.data`` names: the embedded demo (generated into ``run_dir/demo``) or files."""
-    data = cfg.data
-    shard, num_shards = int(data.get("shard", 0)), int(data.get("num_shards", 1))
-    if num_shards < 1 or not 0 <= shard < num_shards:
-        raise InputError(f"field 'data.shard': need 0 <= shard < num_shards, got {shard}/{num_shards}")
-    if data.name == "demo":
-        from engine import demo
-
-        where = Path(run_dir) / "demo"
-        if kind == "univariate":
-            paths = demo.univariate_demo(
-                where, num_tokens=int(data.num_tokens), max_obs=int(data.max_obs),
-                checkpoint_steps=list(data.checkpoint_steps), seed=int(data.seed),
-            )
-        else:
-            paths = demo.multivariate_demo(
-                where, num_tokens=int(data.num_tokens_multivariate), dim=int(data.dim),
-                max_obs=int(data.max_obs), seed=int(data.seed),
-            )
-        return load_beliefs(paths)
-    path = data.get("path")
-    if path is None or str(path) in ("", "???"):
-        raise InputError("field 'data.path': missing; run with data=file data.path=<beliefs file>")
-    from omegaconf import ListConfig
-
-    paths = [str(p) for p in path] if isinstance(path, (list, tuple, ListConfig)) else str(path)
-    bs = load_beliefs(paths)
-    if bs.kind != kind:
-        other = "vfe_multivariate" if bs.kind == "multivariate" else "vfe_univariate"
-        raise InputError(
-            f"field 'data.path': holds {bs.kind} beliefs but this analysis audits {kind} ones; "
-            f"use analysis={other}"
-        )
-    return bs
-
-
-def model_from_config(cfg):
-    """``cfg.model`` -> ``(pm.Model, closed_form, name)``: instantiate its ``_target_`` builder once."""
-    import json
-
-    from omegaconf import OmegaConf
-
-    spec = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else {}
-    if not spec:
-        return None, None, None
-    closed_form = bool(spec.pop("closed_form", False))
-    spec.pop("name", None)
-    key = ("config", json.dumps(spec, sort_keys=True, default=str))
-    if key not in _TEMPLATES:
-        if "_target_" not in spec:
-            raise InputError("field 'model._target_': missing; point it at a template builder")
-        from hydra.utils import instantiate
-
-        try:
-            model = instantiate(spec)
-        except Exception as err:  # noqa: BLE001 - Hydra wraps any import/call error
-            msg = " ".join(str(err).split())[:200]
-            raise InputError(f"field 'model._target_': could not build {spec['_target_']!r} ({msg})") from None
-        if not hasattr(model, "free_RVs"):
-            raise InputError(f"field 'model._target_': {spec['_target_']!r} did not return a pm.Model")
-        _TEMPLATES[key] = model
-    name = str(cfg.model.get("name") or spec["_target_"].rsplit(".", 1)[-1])
-    return _TEMPLATES[key], closed_form, name
-
-
 CPU_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-
-def _avoid_cpu_scheduler_hang(cfg) -> None:
-    """On CPU, add ``CPU_XLA_FLAG`` to ``XLA_FLAGS`` before JAX starts its backend.
-
-    With XLA's concurrency-optimised CPU scheduler (jaxlib 0.10.2), the multivariate audit's
-    chunk program intermittently never completes: every Eigen worker idles in ``WaitForWork``
-    while the main thread waits on the result (native stacks via gdb; 4 of 8 runs of the
-    48-token demo hung, with or without ``--xla_cpu_multi_thread_eigen=false`` or
-    ``--xla_cpu_use_xnnpack=false``). With this flag off, 8 of 8 runs finished, and faster.
-    Left alone when JAX already runs or ``XLA_FLAGS`` names the option.
-    """
-    import os
-    import sys
-
-    if cfg.runtime.get("platform", "cpu") != "cpu":
-        return
-    if "jax" in sys.modules and _jax_backend_started():
-        return
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAG}".strip()
+"""XLA flag that avoids an intermittent CPU hang of large multivariate chunk programs (jaxlib
+0.10.2); the CLI sets it before JAX starts, see ``analyses.vfe_univariate``."""
 
 
 def _jax_backend_started() -> bool:
@@ -524,34 +434,3 @@ def _jax_backend_started() -> bool:
         return bool(xla_bridge._backends)
     except (ImportError, AttributeError):  # pragma: no cover - private API moved
         return True
-
-
-def run_from_config(cfg, run_dir: Path, kind: str):
-    """Body of the ``vfe_univariate``/``vfe_multivariate`` analyses -> ``engine.run.Result``."""
-    from engine.report import summary_text
-    from engine.run import Result, sampling_kwargs, to_container
-
-    import logging
-
-    # arviz logs optional-package notices at INFO, which Hydra's job logging would print
-    logging.getLogger("arviz.preview").setLevel(logging.WARNING)
-    _avoid_cpu_scheduler_hang(cfg)
-    run_dir = Path(run_dir)
-    beliefs = beliefs_from_config(cfg, run_dir, kind)
-    model, closed_form, name = (None, None, None) if kind == "multivariate" else model_from_config(cfg)
-    opts = cfg.analysis
-    accepted = inspect.signature(audit_vfe).parameters
-    kw = sampling_kwargs(cfg)
-    unknown = sorted(set(kw) - set(accepted))
-    if unknown:
-        logging.getLogger("engine").warning("audit ignores sampling options %s", unknown)
-    audit = audit_vfe(
-        beliefs, model=model, closed_form=closed_form, model_name=name,
-        interval=float(opts.get("interval", 0.9)), num_q_draws=int(opts.get("num_q_draws", 1000)),
-        **{k: v for k, v in kw.items() if k in accepted},
-    )
-    audit.summary["config"] = to_container(cfg)
-    paths = audit.write(run_dir, plots=bool(opts.get("plots", True)),
-                        worst_tokens=int(opts.get("worst_tokens", 10)))
-    outputs = {k: paths[k] for k in ("report", "metrics", "summary")}
-    return Result(summary=summary_text(audit.summary), outputs=outputs, data=audit)

@@ -286,10 +286,19 @@ def _labels(value, size: int, name: str, has_axis: bool) -> np.ndarray:
         raise InputError(f"field {name!r}: labels must be numbers or strings, got dtype {arr.dtype}")
     if arr.dtype.kind == "S":
         arr = arr.astype(str)
-    if len(set(arr.tolist())) != size:
-        dup = next(i for i, v in enumerate(arr.tolist()) if arr.tolist().index(v) != i)
+    dup = _first_duplicate(arr)
+    if dup is not None:
         raise InputError(f"field {name!r}: duplicate label {arr[dup]!r} at index {dup}")
     return arr
+
+
+def _first_duplicate(labels: np.ndarray) -> int | None:
+    seen: set = set()
+    for i, value in enumerate(labels.tolist()):
+        if value in seen:
+            return i
+        seen.add(value)
+    return None
 
 
 def _float(arr):
@@ -582,8 +591,8 @@ def concat_checkpoints(sets: Sequence[BeliefSet]) -> BeliefSet:
         fields[name] = np.concatenate(parts, axis=0)
     ckpts = np.concatenate([s.checkpoints.astype(str) if any(
         t.checkpoints.dtype.kind in "US" for t in sets) else s.checkpoints for s in sets])
-    if len(set(ckpts.tolist())) != len(ckpts):
-        dup = next(i for i, v in enumerate(ckpts.tolist()) if ckpts.tolist().index(v) != i)
+    dup = _first_duplicate(ckpts)
+    if dup is not None:
         raise InputError(f"field 'checkpoint': duplicate label {ckpts[dup]!r} at index {dup}")
     return replace(
         first,

@@ -166,8 +166,15 @@ def pareto_khat_from_tail(top_log_weights, num_samples: int, reff: float = 1.0):
     keep = top.shape[-1]
     if keep != psis_tail_size(num_samples, reff):
         raise ValueError(f"expected {psis_tail_size(num_samples, reff)} top weights, got {keep}")
-    pad = np.repeat(top[..., :1], num_samples - keep, axis=-1)
-    k = pareto_khat(np.concatenate([pad, top], axis=-1), reff=reff)
+    lead = top.shape[:-1]
+    flat = top.reshape((-1, keep))
+    k = np.empty(flat.shape[0])
+    block = 4096  # rows padded to num_samples at a time: bounded memory for 10^6 tokens
+    for start in range(0, flat.shape[0], block):
+        rows = flat[start : start + block]
+        pad = np.repeat(rows[:, :1], num_samples - keep, axis=-1)
+        k[start : start + block] = pareto_khat(np.concatenate([pad, rows], axis=-1), reff=reff)
+    k = k.reshape(lead)
     # constant weights (q equal to p up to rounding): nothing to fit, importance sampling is exact
     with np.errstate(invalid="ignore"):
         spread = top[..., -1] - top[..., 0]
