@@ -544,10 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-budget-s", type=float, default=60.0,
                    help="no further repeat once the runs of one row took this long")
     p.add_argument("--cpu-eigen", choices=["single", "multi"], default="single",
-                   help="XLA:CPU intra-op (Eigen) pool. 'single' (default) adds "
-                   "--xla_cpu_multi_thread_eigen=false to XLA_FLAGS: with jaxlib 0.10.2 the "
-                   "multi-threaded pool deadlocks on batched LAPACK calls (w2's triangular solves) "
-                   "on a 2-core machine; must be set before JAX starts")
+                   help="XLA:CPU intra-op (Eigen) threads: 'single' (default, as in results/full) "
+                   "adds --xla_cpu_multi_thread_eigen=false to XLA_FLAGS")
+    p.add_argument("--cpu-scheduler", choices=["safe", "default"], default="safe",
+                   help="'safe' (default; the engine's CLI does the same) adds "
+                   "--xla_cpu_enable_concurrency_optimized_scheduler=false: jaxlib 0.10.2 otherwise "
+                   "can deadlock in batched LAPACK kernels (w2) on few cores")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", help="file stem of the results (default: quick or full)")
@@ -661,11 +663,16 @@ def run_benchmark(args: argparse.Namespace, log=print, on_row=None) -> dict:
 
 
 EIGEN_FLAG = "--xla_cpu_multi_thread_eigen=false"
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+"""The engine's own CPU workaround (``engine.audit.CPU_XLA_FLAG``): with it, w2 in chunks of 100
+ran; without it (with or without ``EIGEN_FLAG``) such chunks deadlocked in jaxlib 0.10.2's batched
+LAPACK kernels (``lapack_dtrsm_ffi`` -> ``ParallelBatchMap``) on 2 cores."""
 
 
-def configure_xla(cpu_eigen: str) -> None:
-    """Add the single-threaded-Eigen workaround to ``XLA_FLAGS`` (before JAX's backend starts)."""
-    if cpu_eigen != "single":
+def configure_xla(cpu_eigen: str, cpu_scheduler: str = "safe") -> None:
+    """Add the XLA:CPU workarounds to ``XLA_FLAGS`` (before JAX's backend starts)."""
+    wanted = ([EIGEN_FLAG] if cpu_eigen == "single" else []) + ([SCHEDULER_FLAG] if cpu_scheduler == "safe" else [])
+    if not wanted:
         return
     import sys as _sys
 
@@ -673,15 +680,17 @@ def configure_xla(cpu_eigen: str) -> None:
         import jax
 
         if jax._src.xla_bridge.backends_are_initialized():
-            raise RuntimeError("--cpu-eigen single must be applied before JAX starts its backend")
+            raise RuntimeError("XLA_FLAGS workarounds must be applied before JAX starts its backend")
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_multi_thread_eigen" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " " + EIGEN_FLAG).strip()
+    for flag in wanted:
+        if flag.split("=")[0] not in flags:
+            flags = (flags + " " + flag).strip()
+    os.environ["XLA_FLAGS"] = flags
 
 
 def main(argv=None) -> int:
     args = resolve_args(argv)
-    configure_xla(args.cpu_eigen)
+    configure_xla(args.cpu_eigen, args.cpu_scheduler)
     from benchmarks import report
 
     results = run_benchmark(
