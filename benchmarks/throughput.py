@@ -39,7 +39,7 @@ __all__ = ["Contestant", "parse_contestant", "main", "run_benchmark", "GATE"]
 GATE = {"r_hat_max": 1.01, "ess_bulk_min": 400.0}
 """Quality gate a problem must pass to count: R-hat < 1.01 and bulk ESS >= 400 (all parameters)."""
 
-ENGINE_SAMPLERS = ("blackjax", "numpyro")
+ENGINE_SAMPLERS = ("blackjax", "numpyro", "stepwise")
 LOOP_SAMPLERS = ("pymc", "nutpie")
 
 
@@ -177,30 +177,41 @@ def make_summary_fn(free_var_names, num_draws: int):
             "steps_sum": jnp.sum(stats.n_steps[:, ::every], axis=0).astype(jnp.int32),
             "steps_max": jnp.max(stats.n_steps[:, ::every], axis=0).astype(jnp.int32),
             "tree_depth_max": jnp.max(stats.tree_depth).astype(jnp.int32),
+            "steps_total_sum": jnp.sum(stats.n_steps).astype(jnp.float32),
+            "steps_total_max": jnp.max(jnp.sum(stats.n_steps, axis=1)).astype(jnp.float32),
         }
 
     return summary_fn
 
 
-def lockstep(chunks: list[dict], chains: int) -> dict:
+def lockstep(chunks: list[dict], chains: int, stepwise: bool = False) -> dict:
     """Lockstep efficiency of NUTS under ``vmap`` from per-chunk step counts.
 
     For one chunk and one draw the batched step costs the MAX leapfrog steps over the chunk's
     problems x chains; useful work is their MEAN. Efficiency = mean/max per draw, averaged over
     (sampled) draws, then over chunks weighted by size (padded duplicate problems included: they
-    occupy lanes). Warmup steps are not recorded by the kernels and are not included.
+    occupy lanes). A stepwise sampler waits only once per chunk, for the chain with the most
+    steps in total, so for it the efficiency is mean/max of per-chain TOTAL steps
+    (``lockstep_efficiency_total``, reported for every sampler as that bound). Warmup steps are
+    not recorded by the kernels and are not included.
     """
-    effs, weights, means, maxes = [], [], [], []
+    effs, totals, weights, means, maxes = [], [], [], [], []
     for c in chunks:
         total = c["steps_sum"].sum(0) / (c["steps_sum"].shape[0] * chains)  # [draw]
         biggest = c["steps_max"].max(0)  # [draw]
         effs.append(float(np.mean(total / np.maximum(biggest, 1))))
+        lanes = c["steps_sum"].shape[0] * chains
+        totals.append(float(c["steps_total_sum"].sum() / lanes / max(c["steps_total_max"].max(), 1)))
         means.append(float(total.mean()))
         maxes.append(float(biggest.mean()))
         weights.append(c["steps_sum"].shape[0])
     w = np.asarray(weights, float)
+    per_draw = float(np.average(effs, weights=w))
+    whole = float(np.average(totals, weights=w))
     return {
-        "lockstep_efficiency": float(np.average(effs, weights=w)),
+        "lockstep_efficiency": whole if stepwise else per_draw,
+        "lockstep_efficiency_per_draw": per_draw,
+        "lockstep_efficiency_total": whole,
         "mean_steps": float(np.average(means, weights=w)),
         "mean_max_steps": float(np.average(maxes, weights=w)),
     }
@@ -222,12 +233,14 @@ class EngineProgram:
         from engine.compile import compile_model
 
         self.config = config
-        self._x64 = config.precision == "float64"
+        self._scope = getattr(batch, "precision_scope", None) or (
+            lambda precision: jax.enable_x64(precision == "float64")
+        )
         t0, c0 = time.perf_counter(), cpu_seconds()
         self.compiled = compile_model(model, problem_data)
         t1 = time.perf_counter()
         self.summary_fn = make_summary_fn(self.compiled.free_var_names, config.draws)
-        with jax.enable_x64(self._x64):
+        with self._scope(config.precision):
             fn = batch._build_chunk_fn(self.compiled, config, self.summary_fn)
             arrays = batch._cast(problem_data.device_arrays(), config.precision)
             size = batch.chunk_grid(problem_data.num_problems, config.batch_size)[0][1]
@@ -255,7 +268,7 @@ class EngineProgram:
 
         from engine import batch
 
-        with jax.enable_x64(self._x64):
+        with self._scope(self.config.precision):
             arrays = batch._cast(problem_data.device_arrays(), self.config.precision)
             root = jax.random.PRNGKey(self.config.seed)
             chunks = []
@@ -328,7 +341,7 @@ def bench_engine(model, data, n, contestant, args, programs: dict, log=None, wor
         peak_rss_mb=rss.peak_mb,
         rss_increase_mb=rss.peak_mb - rss.start_mb,
         device_peak_mb=_device_peak_mb(),
-        **lockstep(chunks, args.chains),
+        **lockstep(chunks, args.chains, stepwise=contestant.sampler == "stepwise"),
     )
     return row
 

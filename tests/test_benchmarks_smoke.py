@@ -98,10 +98,14 @@ def test_lockstep_efficiency_is_mean_over_max():
     chunk = {
         "steps_sum": np.array([[4, 8], [6, 8]]),  # per problem: sum over chains, per draw
         "steps_max": np.array([[3, 7], [3, 7]]),
+        "steps_total_sum": np.array([12, 14]),  # per problem: all chains' steps
+        "steps_total_max": np.array([8, 10]),  # per problem: the busiest chain's total
     }
     out = throughput.lockstep([chunk], chains=2)
     assert out["lockstep_efficiency"] == pytest.approx(np.mean([10 / 4 / 3, 16 / 4 / 7]))
     assert out["mean_max_steps"] == pytest.approx(5.0)
+    assert out["lockstep_efficiency_total"] == pytest.approx(26 / 4 / 10)
+    assert throughput.lockstep([chunk], chains=2, stepwise=True)["lockstep_efficiency"] == pytest.approx(0.65)
 
 
 def test_gate_and_argument_parsing():
