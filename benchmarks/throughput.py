@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'safe' (default; the engine's CLI does the same) adds "
                    "--xla_cpu_enable_concurrency_optimized_scheduler=false: jaxlib 0.10.2 otherwise "
                    "can deadlock in batched LAPACK kernels (w2) on few cores")
+    p.add_argument("--devices", type=int, default=1,
+                   help="devices to shard each chunk over (on CPU: forced host devices, one per "
+                   "core with -1); the pm.sample loop is unaffected")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--tag", help="file stem of the results (default: quick or full)")
@@ -283,9 +286,12 @@ ran; without it (with or without ``EIGEN_FLAG``) such chunks deadlocked in jaxli
 LAPACK kernels (``lapack_dtrsm_ffi`` -> ``ParallelBatchMap``) on 2 cores."""
 
 
-def configure_xla(cpu_eigen: str, cpu_scheduler: str = "safe") -> None:
-    """Add the XLA:CPU workarounds to ``XLA_FLAGS`` (before JAX's backend starts)."""
+def configure_xla(cpu_eigen: str, cpu_scheduler: str = "safe", devices: int = 1) -> None:
+    """Add the XLA:CPU workarounds (and host devices) to ``XLA_FLAGS`` before JAX starts."""
     wanted = ([EIGEN_FLAG] if cpu_eigen == "single" else []) + ([SCHEDULER_FLAG] if cpu_scheduler == "safe" else [])
+    if devices != 1:
+        count = (os.cpu_count() or 1) if devices == -1 else devices
+        wanted.append(f"--xla_force_host_platform_device_count={count}")
     if not wanted:
         return
     import sys as _sys
@@ -304,7 +310,7 @@ def configure_xla(cpu_eigen: str, cpu_scheduler: str = "safe") -> None:
 
 def main(argv=None) -> int:
     args = resolve_args(argv)
-    configure_xla(args.cpu_eigen, args.cpu_scheduler)
+    configure_xla(args.cpu_eigen, args.cpu_scheduler, args.devices)
     from benchmarks import report
 
     results = run_benchmark(
