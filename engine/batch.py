@@ -10,6 +10,7 @@ repeating its final problem, so every chunk reuses one compiled program.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import warnings
 from contextlib import contextmanager
@@ -191,15 +192,7 @@ def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
     stepwise = config.sampler == "stepwise"
     total = config.tune + config.draws
 
-    def start(root_key, index, data):
-        """Per problem: jittered starts ``[chains, dim]``, their finiteness, and run keys."""
-        logdensity_fn = lambda x: compiled.logdensity_fn(x, data)  # noqa: E731
-        keys = _chain_keys(root_key, index, config.chains)
-        start = jnp.asarray(compiled.initial_position, dtype=jnp.result_type(float))
-        positions, ok = jax.vmap(
-            lambda k: init_positions(k, logdensity_fn, start, config.init_tries, config.jitter)
-        )(keys[:, 0])
-        return positions, ok, keys[:, 1]
+    start = functools.partial(_problem_starts, compiled, config)
 
     def finish(positions, stats, ok, data):
         values = jax.vmap(jax.vmap(lambda x: compiled.constrain_fn(x, data)))(positions)
@@ -257,14 +250,20 @@ def _build_init_fn(compiled: CompiledModel, config: BatchConfig):
     return _cached(compiled, "init", config, None, lambda: _make_init_fn(compiled, config))
 
 
+def _problem_starts(compiled: CompiledModel, config: BatchConfig, root_key, index, data):
+    """ONE problem: jittered starts ``[chains, dim]``, their finiteness, and the run keys."""
+    logdensity_fn = lambda x: compiled.logdensity_fn(x, data)  # noqa: E731
+    keys = _chain_keys(root_key, index, config.chains)
+    start = jnp.asarray(compiled.initial_position, dtype=jnp.result_type(float))
+    positions, ok = jax.vmap(
+        lambda k: init_positions(k, logdensity_fn, start, config.init_tries, config.jitter)
+    )(keys[:, 0])
+    return positions, ok, keys[:, 1]
+
+
 def _make_init_fn(compiled: CompiledModel, config: BatchConfig):
     def one_problem(root_key, index, data):
-        logdensity_fn = lambda x: compiled.logdensity_fn(x, data)  # noqa: E731
-        keys = _chain_keys(root_key, index, config.chains)
-        start = jnp.asarray(compiled.initial_position, dtype=jnp.result_type(float))
-        _, ok = jax.vmap(
-            lambda k: init_positions(k, logdensity_fn, start, config.init_tries, config.jitter)
-        )(keys[:, 0])
+        _, ok, _ = _problem_starts(compiled, config, root_key, index, data)
         return jnp.all(ok)
 
     return jax.jit(jax.vmap(one_problem, in_axes=(None, 0, 0)))
