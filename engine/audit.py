@@ -244,6 +244,8 @@ def audit_vfe(
     num_q_draws: int = 1000,
     progress: bool | None = None,
     out_dir=None,
+    store_dir=None,
+    overwrite: bool = False,
 ) -> AuditResult:
     """Audit Gaussian beliefs against MCMC (and exact) posteriors, every token at once.
 
@@ -276,6 +278,12 @@ def audit_vfe(
         Progress bar over chunks (None: only when stderr is a terminal).
     out_dir
         When given, write metrics.parquet, summary.json, report.md and plots there.
+    store_dir
+        When given, every finished chunk's summaries are written there durably
+        (``engine.store.ChunkStore``) and a rerun with the same inputs and settings skips them:
+        a killed audit resumes, losing at most the chunk in flight, with the same final table.
+    overwrite
+        With ``store_dir``: discard a different configuration's chunks instead of refusing.
 
     Returns
     -------
@@ -344,6 +352,11 @@ def audit_vfe(
     t_compiled = time.perf_counter()
     if sampler == "pymc":
         summaries = _pymc_summaries(pm_model, model_data, full_data, summary_fn, config, progress)
+    elif store_dir is not None:
+        summaries = _stored_summaries(
+            store_dir, overwrite, compiled, full_data, config, summary_fn, progress,
+            {"model": model_name, "interval": float(interval), "num_q_draws": int(num_q_draws)},
+        )
     else:
         result = run_batched(compiled, full_data, config, summary_fn=summary_fn, progress=progress)
         summaries = result.summaries
@@ -404,6 +417,33 @@ def _chunk_size(num_problems: int, chains: int, draws: int, dim: int, num_q_draw
     max_size = max(1, CHUNK_MEMORY_BYTES // per_problem)
     num_chunks = -(-num_problems // max_size)
     return -(-num_problems // num_chunks)
+
+
+def _stored_summaries(store_dir, overwrite, compiled, full_data, config, summary_fn, progress, extra):
+    """Run only the chunks ``store_dir`` lacks, writing each as it finishes; gather them all."""
+    import dataclasses
+    import hashlib
+
+    from engine.batch import chunk_grid, run_batched
+    from engine.store import ChunkStore
+
+    digest = hashlib.sha256()
+    for name in sorted(full_data.arrays):
+        arr = np.ascontiguousarray(full_data.arrays[name])
+        digest.update(name.encode() + str(arr.shape).encode() + str(arr.dtype).encode())
+        digest.update(arr.tobytes())
+    if full_data.num_rows is not None:
+        digest.update(np.ascontiguousarray(full_data.num_rows).tobytes())
+    settings = {"data": digest.hexdigest(), "config": dataclasses.asdict(config), **extra}
+    grid = chunk_grid(full_data.num_problems, config.batch_size)
+    store = ChunkStore(Path(store_dir), settings, grid, overwrite=overwrite)
+    pending = store.pending()
+    if pending:
+        run_batched(
+            compiled, full_data, config, summary_fn=summary_fn, chunks=pending, progress=progress,
+            on_chunk=lambda start, stop, host: store.write(start, stop, host[2]),
+        )
+    return store.gather()
 
 
 def _pymc_summaries(pm_model, model_data, full_data, summary_fn: Callable, config, progress):

@@ -128,6 +128,7 @@ def run_from_config(cfg, run_dir: Path, kind: str):
     audit = audit_vfe(
         beliefs, model=model, closed_form=closed_form, model_name=name,
         interval=float(opts.get("interval", 0.9)), num_q_draws=int(opts.get("num_q_draws", 1000)),
+        store_dir=run_dir / "store", overwrite=bool(cfg.runtime.get("overwrite", False)),
         **{k: v for k, v in kw.items() if k in accepted},
     )
     audit.summary["config"] = to_container(cfg)
