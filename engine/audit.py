@@ -246,7 +246,8 @@ def audit_vfe(
     out_dir=None,
     store_dir=None,
     overwrite: bool = False,
-) -> AuditResult:
+    shard: tuple[int, int] | None = None,
+) -> AuditResult | None:
     """Audit Gaussian beliefs against MCMC (and exact) posteriors, every token at once.
 
     Parameters
@@ -284,6 +285,10 @@ def audit_vfe(
         a killed audit resumes, losing at most the chunk in flight, with the same final table.
     overwrite
         With ``store_dir``: discard a different configuration's chunks instead of refusing.
+    shard
+        ``(i, k)`` with ``store_dir``: run only chunks ``j`` of the run's chunk grid with
+        ``j % k == i`` and return ``None`` (no table) when ``k > 1``; ``analysis=merge`` joins
+        the shards' stores into the table a single run gives, bitwise.
 
     Returns
     -------
@@ -356,7 +361,10 @@ def audit_vfe(
         summaries = _stored_summaries(
             store_dir, overwrite, compiled, full_data, config, summary_fn, progress,
             {"model": model_name, "interval": float(interval), "num_q_draws": int(num_q_draws)},
+            shard,
         )
+        if summaries is None:
+            return None
     else:
         result = run_batched(compiled, full_data, config, summary_fn=summary_fn, progress=progress)
         summaries = result.summaries
@@ -419,8 +427,9 @@ def _chunk_size(num_problems: int, chains: int, draws: int, dim: int, num_q_draw
     return -(-num_problems // num_chunks)
 
 
-def _stored_summaries(store_dir, overwrite, compiled, full_data, config, summary_fn, progress, extra):
-    """Run only the chunks ``store_dir`` lacks, writing each as it finishes; gather them all."""
+def _stored_summaries(store_dir, overwrite, compiled, full_data, config, summary_fn, progress, extra, shard=None):
+    """Run only the chunks ``store_dir`` lacks (of ``shard``), writing each as it finishes;
+    gather them all (``None`` for a shard of several)."""
     import dataclasses
     import hashlib
 
@@ -438,11 +447,17 @@ def _stored_summaries(store_dir, overwrite, compiled, full_data, config, summary
     grid = chunk_grid(full_data.num_problems, config.batch_size)
     store = ChunkStore(Path(store_dir), settings, grid, overwrite=overwrite)
     pending = store.pending()
+    index, num_shards = (0, 1) if shard is None else (int(shard[0]), int(shard[1]))
+    if num_shards > 1:
+        mine = set(grid[index::num_shards])
+        pending = [c for c in pending if c in mine]
     if pending:
         run_batched(
             compiled, full_data, config, summary_fn=summary_fn, chunks=pending, progress=progress,
             on_chunk=lambda start, stop, host: store.write(start, stop, host[2]),
         )
+    if num_shards > 1:
+        return None
     return store.gather()
 
 

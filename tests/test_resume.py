@@ -72,3 +72,37 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted_run(tmp_path):
     assert changed.returncode == 2
     assert "different configuration" in changed.stderr and "Traceback" not in changed.stderr
     pd.testing.assert_frame_equal(b, pd.read_parquet(killed / "metrics.parquet"))  # untouched
+
+
+def test_joblib_sharded_sweep_merges_into_the_single_run_table(tmp_path):
+    beliefs = tmp_path / "beliefs.npz"
+    _beliefs(beliefs, tokens=20)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    single = subprocess.run(_cmd(beliefs, tmp_path / "single"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    sweep = tmp_path / "sweep"
+    sharded = subprocess.run(
+        _cmd(beliefs, tmp_path / "unused", "data.num_shards=2", "data.shard=0,1", "hydra/launcher=joblib",
+             "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}") + ["-m"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    assert not (sweep / "0" / "metrics.parquet").exists()
+    chunks = [len(list((sweep / j / "store" / "chunks").glob("*.npz"))) for j in ("0", "1")]
+    assert chunks == [4, 4]  # 40 problems in chunks of 5, alternating between the shards
+
+    merge = [sys.executable, "-m", "engine", "analysis=merge", f"analysis.inputs={sweep}"]
+    merged = subprocess.run(merge + [f"hydra.run.dir={tmp_path / 'merged'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "single" / "metrics.parquet"),
+        pd.read_parquet(tmp_path / "merged" / "metrics.parquet"),
+    )
+
+    # a failed shard is named; the other shard's results stay as they were
+    for c in (sweep / "1" / "store" / "chunks").glob("*.npz"):
+        c.unlink()
+    failed = subprocess.run(merge + [f"hydra.run.dir={tmp_path / 'merged2'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 2
+    assert "shard data.shard=1 did not finish" in failed.stderr and "Traceback" not in failed.stderr
+    assert len(list((sweep / "0" / "store" / "chunks").glob("*.npz"))) == 4

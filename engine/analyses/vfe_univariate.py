@@ -129,8 +129,16 @@ def run_from_config(cfg, run_dir: Path, kind: str):
         beliefs, model=model, closed_form=closed_form, model_name=name,
         interval=float(opts.get("interval", 0.9)), num_q_draws=int(opts.get("num_q_draws", 1000)),
         store_dir=run_dir / "store", overwrite=bool(cfg.runtime.get("overwrite", False)),
+        shard=(int(cfg.data.get("shard", 0)), int(cfg.data.get("num_shards", 1))),
         **{k: v for k, v in kw.items() if k in accepted},
     )
+    if audit is None:
+        shard, num_shards = int(cfg.data.shard), int(cfg.data.num_shards)
+        return Result(
+            summary=f"shard {shard}/{num_shards}: its chunks are stored in {run_dir / 'store'}; "
+            f"join the shards with: python -m engine analysis=merge analysis.inputs=<sweep dir>",
+            outputs={"store": run_dir / "store"},
+        )
     audit.summary["config"] = to_container(cfg)
     paths = audit.write(run_dir, plots=bool(opts.get("plots", True)),
                         worst_tokens=int(opts.get("worst_tokens", 10)))
