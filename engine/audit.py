@@ -247,6 +247,7 @@ def audit_vfe(
     store_dir=None,
     overwrite: bool = False,
     shard: tuple[int, int] | None = None,
+    isolate_failures: bool = False,
 ) -> AuditResult | None:
     """Audit Gaussian beliefs against MCMC (and exact) posteriors, every token at once.
 
@@ -285,6 +286,11 @@ def audit_vfe(
         a killed audit resumes, losing at most the chunk in flight, with the same final table.
     overwrite
         With ``store_dir``: discard a different configuration's chunks instead of refusing.
+    isolate_failures
+        A token whose log density is not finite at any jittered start is flagged in its row
+        (``status``, ``converged=False``, NaN MCMC columns) instead of failing the whole audit
+        with an ``InputError``; other tokens' results are unchanged. Tokens whose every
+        transition diverged are flagged either way.
     shard
         ``(i, k)`` with ``store_dir``: run only chunks ``j`` of the run's chunk grid with
         ``j % k == i`` and return ``None`` (no table) when ``k > 1``; ``analysis=merge`` joins
@@ -347,7 +353,7 @@ def audit_vfe(
         raise InputError(f"field 'model': {err}") from None
     psis = set(compiled.value_slices) == {"theta"}  # theta is the only, untransformed, latent
     ok = check_init(compiled, model_data, config)
-    if not ok.all():
+    if not ok.any() or (not isolate_failures and not ok.all()):
         c, t = divmod(int(np.flatnonzero(~ok)[0]), bs.num_tokens)
         raise InputError(
             f"field 'observed': model {model_name!r} has no finite log density for these data, "
@@ -374,7 +380,9 @@ def audit_vfe(
     from engine import report
     from engine.metrics import build_table
 
-    table, plot_arrays = build_table(bs, summaries, model_name, exact, interval, num_q_draws, psis)
+    with np.errstate(divide="ignore", invalid="ignore"):  # failed tokens' rows become NaN below
+        table, plot_arrays = build_table(bs, summaries, model_name, exact, interval, num_q_draws, psis)
+    table = _flag_failures(table, ok, int(chains) * int(draws))
     notes = report.notes(bs, table, model_name, exact, psis)
     summary = {
         "kind": bs.kind,
@@ -425,6 +433,25 @@ def _chunk_size(num_problems: int, chains: int, draws: int, dim: int, num_q_draw
     max_size = max(1, CHUNK_MEMORY_BYTES // per_problem)
     num_chunks = -(-num_problems // max_size)
     return -(-num_problems // num_chunks)
+
+
+MCMC_COLUMNS = ("mcmc_mean", "mcmc_std", "mean_diff", "std_ratio", "kl_q_mcmc", "mean_l2_error",
+                "r_hat", "ess_bulk", "ess_tail", "mcmc_mcse", "w2_mcmc")
+
+
+def _flag_failures(table, init_ok: np.ndarray, num_transitions: int):
+    """Isolate failed problems in their rows: ``status`` says why, ``converged`` is False, and
+    the MCMC columns of an unstartable problem are NaN. Other rows are untouched (each problem
+    samples in its own lanes and key stream)."""
+    table = table.copy()
+    bad_init = ~np.asarray(init_ok, bool)
+    all_divergent = table["divergences"].to_numpy() >= num_transitions
+    table.loc[all_divergent, "status"] = "every transition diverged"
+    table.loc[bad_init, "status"] = "no finite log density at any jittered start"
+    cols = [c for c in MCMC_COLUMNS if c in table.columns]
+    table.loc[bad_init, cols] = np.nan
+    table.loc[bad_init | all_divergent, "converged"] = False
+    return table
 
 
 def _stored_summaries(store_dir, overwrite, compiled, full_data, config, summary_fn, progress, extra, shard=None):

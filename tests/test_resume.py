@@ -106,3 +106,23 @@ def test_joblib_sharded_sweep_merges_into_the_single_run_table(tmp_path):
     assert failed.returncode == 2
     assert "shard data.shard=1 did not finish" in failed.stderr and "Traceback" not in failed.stderr
     assert len(list((sweep / "0" / "store" / "chunks").glob("*.npz"))) == 4
+
+
+def test_poisoned_token_is_flagged_and_others_are_unchanged():
+    from engine import audit_vfe
+
+    observed = np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    arrays = {"mu_q": np.zeros(4), "sigma_q": np.ones(4), "observed": observed,
+              "prior_mu": 0.0, "prior_sigma": 1.0}
+    poisoned = dict(arrays, observed=observed.copy())
+    poisoned["observed"][2, 1] = 2.0  # no Bernoulli outcome: log density -inf for token 2
+    kw = dict(model="bernoulli_logit", chains=2, draws=100, tune=100, seed=3, num_q_draws=50)
+    clean = audit_vfe(arrays, **kw).table
+    flagged = audit_vfe(poisoned, isolate_failures=True, **kw).table
+    assert flagged.status[2] == "no finite log density at any jittered start"
+    assert not flagged.converged[2] and np.isnan(flagged.mcmc_mean[2])
+    others = [0, 1, 3]
+    pd.testing.assert_frame_equal(
+        clean.iloc[others][["mcmc_mean", "mcmc_std", "r_hat", "ess_bulk", "status"]],
+        flagged.iloc[others][["mcmc_mean", "mcmc_std", "r_hat", "ess_bulk", "status"]],
+    )

@@ -130,6 +130,7 @@ def run_from_config(cfg, run_dir: Path, kind: str):
         interval=float(opts.get("interval", 0.9)), num_q_draws=int(opts.get("num_q_draws", 1000)),
         store_dir=run_dir / "store", overwrite=bool(cfg.runtime.get("overwrite", False)),
         shard=(int(cfg.data.get("shard", 0)), int(cfg.data.get("num_shards", 1))),
+        isolate_failures=bool(cfg.runtime.get("isolate_failures", False)),
         **{k: v for k, v in kw.items() if k in accepted},
     )
     if audit is None:
