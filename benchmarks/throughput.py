@@ -279,9 +279,11 @@ def run_benchmark(args: argparse.Namespace, log=print, on_row=None) -> dict:
     return snapshot()
 
 
+from engine.run import CPU_XLA_FLAGS  # noqa: E402  (imports no JAX)
+
 EIGEN_FLAG = "--xla_cpu_multi_thread_eigen=false"
-SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-"""The engine's own CPU workaround (``engine.audit.CPU_XLA_FLAG``): with it, w2 in chunks of 100
+SCHEDULER_FLAG = CPU_XLA_FLAGS[0]
+"""The engine's own CPU workaround (``engine.run.CPU_XLA_FLAGS``): with it, w2 in chunks of 100
 ran; without it (with or without ``EIGEN_FLAG``) such chunks deadlocked in jaxlib 0.10.2's batched
 LAPACK kernels (``lapack_dtrsm_ffi`` -> ``ParallelBatchMap``) on 2 cores."""
 

@@ -12,7 +12,7 @@ from engine.samplers import NUTSSettings
 
 __all__ = ["sample_batched", "compile_for"]
 
-_COMPILE_CACHE: dict[tuple, CompiledModel] = {}
+_COMPILE_CACHE: dict[tuple, tuple[Any, CompiledModel]] = {}
 
 
 def _shape_key(problem_data: ProblemData) -> tuple:
@@ -22,18 +22,14 @@ def _shape_key(problem_data: ProblemData) -> tuple:
 
 
 def compile_for(model, problem_data: ProblemData) -> CompiledModel:
-    """Compile ``model`` once per padded data shape (cached for the model's lifetime)."""
+    """Compile ``model`` once per padded data shape (cached; the entry holds the model, so its
+    ``id`` cannot be reused by another model while cached)."""
     key = (id(model), _shape_key(problem_data))
-    cached = _COMPILE_CACHE.get(key)
-    if cached is None or cached_model_gone(cached, model):
-        cached = compile_model(model, problem_data)
-        cached.__dict__["_model_ref"] = model
-        _COMPILE_CACHE[key] = cached
-    return cached
-
-
-def cached_model_gone(compiled: CompiledModel, model) -> bool:
-    return compiled.__dict__.get("_model_ref") is not model
+    entry = _COMPILE_CACHE.get(key)
+    if entry is None or entry[0] is not model:
+        entry = (model, compile_model(model, problem_data))
+        _COMPILE_CACHE[key] = entry
+    return entry[1]
 
 
 def _settings(kw: dict) -> NUTSSettings:

@@ -303,7 +303,7 @@ def audit_vfe(
     Notes
     -----
     On CPU, start Python with ``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false``
-    (the CLI sets it, see ``CPU_XLA_FLAG``): without it, large multivariate chunk programs
+    (the CLI sets it, see ``engine.run.CPU_XLA_FLAGS``): without it, large multivariate chunk programs
     intermittently hang in XLA's CPU runtime.
 
     Raises
@@ -502,17 +502,3 @@ def _pymc_summaries(pm_model, model_data, full_data, summary_fn: Callable, confi
     with jax.enable_x64(config.precision == "float64"):
         fn = jax.jit(jax.vmap(summary_fn))
         return jax.tree.map(np.asarray, fn({"theta": draws["theta"]}, stats, arrays))
-
-
-CPU_XLA_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-"""XLA flag that avoids an intermittent CPU hang of large multivariate chunk programs (jaxlib
-0.10.2); the CLI sets it before JAX starts, see ``analyses.vfe_univariate``."""
-
-
-def _jax_backend_started() -> bool:
-    try:
-        from jax._src import xla_bridge
-
-        return bool(xla_bridge._backends)
-    except (ImportError, AttributeError):  # pragma: no cover - private API moved
-        return True

@@ -10,13 +10,7 @@ import numpy as np
 import pytest
 
 from engine import audit_vfe
-from engine.audit import CPU_XLA_FLAG, _jax_backend_started
 from engine.errors import InputError
-
-# the CLI's guard against an intermittent XLA CPU scheduler hang (engine.audit.CPU_XLA_FLAG),
-# applied here too when this module is imported before JAX starts its backend
-if not _jax_backend_started() and "concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_XLA_FLAG}".strip()
 
 SMALL = dict(chains=4, draws=500, tune=500, seed=1, num_q_draws=500)
 

@@ -11,7 +11,7 @@ import inspect
 import logging
 from pathlib import Path
 
-from engine.audit import _TEMPLATES, CPU_XLA_FLAG, _jax_backend_started, audit_vfe
+from engine.audit import _TEMPLATES, audit_vfe
 from engine.beliefs import BeliefSet, load_beliefs
 from engine.errors import InputError
 
@@ -86,28 +86,6 @@ def model_from_config(cfg):
     return _TEMPLATES[key], closed_form, name
 
 
-def _avoid_cpu_scheduler_hang(cfg) -> None:
-    """On CPU, add ``CPU_XLA_FLAG`` to ``XLA_FLAGS`` before JAX starts its backend.
-
-    With XLA's concurrency-optimised CPU scheduler (jaxlib 0.10.2), the multivariate audit's
-    chunk program intermittently never completes: every Eigen worker idles in ``WaitForWork``
-    while the main thread waits on the result (native stacks via gdb; 4 of 8 runs of the
-    48-token demo hung, with or without ``--xla_cpu_multi_thread_eigen=false`` or
-    ``--xla_cpu_use_xnnpack=false``). With this flag off, 8 of 8 runs finished, and faster.
-    Left alone when JAX already runs or ``XLA_FLAGS`` names the option.
-    """
-    import os
-    import sys
-
-    if cfg.runtime.get("platform", "cpu") != "cpu":
-        return
-    if "jax" in sys.modules and _jax_backend_started():
-        return
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAG}".strip()
-
-
 def run_from_config(cfg, run_dir: Path, kind: str):
     """Body of the ``vfe_univariate``/``vfe_multivariate`` analyses -> ``engine.run.Result``."""
     from engine.report import summary_text
@@ -115,7 +93,6 @@ def run_from_config(cfg, run_dir: Path, kind: str):
 
     # arviz logs optional-package notices at INFO, which Hydra's job logging would print
     logging.getLogger("arviz.preview").setLevel(logging.WARNING)
-    _avoid_cpu_scheduler_hang(cfg)
     run_dir = Path(run_dir)
     beliefs = beliefs_from_config(cfg, run_dir, kind)
     model, closed_form, name = (None, None, None) if kind == "multivariate" else model_from_config(cfg)
