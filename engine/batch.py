@@ -15,7 +15,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Collection, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -323,6 +323,7 @@ def run_batched(
     chunks: list[tuple[int, int]] | None = None,
     on_chunk: Callable | None = None,
     progress: bool | None = None,
+    keep_chunks: Collection[tuple[int, int]] = (),
 ) -> BatchResult:
     """Sample every problem of ``problem_data`` (or of the given ``chunks``) chunk by chunk.
 
@@ -344,6 +345,10 @@ def run_batched(
         Called as ``on_chunk(start, stop, chunk_result)`` after each chunk (durable stores).
     progress
         Show a progress bar (default: only when stderr is a terminal).
+    keep_chunks
+        Chunks that also bring their full draws back (a ``keep_draws=True`` variant of the
+        program) while the others return only summaries; the draws reach ``on_chunk`` only.
+        Used to keep the draws of a few chosen problems of a long summary-only run.
     """
     num_problems = problem_data.num_problems
     grid = chunk_grid(num_problems, config.batch_size)
@@ -353,17 +358,23 @@ def run_batched(
     results = []
     with precision_scope(config.precision):
         fn = _build_chunk_fn(compiled, config, summary_fn)
+        keep = {(int(a), int(b)) for a, b in keep_chunks}
+        keep_config = dataclasses.replace(config, keep_draws=True)
+        fn_keep = _build_chunk_fn(compiled, keep_config, summary_fn) if keep and not config.keep_draws else fn
         arrays = _cast(problem_data.device_arrays(), config.precision)
         root = jax.random.PRNGKey(config.seed)
         bar = _progress(sum(b - a for a, b in todo), progress, f"{config.sampler} NUTS")
         try:
             for start, stop in todo:
                 index, chunk = _chunk_inputs(arrays, start, stop, size)
-                kept, ok, summary = fn(root, jnp.asarray(index), chunk)
+                chunk_fn = fn_keep if (start, stop) in keep else fn
+                kept, ok, summary = chunk_fn(root, jnp.asarray(index), chunk)
                 n = stop - start
                 host = jax.tree.map(lambda a: np.asarray(a)[:n], (kept, ok, summary))
                 if on_chunk is not None:
                     on_chunk(start, stop, host)
+                if chunk_fn is not fn:
+                    host = ((None, None, None),) + host[1:]
                 results.append(host)
                 bar.update(n)
         finally:

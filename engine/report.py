@@ -361,6 +361,9 @@ def write_outputs(audit, out_dir: Path, *, plots: bool = True, worst_tokens: int
     text = _report_md(audit, plot_paths, worst_tokens)
     paths["report"] = atomic_write(out_dir / "report.md", lambda p: p.write_text(text))
     paths.update({f"plot:{k}": v for k, v in plot_paths.items()})
+    if getattr(audit, "draws", None) is not None:
+        draws = audit.draws
+        paths["draws"] = atomic_write(out_dir / "draws.nc", lambda p: draws.to_netcdf(str(p)))
     payload = json.dumps(_clean(audit.summary), indent=2)
     paths["summary"] = atomic_write(out_dir / "summary.json", lambda p: p.write_text(payload))
     return paths

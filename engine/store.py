@@ -141,8 +141,8 @@ class ChunkStore:
             atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
         self.chunk_dir.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, start: int, stop: int) -> Path:
-        return self.chunk_dir / f"chunk_{start:010d}_{stop:010d}.npz"
+    def _path(self, start: int, stop: int, name: str = "chunk") -> Path:
+        return self.chunk_dir / f"{name}_{start:010d}_{stop:010d}.npz"
 
     def completed(self) -> list[tuple[int, int]]:
         """Chunks of the grid whose files are complete (atomic rename guarantees whole files)."""
@@ -153,20 +153,30 @@ class ChunkStore:
         done = set(self.completed())
         return [c for c in self.grid if c not in done]
 
-    def write(self, start: int, stop: int, results: Mapping[str, Any]) -> None:
-        """Durably store one chunk's results (a possibly nested dict of ``[stop - start, ...]`` arrays)."""
+    def write(self, start: int, stop: int, results: Mapping[str, Any], *, name: str = "chunk",
+              check_rows: bool = True) -> None:
+        """Durably store one chunk's results (a possibly nested dict of ``[stop - start, ...]`` arrays).
+
+        ``name`` other than "chunk" stores a side file of the chunk (e.g. the draws of a few of
+        its problems, ``check_rows=False``); write side files first: the "chunk" file marks the
+        chunk done.
+        """
         flat = _flatten(results)
-        for name, arr in flat.items():
-            if arr.shape[:1] != (stop - start,):
-                raise ValueError(f"chunk {start}:{stop}: result {name!r} has shape {arr.shape}")
+        if check_rows:
+            for key, arr in flat.items():
+                if arr.shape[:1] != (stop - start,):
+                    raise ValueError(f"chunk {start}:{stop}: result {key!r} has shape {arr.shape}")
         import io
 
         buffer = io.BytesIO()
         np.savez(buffer, **flat)
-        atomic_write_bytes(self._path(start, stop), buffer.getvalue())
+        atomic_write_bytes(self._path(start, stop, name), buffer.getvalue())
 
-    def read(self, start: int, stop: int) -> dict[str, Any]:
-        with np.load(self._path(start, stop)) as f:
+    def read(self, start: int, stop: int, *, name: str = "chunk") -> dict[str, Any]:
+        path = self._path(start, stop, name)
+        if not path.exists():
+            raise InputError(f"{self.directory}: chunk {start}:{stop} has no {name} file")
+        with np.load(path) as f:
             return _unflatten({k: f[k] for k in f.files})
 
     def gather(self, chunks: Iterable[tuple[int, int]] | None = None) -> dict[str, Any]:

@@ -125,9 +125,23 @@ def test_bad_input_exits_2_with_one_line(kind, tmp_path, env):
 
 def test_small_univariate_demo_via_cli(tmp_path, env):
     run = tmp_path / "run"
-    proc = engine(["data.num_tokens=6", "data.checkpoint_steps=[5,30,300]", *TINY, f"hydra.run.dir={run}"], env)
+    proc = engine(["data.num_tokens=6", "data.checkpoint_steps=[5,30,300]", *TINY, "runtime.batch_size=4",
+                   "analysis.keep_draws=[1,4]", f"hydra.run.dir={run}"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "KL(q|mcmc)" in proc.stdout and f"report: {run / 'report.md'}" in proc.stdout
+    # draws of the chosen tokens at every checkpoint, as InferenceData
+    import arviz as az
+
+    draws = az.from_netcdf(run / "draws.nc")
+    assert draws.posterior.theta.dims == ("chain", "draw", "checkpoint", "token")
+    assert draws.posterior.theta.shape == (2, 300, 3, 2) and draws.posterior.token.values.tolist() == [1, 4]
+    # structured progress: one JSON line per chunk of 4 tokens, and a rate/ETA line in the job log
+    from engine.progress import read_events
+
+    events = read_events(run / "progress.jsonl")
+    assert [e["event"] for e in events] == ["start"] + ["chunk"] * 5 + ["finish"]
+    assert events[-2]["done"] == events[-2]["total"] == 18
+    assert "tokens/s, ETA" in (run / "__main__.log").read_text()
     t = pd.read_parquet(run / "metrics.parquet")
     assert len(t) == 18 and (t.status == "ok").all()
     assert t.checkpoint.unique().tolist() == ["step00005", "step00030", "step00300"]

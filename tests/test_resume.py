@@ -66,6 +66,20 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted_run(tmp_path):
     b = pd.read_parquet(killed / "metrics.parquet")
     pd.testing.assert_frame_equal(a, b)  # bitwise: same seed, same chunk grid
 
+    # the run directory's progress log tells the whole story: killed session, resumed session
+    from engine.progress import read_events
+
+    events = read_events(killed / "progress.jsonl")
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 2 and starts[0]["done"] == 0 and starts[1]["done"] == 5 * finished_before
+    assert starts[1]["chunks_pending"] == 24 - finished_before
+    chunk_events = [e for e in events if e["event"] == "chunk"]
+    assert len(chunk_events) >= 24  # the chunk in flight at the kill may have logged before dying
+    last = chunk_events[-1]
+    assert last["done"] == last["total"] == 120 and last["eta_s"] == 0
+    assert all(e["rate_per_s"] > 0 and e["rss_mb"] > 0 for e in chunk_events)
+    assert events[-1]["event"] == "finish"
+
     changed = subprocess.run(
         _cmd(beliefs, killed, "runtime.seed=1"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
@@ -74,38 +88,85 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted_run(tmp_path):
     pd.testing.assert_frame_equal(b, pd.read_parquet(killed / "metrics.parquet"))  # untouched
 
 
-def test_joblib_sharded_sweep_merges_into_the_single_run_table(tmp_path):
-    beliefs = tmp_path / "beliefs.npz"
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """The beliefs of the shard tests and the table of one unsharded run of them."""
+    tmp = tmp_path_factory.mktemp("single")
+    beliefs = tmp / "beliefs.npz"
     _beliefs(beliefs, tokens=20)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    single = subprocess.run(_cmd(beliefs, tmp_path / "single"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-2000:]
+    done = subprocess.run(_cmd(beliefs, tmp / "single"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return beliefs, pd.read_parquet(tmp / "single" / "metrics.parquet")
+
+
+def _sweep_then_merge(beliefs, tmp_path, launcher: list[str]):
+    """Shards 0,1 of 2 through ``launcher``, then ``analysis=merge`` -> (sweep dir, merged table)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     sweep = tmp_path / "sweep"
     sharded = subprocess.run(
-        _cmd(beliefs, tmp_path / "unused", "data.num_shards=2", "data.shard=0,1", "hydra/launcher=joblib",
-             "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}") + ["-m"],
+        _cmd(beliefs, tmp_path / "unused", "data.num_shards=2", "data.shard=0,1", *launcher,
+             f"hydra.sweep.dir={sweep}") + ["-m"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert sharded.returncode == 0, sharded.stderr[-2000:]
     assert not (sweep / "0" / "metrics.parquet").exists()
     chunks = [len(list((sweep / j / "store" / "chunks").glob("*.npz"))) for j in ("0", "1")]
     assert chunks == [4, 4]  # 40 problems in chunks of 5, alternating between the shards
-
     merge = [sys.executable, "-m", "engine", "analysis=merge", f"analysis.inputs={sweep}"]
     merged = subprocess.run(merge + [f"hydra.run.dir={tmp_path / 'merged'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert merged.returncode == 0, merged.stderr[-2000:]
-    pd.testing.assert_frame_equal(
-        pd.read_parquet(tmp_path / "single" / "metrics.parquet"),
-        pd.read_parquet(tmp_path / "merged" / "metrics.parquet"),
-    )
+    return sweep, pd.read_parquet(tmp_path / "merged" / "metrics.parquet")
+
+
+def test_joblib_sharded_sweep_merges_into_the_single_run_table(tmp_path, single_run):
+    beliefs, single = single_run
+    sweep, merged = _sweep_then_merge(beliefs, tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
+    pd.testing.assert_frame_equal(single, merged)
 
     # a failed shard is named; the other shard's results stay as they were
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     for c in (sweep / "1" / "store" / "chunks").glob("*.npz"):
         c.unlink()
+    merge = [sys.executable, "-m", "engine", "analysis=merge", f"analysis.inputs={sweep}"]
     failed = subprocess.run(merge + [f"hydra.run.dir={tmp_path / 'merged2'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert failed.returncode == 2
     assert "shard data.shard=1 did not finish" in failed.stderr and "Traceback" not in failed.stderr
     assert len(list((sweep / "0" / "store" / "chunks").glob("*.npz"))) == 4
+
+
+def test_submitit_local_sweep_merges_into_the_single_run_table(tmp_path, single_run):
+    """The cluster path (submitit pickles each Hydra job and runs it in its own process) in
+    submitit's local mode: ``hydra/launcher=cluster_local``."""
+    beliefs, single = single_run
+    sweep, merged = _sweep_then_merge(beliefs, tmp_path, ["hydra/launcher=cluster_local"])
+    pd.testing.assert_frame_equal(single, merged)
+    logs = list((sweep / ".submitit").rglob("*_log.err"))
+    assert len(logs) == 2  # one submitit job per shard
+    results = list((sweep / ".submitit").rglob("*_result.pkl"))
+    assert len(results) == 2
+
+
+def test_slurm_launcher_config_renders_an_sbatch_script(tmp_path):
+    """``hydra/launcher=cluster`` composes into submitit's SLURM launcher, and its settings are
+    valid sbatch options (rendered by submitit itself; no SLURM cluster here to submit to)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from submitit.slurm.slurm import SlurmExecutor, _convert_mem, _make_sbatch_string
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=["hydra/launcher=cluster", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher" and launcher._EXECUTOR == "slurm"
+    equivalent = SlurmExecutor._equivalence_dict()
+    params = {equivalent.get(k, k): v for k, v in launcher.params.items()
+              if k not in ("submitit_folder", "max_num_timeout")}
+    params["mem"] = _convert_mem(params["mem"])
+    assert set(params) <= SlurmExecutor._valid_parameters()
+    script = _make_sbatch_string(command="python -m engine", folder=tmp_path, **params)
+    for line in ("--gpus-per-node=1", "--cpus-per-task=8", "--time=240", "--partition=gpu", "--mem=64GB"):
+        assert f"#SBATCH {line}" in script, script
 
 
 def test_poisoned_token_is_flagged_and_others_are_unchanged():

@@ -48,7 +48,7 @@ def run(cfg, run_dir: Path):
         info = json.loads(manifest.read_text())
         hashes[job.name] = info["config_hash"]
         grid = grid or [tuple(c) for c in info["grid"]]
-        for c in (job / "store" / CHUNK_DIR).glob("chunk_*.npz"):
+        for c in (job / "store" / CHUNK_DIR).glob("*.npz"):
             owner.setdefault(c.name, c)
     if len(set(hashes.values())) > 1:
         first = next(iter(hashes))

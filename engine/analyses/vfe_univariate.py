@@ -86,6 +86,15 @@ def model_from_config(cfg):
     return _TEMPLATES[key], closed_form, name
 
 
+def _keep_draws(value):
+    """``analysis.keep_draws`` (null, "all", a token label or a list of them) -> audit_vfe's argument."""
+    from omegaconf import ListConfig, OmegaConf
+
+    if isinstance(value, ListConfig):
+        return OmegaConf.to_container(value)
+    return value
+
+
 def run_from_config(cfg, run_dir: Path, kind: str):
     """Body of the ``vfe_univariate``/``vfe_multivariate`` analyses -> ``engine.run.Result``."""
     from engine.report import summary_text
@@ -108,6 +117,7 @@ def run_from_config(cfg, run_dir: Path, kind: str):
         store_dir=run_dir / "store", overwrite=bool(cfg.runtime.get("overwrite", False)),
         shard=(int(cfg.data.get("shard", 0)), int(cfg.data.get("num_shards", 1))),
         isolate_failures=bool(cfg.runtime.get("isolate_failures", False)),
+        keep_draws=_keep_draws(opts.get("keep_draws")), log_file=run_dir / "progress.jsonl",
         **{k: v for k, v in kw.items() if k in accepted},
     )
     if audit is None:
@@ -120,5 +130,6 @@ def run_from_config(cfg, run_dir: Path, kind: str):
     audit.summary["config"] = to_container(cfg)
     paths = audit.write(run_dir, plots=bool(opts.get("plots", True)),
                         worst_tokens=int(opts.get("worst_tokens", 10)))
-    outputs = {k: paths[k] for k in ("report", "metrics", "summary")}
+    outputs = {k: paths[k] for k in ("report", "metrics", "summary", "draws") if k in paths}
+    outputs["progress"] = run_dir / "progress.jsonl"
     return Result(summary=summary_text(audit.summary), outputs=outputs, data=audit)
