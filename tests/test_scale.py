@@ -11,14 +11,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# the CLI in this process, reporting its own peak RSS (ru_maxrss, KiB on Linux) as it exits
+# the CLI in this process, reporting its own peak RSS as it exits: VmHWM of /proc/self/status,
+# the high-water mark of this process image (ru_maxrss would carry over the forking parent's peak,
+# here the whole pytest process, through exec)
 PEAK_RSS = """
-import resource, runpy, sys
+import runpy, sys
 sys.argv = ["engine"] + sys.argv[1:]
 try:
     runpy.run_module("engine", run_name="__main__")
 finally:
-    print("peak_rss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+    print("peak_rss_kib", hwm, file=sys.stderr)
 """
 
 
