@@ -174,7 +174,9 @@ def bench_engine(model, data, n, contestant, args, programs: dict, log=None, wor
         seed=args.seed, batch_size=batch_size, precision=contestant.precision, keep_draws=False,
         devices=None if getattr(args, "devices", 1) == 1 else args.devices,
         settings=NUTSSettings(
-            target_accept=args.target_accept, max_tree_depth=args.max_tree_depth,
+            target_accept=(getattr(args, "chees_target_accept", 0.651) if contestant.sampler == "chees"
+                           else args.target_accept),
+            max_tree_depth=args.max_tree_depth,
             dense_mass=contestant.dense_mass,
         ),
     )

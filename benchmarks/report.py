@@ -96,7 +96,7 @@ def add_ratios(rows: list[dict]) -> None:
 def targets(rows: list[dict]) -> list[dict]:
     """Issue 5's targets, each with the measured figure and met / missed / not measured."""
     out = []
-    engine_rows = [r for r in rows if r["sampler"] in ("blackjax", "numpyro")]
+    engine_rows = [r for r in rows if r["sampler"] in ("blackjax", "numpyro", "stepwise", "chees")]
     for w, t in TARGETS.items():
         at_n = [r for r in engine_rows if r["workload"] == w and r["n"] == t["n"]]
         for r in at_n:
@@ -240,7 +240,8 @@ def _markdown(results: dict, png_name: str) -> str:
         "(other processes share the cores: absolute figures are noisy, ratios less so)",
         "- versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]),
         f"- settings: {settings['chains']} chains x {settings['tune']} tune + {settings['draws']} draws, "
-        f"target_accept {settings['target_accept']}, max tree depth {settings['max_tree_depth']}, "
+        f"target_accept {settings['target_accept']} (chees {settings.get('chees_target_accept', 0.651)}), "
+        f"max tree depth {settings['max_tree_depth']}, "
         f"engine batch_size {_per_workload(settings['batch_size_map'])}, default precision "
         f"{settings['precision']}, loops (pm.sample, nutpie) on {_per_workload(settings['loop_problems_map'])} "
         f"problems spread over the set, XLA_FLAGS '{meta.get('xla_flags', '')}', run-only repeats "

@@ -35,7 +35,7 @@ from benchmarks.workloads import WORKLOADS, get_workload
 
 __all__ = ["Contestant", "parse_contestant", "main", "run_benchmark", "GATE"]
 
-ENGINE_SAMPLERS = ("blackjax", "numpyro", "stepwise")
+ENGINE_SAMPLERS = ("blackjax", "numpyro", "stepwise", "chees")
 LOOP_SAMPLERS = ("pymc", "nutpie")
 
 
@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", action="append", metavar="[wX=]B",
                    help="problems per compiled chunk (default 100; 0: all at once); repeat with wX= "
                    "for one workload's")
-    p.add_argument("--target-accept", type=float, default=0.8)
+    p.add_argument("--target-accept", type=float, default=0.8, help="NUTS contestants (PyMC's default)")
+    p.add_argument("--chees-target-accept", type=float, default=0.651,
+                   help="the chees contestant (HMC's optimum, conf/sampler/chees.yaml)")
     p.add_argument("--max-tree-depth", type=int, default=10)
     p.add_argument("--loop-problems", action="append", metavar="[wX=]K",
                    help="problems the pm.sample / nutpie loops run (default 10); repeat with wX= for "
@@ -279,7 +281,7 @@ def run_benchmark(args: argparse.Namespace, log=print, on_row=None) -> dict:
     return snapshot()
 
 
-from engine.run import CPU_XLA_FLAGS  # noqa: E402  (imports no JAX)
+from engine.run import CPU_XLA_FLAGS, host_thread_pool  # noqa: E402  (imports no JAX)
 
 EIGEN_FLAG = "--xla_cpu_multi_thread_eigen=false"
 SCHEDULER_FLAG = CPU_XLA_FLAGS[0]
@@ -294,6 +296,7 @@ def configure_xla(cpu_eigen: str, cpu_scheduler: str = "safe", devices: int = 1)
     if devices != 1:
         count = (os.cpu_count() or 1) if devices == -1 else devices
         wanted.append(f"--xla_force_host_platform_device_count={count}")
+        host_thread_pool(count)
     if not wanted:
         return
     import sys as _sys

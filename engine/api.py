@@ -65,7 +65,11 @@ def sample_batched(
         Container name -> array ``[num_problems, ...]``, or a list of per-problem arrays whose
         leading (row) axes may differ (ragged; padded and masked).
     sampler
-        "blackjax" (default), "numpyro", or "pymc" (a loop of ``pm.sample``, the baseline).
+        NUTS: "blackjax" (default), "numpyro", "stepwise" (the engine's lockstep-free NUTS);
+        "chees" (ChEES-adapted jittered HMC, tuned across each problem's chains: fastest on
+        small well-conditioned posteriors, needs ``chains >= 2`` and ``tune >= 50``, diagonal
+        mass only; HMC's optimal ``target_accept`` is 0.651); or "pymc" (a loop of
+        ``pm.sample``, the baseline).
     chains, draws, tune
         Chains per problem; draws kept and warmup steps per chain.
     seed

@@ -1,7 +1,8 @@
 """The one place that adds the problem and chain axes.
 
 A chunk of problems runs as ONE jitted program: ``vmap`` over problems, then over chains, of a
-single-chain kernel from ``engine.samplers``. Problem ``i`` draws every random number from
+single-chain kernel from ``engine.samplers`` (a multi-chain kernel, ChEES, gets a problem's
+chains together and is vmapped over problems only). Problem ``i`` draws every random number from
 ``fold_in(key(seed), i)`` (``i`` its global index), so its stream does not depend on how problems
 are chunked, sharded or spread over devices. The last chunk is padded to the chunk size by
 repeating its final problem, so every chunk reuses one compiled program.
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.compile import CompiledModel, ProblemData
-from engine.samplers import NUTSSettings, SampleStats, get_kernel
+from engine.samplers import NUTSSettings, SampleStats, describe, get_kernel, is_multi_chain
 
 __all__ = ["BatchConfig", "BatchResult", "init_positions", "run_batched", "chunk_grid"]
 
@@ -32,7 +33,7 @@ class BatchConfig:
     """What to run for every problem.
 
     sampler
-        "blackjax" or "numpyro".
+        "blackjax", "numpyro", "stepwise" (NUTS) or "chees" (ChEES-adapted jittered HMC).
     chains, draws, tune
         Chains per problem; kept draws and warmup steps per chain.
     seed
@@ -73,10 +74,19 @@ class BatchConfig:
     devices: int | None = None
 
     def __post_init__(self):
-        if self.sampler not in ("blackjax", "numpyro", "stepwise"):
+        if self.sampler not in ("blackjax", "numpyro", "stepwise", "chees"):
             raise ValueError(
-                f"sampler must be 'blackjax', 'numpyro', 'stepwise' or 'pymc', got {self.sampler!r}"
+                f"sampler must be 'blackjax', 'numpyro', 'stepwise', 'chees' or 'pymc', got {self.sampler!r}"
             )
+        if self.sampler == "chees":
+            from engine.samplers.chees_hmc import MIN_CHAINS, MIN_TUNE
+
+            if int(self.chains) < MIN_CHAINS:
+                raise ValueError(f"sampler 'chees' adapts across chains: needs chains >= {MIN_CHAINS}, got {self.chains}")
+            if int(self.tune) < MIN_TUNE:
+                raise ValueError(f"sampler 'chees' needs tune >= {MIN_TUNE} warmup steps, got {self.tune}")
+            if self.settings.dense_mass:
+                raise ValueError("sampler 'chees' adapts a diagonal mass matrix; dense_mass is not available")
         for name in ("chains", "draws"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -189,6 +199,7 @@ def _build_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
 
 def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
     kernel = get_kernel(config.sampler)
+    multi_chain = is_multi_chain(config.sampler)
     stepwise = config.sampler == "stepwise"
     total = config.tune + config.draws
 
@@ -209,7 +220,11 @@ def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
         run = lambda k, x: kernel(  # noqa: E731
             k, logdensity_fn, x, num_tune=config.tune, num_draws=config.draws, settings=config.settings
         )
-        draws, stats = jax.vmap(run)(run_keys, positions)
+        if multi_chain:
+            draws, stats = kernel(run_keys, logdensity_fn, positions, num_tune=config.tune,
+                                  num_draws=config.draws, settings=config.settings)
+        else:
+            draws, stats = jax.vmap(run)(run_keys, positions)
         return finish(draws, stats, ok, data)
 
     def chunk_fn(root_key, indices, data):
@@ -363,7 +378,7 @@ def run_batched(
         fn_keep = _build_chunk_fn(compiled, keep_config, summary_fn) if keep and not config.keep_draws else fn
         arrays = _cast(problem_data.device_arrays(), config.precision)
         root = jax.random.PRNGKey(config.seed)
-        bar = _progress(sum(b - a for a, b in todo), progress, f"{config.sampler} NUTS")
+        bar = _progress(sum(b - a for a, b in todo), progress, describe(config.sampler))
         try:
             for start, stop in todo:
                 index, chunk = _chunk_inputs(arrays, start, stop, size)

@@ -196,11 +196,12 @@ def _checkpoint_rows(summary: dict) -> tuple[list[str], list[list]]:
 
 def summary_text(summary: dict) -> str:
     """The short table the CLI prints."""
+    from engine.samplers import describe
     st = summary["settings"]
     t = summary["timings_s"]
     head = (
         f"VFE audit ({summary['kind']}, model {summary['model']}): {summary['num_checkpoints']} "
-        f"checkpoints x {summary['num_tokens']} tokens, {st['sampler']} NUTS {st['chains']} chains x "
+        f"checkpoints x {summary['num_tokens']} tokens, {describe(st['sampler'])} {st['chains']} chains x "
         f"{st['draws']} draws (+{st['tune']} tune), sampling {t['sampling']:.1f} s"
     )
     header, rows = _checkpoint_rows(summary)
@@ -296,6 +297,7 @@ def _plots(audit, out_dir: Path) -> dict[str, Path]:
 
 
 def _report_md(audit, plot_paths: dict[str, Path], worst_tokens: int) -> str:
+    from engine.samplers import describe
     s, table = audit.summary, audit.table
     st = s["settings"]
     header, rows = _checkpoint_rows(s)
@@ -306,7 +308,7 @@ def _report_md(audit, plot_paths: dict[str, Path], worst_tokens: int) -> str:
         f"- model: `{s['model']}` (closed form: {'yes' if s['closed_form'] else 'no'})",
         f"- {s['num_checkpoints']} checkpoints x {s['num_tokens']} tokens"
         + (f", dimension {s['dim']}" if s["kind"] == "multivariate" else ""),
-        f"- MCMC: {st['sampler']} NUTS, {st['chains']} chains x {st['draws']} draws after "
+        f"- MCMC: {describe(st['sampler'])}, {st['chains']} chains x {st['draws']} draws after "
         f"{st['tune']} tuning steps, {st['precision']}, seed {st['seed']}",
         f"- time: {s['timings_s']['prepare_compile']:.1f} s prepare + compile, "
         f"{s['timings_s']['sampling']:.1f} s sampling, {s['timings_s']['metrics']:.1f} s metrics",

@@ -22,7 +22,7 @@ def _theta_summary(idata, name="theta"):
     return {k: np.asarray(v) for k, v in summarize_draws(x).items()}
 
 
-@pytest.mark.parametrize("sampler", ["blackjax", "stepwise"])
+@pytest.mark.parametrize("sampler", ["blackjax", "stepwise", "chees"])
 def test_normal_normal_400_problems_match_closed_form(sampler):
     data = normal_normal_data(400, seed=1)
     idata = engine.sample_batched(normal_normal_model(), data, sampler=sampler, seed=3, progress=False)
@@ -39,7 +39,7 @@ def test_normal_normal_400_problems_match_closed_form(sampler):
 
 
 @pytest.mark.parametrize(
-    "sampler", ["blackjax", pytest.param("stepwise", marks=pytest.mark.slow)]
+    "sampler", ["blackjax", "chees", pytest.param("stepwise", marks=pytest.mark.slow)]
 )
 def test_mvnormal_full_covariance_matches_closed_form(sampler):
     K, n, P = 4, 15, 12
@@ -56,8 +56,8 @@ def test_mvnormal_full_covariance_matches_closed_form(sampler):
         th = pm.MvNormal("theta", mu=mu_d, cov=prior_cov)
         pm.MvNormal("obs", mu=th, cov=obs_cov, observed=y_d)
     idata = engine.sample_batched(
-        model, {"y": y, "prior_mu": prior_mu}, sampler=sampler, seed=0, dense_mass=True,
-        progress=False,
+        model, {"y": y, "prior_mu": prior_mu}, sampler=sampler, seed=0,
+        dense_mass=sampler != "chees", progress=False,  # chees: diagonal mass, correlated posterior
     )
     prec = np.linalg.inv(prior_cov) + n * np.linalg.inv(obs_cov)
     cov = np.linalg.inv(prec)
@@ -102,15 +102,55 @@ def test_samplers_agree_on_shared_case():
     mean, _ = normal_normal_posterior(data)
     results = {
         s: _theta_summary(engine.sample_batched(model, data, sampler=s, seed=2, progress=False))
-        for s in ("blackjax", "numpyro", "stepwise", "pymc")
+        for s in ("blackjax", "numpyro", "stepwise", "chees", "pymc")
     }
     z_bound = _bonferroni_z(12)
     for s, r in results.items():
         z = (r["mean"] - mean) / r["mcse_mean"]
         assert np.all(np.abs(z) < z_bound), (s, z)
         assert np.all(r["r_hat"] < 1.01), s
-    for other in ("numpyro", "stepwise", "pymc"):
+    for other in ("numpyro", "stepwise", "chees", "pymc"):
         z = (results["blackjax"]["mean"] - results[other]["mean"]) / np.hypot(
             results["blackjax"]["mcse_mean"], results[other]["mcse_mean"]
         )
         assert np.all(np.abs(z) < z_bound), other
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"chains": 1}, "adapts across chains"),
+        ({"tune": 20}, "tune >= 50"),
+        ({"dense_mass": True}, "dense_mass is not available"),
+    ],
+)
+def test_chees_refuses_settings_it_cannot_honour(kwargs, message):
+    data = normal_normal_data(2, seed=0)
+    with pytest.raises(ValueError, match=message):
+        engine.sample_batched(normal_normal_model(), data, sampler="chees", progress=False, **kwargs)
+
+
+def test_chees_constrained_scale_and_sample_stats():
+    """A transformed (log) latent through ChEES, against pm.sample; E-BFMI from its energies."""
+    import arviz as az
+
+    rng = np.random.default_rng(4)
+    P, n = 3, 30
+    y = rng.normal(1.0, np.array([0.5, 1.0, 3.0])[:, None], size=(P, n))
+    with pm.Model() as model:
+        y_d = pm.Data("y", np.zeros(n))
+        mu = pm.Normal("mu", 0, 10)
+        sigma = pm.HalfNormal("sigma", 5)
+        pm.Normal("obs", mu, sigma, observed=y_d)
+    ours = engine.sample_batched(model, {"y": y}, sampler="chees", seed=1, progress=False)
+    theirs = engine.sample_batched(model, {"y": y}, sampler="pymc", seed=1, progress=False)
+    for name in ("mu", "sigma"):
+        a, b = _theta_summary(ours, name), _theta_summary(theirs, name)
+        z = (a["mean"] - b["mean"]) / np.hypot(a["mcse_mean"], b["mcse_mean"])
+        assert np.all(np.abs(z) < _bonferroni_z(2 * P)), (name, z)
+        assert np.all(a["r_hat"] < 1.01)
+    ss = ours.sample_stats
+    assert int(ss.diverging.sum()) == 0 and int(ss.n_steps.min()) >= 1
+    for p in range(P):
+        bfmi = az.bfmi(ss.isel(problem=p))
+        assert np.all(bfmi > 0.5), bfmi  # a Gaussian-ish posterior: E-BFMI near 1

@@ -60,17 +60,34 @@ class SampleStats(NamedTuple):
     step_size: jax.Array
 
 
-SAMPLERS = ("blackjax", "numpyro", "stepwise", "pymc")
+SAMPLERS = ("blackjax", "numpyro", "stepwise", "chees", "pymc")
 
 
 def get_kernel(name: str):
-    """The ``run_chain`` of JAX sampler ``name`` ("blackjax", "numpyro" or "stepwise")."""
+    """The kernel of JAX sampler ``name``: ``run_chain`` of one chain, or for a kernel with
+    ``MULTI_CHAIN`` (``"chees"``, cross-chain adaptation) ``run_chains`` of all a problem's chains."""
     if name == "stepwise":
         from engine.samplers.stepwise_nuts import run_chain
     elif name == "blackjax":
         from engine.samplers.blackjax_nuts import run_chain
     elif name == "numpyro":
         from engine.samplers.numpyro_nuts import run_chain
+    elif name == "chees":
+        from engine.samplers.chees_hmc import run_chains
+
+        return run_chains
     else:
-        raise ValueError(f"unknown JAX sampler {name!r}; choose one of 'blackjax', 'numpyro', 'stepwise'")
+        raise ValueError(
+            f"unknown JAX sampler {name!r}; choose one of 'blackjax', 'numpyro', 'stepwise', 'chees'"
+        )
     return run_chain
+
+
+def describe(name: str) -> str:
+    """How reports name sampler ``name``: "blackjax NUTS", "chees HMC", ..."""
+    return {"chees": "ChEES jittered HMC", "pymc": "pymc NUTS (pm.sample loop)"}.get(name, f"{name} NUTS")
+
+
+def is_multi_chain(name: str) -> bool:
+    """Whether sampler ``name``'s kernel takes all chains of a problem at once."""
+    return name == "chees"
