@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("sampler", ["blackjax", "stepwise"])
+@pytest.mark.parametrize("sampler", ["blackjax", pytest.param("stepwise", marks=pytest.mark.slow)])
 def test_two_forced_cpu_devices_agree_with_one(sampler):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
@@ -83,7 +83,7 @@ def test_poisoned_problem_is_flagged_and_leaves_others_identical():
     assert np.array_equal(clean.draws["theta"][others], bad.draws["theta"][others])
 
 
-@pytest.mark.parametrize("sampler", ["blackjax_nuts", "chees"])
+@pytest.mark.parametrize("sampler", [pytest.param("blackjax_nuts", marks=pytest.mark.slow), "chees"])
 def test_multivariate_audit_on_two_host_devices_finishes(tmp_path, sampler):
     """Regression: with as many host devices as cores, jaxlib 0.10.2's client pool deadlocked
     (the K=3 audit never finished, all threads idle) until ``engine.run.host_thread_pool``

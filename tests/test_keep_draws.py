@@ -84,6 +84,7 @@ def test_unknown_token_and_all():
     assert every.draws.posterior.theta.shape == (2, 100, 1, 3)
 
 
+@pytest.mark.slow
 def test_multivariate_kept_draws_have_a_component_axis():
     rng = np.random.default_rng(1)
     C, T, K, n = 1, 4, 2, 5
