@@ -7,7 +7,7 @@
 #
 # Environment knobs (defaults in brackets):
 #   N [10000,100000,1000000]   problem counts          BATCH [250000]   problems per chunk
-#   CONTESTANTS [blackjax,blackjax:f32,numpyro,pymc]   LOOP [3]         pm.sample loop problems
+#   CONTESTANTS [chees:f32,blackjax,blackjax:f32,pymc]  LOOP [3]         pm.sample loop problems
 #   TAG [gpu_<device name>]    OUT [benchmarks/results]   VENV [.venv-gpu]
 #   WHEELS [.whl]  a folder of wheels for machines without internet (pip --no-index
 #                  --find-links); fill it beforehand with
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 
 N=${N:-10000,100000,1000000}
 BATCH=${BATCH:-250000}
-CONTESTANTS=${CONTESTANTS:-blackjax,blackjax:f32,numpyro,pymc}
+CONTESTANTS=${CONTESTANTS:-chees:f32,blackjax,blackjax:f32,pymc}
 LOOP=${LOOP:-3}
 OUT=${OUT:-benchmarks/results}
 VENV=${VENV:-.venv-gpu}

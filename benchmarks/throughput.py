@@ -281,7 +281,7 @@ def run_benchmark(args: argparse.Namespace, log=print, on_row=None) -> dict:
     return snapshot()
 
 
-from engine.run import CPU_XLA_FLAGS, host_thread_pool  # noqa: E402  (imports no JAX)
+from engine.run import CPU_XLA_FLAGS  # noqa: E402  (imports no JAX)
 
 EIGEN_FLAG = "--xla_cpu_multi_thread_eigen=false"
 SCHEDULER_FLAG = CPU_XLA_FLAGS[0]
@@ -296,7 +296,6 @@ def configure_xla(cpu_eigen: str, cpu_scheduler: str = "safe", devices: int = 1)
     if devices != 1:
         count = (os.cpu_count() or 1) if devices == -1 else devices
         wanted.append(f"--xla_force_host_platform_device_count={count}")
-        host_thread_pool(count)
     if not wanted:
         return
     import sys as _sys

@@ -176,6 +176,7 @@ def _summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: int, inte
     from scipy.stats import chi2
 
     from engine.diagnostics import summarize_draws
+    from engine.linalg import solve_triangular
     from engine.metrics import psis_tail_size
 
     keep = psis_tail_size(num_q_draws)
@@ -205,7 +206,7 @@ def _summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: int, inte
             out["ess_bulk"] = s["ess_bulk"].min()
             out["ess_tail"] = s["ess_tail"].min()
             chol_q = data["chol_q"]
-            white = jax.scipy.linalg.solve_triangular(chol_q, (flat - mu_q[None, :]).T, lower=True)
+            white = solve_triangular(chol_q, (flat - mu_q[None, :]).T, lower=True)
             out["coverage"] = ((white**2).sum(0) <= radius2).mean()
         if psis:
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), data["__index__"]), Q_STREAM)

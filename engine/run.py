@@ -35,20 +35,6 @@ intermittently never finishes a chunk program (all pool threads idle, or blocked
 LAPACK solves) on few cores; without it the same programs finish, and no slower."""
 
 
-def host_thread_pool(num_devices: int) -> None:
-    """Size XLA:CPU's client thread pool for ``num_devices`` host devices, before JAX starts.
-
-    jaxlib 0.10.2 runs each host device's program on a thread of one pool sized to the cores
-    (``NPROC`` overrides it) and blocks that thread until the program ends; with as many
-    devices as cores every pool thread ends up blocked while the programs' own tasks wait for a
-    free one (seen: the multivariate audit with ``runtime.devices=2`` on 2 cores never finished,
-    all threads idle). One extra thread per device removes the deadlock. An ``NPROC`` the user
-    set is kept.
-    """
-    if num_devices > 1 and "NPROC" not in os.environ:
-        os.environ["NPROC"] = str((os.cpu_count() or 1) + int(num_devices))
-
-
 def configure_runtime(cfg: DictConfig) -> None:
     """Apply ``cfg.runtime`` before JAX initialises its backend (platform, host devices, flags)."""
     platform = cfg.runtime.get("platform", "cpu")
@@ -64,7 +50,6 @@ def configure_runtime(cfg: DictConfig) -> None:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-        host_thread_pool(count)
     if platform and "jax" not in sys.modules:
         os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu" if platform == "gpu" else platform)
     elif platform:

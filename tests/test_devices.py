@@ -85,9 +85,10 @@ def test_poisoned_problem_is_flagged_and_leaves_others_identical():
 
 @pytest.mark.parametrize("sampler", [pytest.param("blackjax_nuts", marks=pytest.mark.slow), "chees"])
 def test_multivariate_audit_on_two_host_devices_finishes(tmp_path, sampler):
-    """Regression: with as many host devices as cores, jaxlib 0.10.2's client pool deadlocked
-    (the K=3 audit never finished, all threads idle) until ``engine.run.host_thread_pool``
-    gave it a thread per device; ``runtime.devices=2`` through the CLI, as users run it."""
+    """Regression: the K=3 audit on 2 host devices of this 2-core machine never finished (every
+    XLA intra-op thread blocked in a batched LAPACK trsm waiting for its own pool) until
+    ``engine.linalg`` wrote small triangular solves and Cholesky factors out in plain XLA ops;
+    ``runtime.devices=2`` through the CLI, as users run it, with the pool at its default size."""
     import pandas as pd
 
     run_dir = tmp_path / "run"
@@ -95,6 +96,7 @@ def test_multivariate_audit_on_two_host_devices_finishes(tmp_path, sampler):
            f"sampler={sampler}", "sampler.draws=300", "sampler.tune=300", "analysis.plots=false",
            "analysis.num_q_draws=100", f"hydra.run.dir={run_dir}"]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NPROC")}
+    env["NPROC"] = "2"  # XLA's pool as small as on this 2-core machine, wherever the test runs
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     t = pd.read_parquet(run_dir / "metrics.parquet")

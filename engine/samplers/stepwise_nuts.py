@@ -28,6 +28,7 @@ from blackjax.adaptation.staged_adaptation import build_schedule
 from blackjax.adaptation.step_size import dual_averaging_adaptation
 
 from engine.samplers import NUTSSettings, SampleStats
+from engine.linalg import solve_triangular
 
 STEPWISE = True
 """``engine.batch`` drives this kernel's :func:`init` / :func:`step` itself (one batch-wide loop)."""
@@ -124,7 +125,7 @@ def _draw_momentum(u, state_chol_or_imm, dense):
     z = jax.scipy.special.ndtri(u)
     if dense:
         # imm = L L^T, M = imm^-1: r = L^-T z has covariance M
-        return jax.scipy.linalg.solve_triangular(state_chol_or_imm, z, lower=True, trans="T")
+        return solve_triangular(state_chol_or_imm, z, lower=True, trans=True)
     return z / jnp.sqrt(state_chol_or_imm)
 
 
