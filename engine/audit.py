@@ -331,6 +331,7 @@ def audit_vfe(
     import jax
 
     from engine.api import compile_for
+    from engine.audit_chunks import kept_inference_data, kept_problems, open_store, run_chunks
     from engine.batch import BatchConfig, check_init
     from engine.samplers import NUTSSettings
 
@@ -374,7 +375,7 @@ def audit_vfe(
             f"first bad index [{c}, {t}] (checkpoint {bs.checkpoints[c]!r}, token {bs.tokens[t]!r})"
         )
     summary_fn = _summary_fn(compiled, bs.kind, bs.dim, int(seed), int(num_q_draws), float(interval), psis)
-    keep = _kept_problems(bs, keep_draws)
+    keep = kept_problems(bs, keep_draws)
     t_compiled = time.perf_counter()
     kept = None
     if sampler == "pymc":
@@ -386,8 +387,8 @@ def audit_vfe(
         if store_dir is not None:
             extra = {"model": model_name, "interval": float(interval), "num_q_draws": int(num_q_draws),
                      "keep_draws": keep.tolist()}
-            store = _open_store(store_dir, overwrite, full_data, config, extra)
-        summaries, kept = _run_chunks(
+            store = open_store(store_dir, overwrite, full_data, config, extra)
+        summaries, kept = run_chunks(
             compiled, full_data, config, summary_fn, progress, store=store, shard=shard, keep=keep,
             log_file=log_file,
         )
@@ -427,7 +428,7 @@ def audit_vfe(
         "notes": notes,
         "versions": report.versions(),
     }
-    draws = None if kept is None else _kept_inference_data(bs, keep, kept, summary["settings"], model_name)
+    draws = None if kept is None else kept_inference_data(bs, keep, kept, summary["settings"], model_name)
     audit = AuditResult(kind=bs.kind, table=table, summary=summary, extras=plot_arrays, draws=draws)
     if out_dir is not None:
         audit.summary["outputs"] = {k: str(v) for k, v in audit.write(out_dir).items()}
@@ -472,137 +473,6 @@ def _flag_failures(table, init_ok: np.ndarray, num_transitions: int):
     table.loc[bad_init, cols] = np.nan
     table.loc[bad_init | all_divergent, "converged"] = False
     return table
-
-
-def _open_store(store_dir, overwrite, full_data, config, extra):
-    """The run directory's ChunkStore, keyed by a hash of the data and every setting."""
-    import dataclasses
-    import hashlib
-
-    from engine.batch import chunk_grid
-    from engine.store import ChunkStore
-
-    digest = hashlib.sha256()
-    for name in sorted(full_data.arrays):
-        arr = np.ascontiguousarray(full_data.arrays[name])
-        digest.update(name.encode() + str(arr.shape).encode() + str(arr.dtype).encode())
-        digest.update(arr.tobytes())
-    if full_data.num_rows is not None:
-        digest.update(np.ascontiguousarray(full_data.num_rows).tobytes())
-    settings = {"data": digest.hexdigest(), "config": dataclasses.asdict(config), **extra}
-    grid = chunk_grid(full_data.num_problems, config.batch_size)
-    return ChunkStore(Path(store_dir), settings, grid, overwrite=overwrite)
-
-
-def _run_chunks(compiled, full_data, config, summary_fn, progress, *, store=None, shard=None,
-                keep=np.zeros(0, np.int64), log_file=None):
-    """Run the chunks not yet done (of ``shard``), storing each as it finishes when ``store`` is
-    given -> ``(summaries, kept draws)`` of the whole grid, or ``(None, None)`` for one shard of
-    several. Kept draws: ``{"index": [k], "values": {name: [k, chain, draw, ...]}, "stats": {...}}``
-    of the problems ``keep`` (sorted flat indices), or None when none are kept."""
-    from engine.batch import chunk_grid, run_batched
-    from engine.progress import RunLog
-
-    grid = chunk_grid(full_data.num_problems, config.batch_size)
-    index, num_shards = (0, 1) if shard is None else (int(shard[0]), int(shard[1]))
-    mine = grid[index::num_shards]
-    pending = mine if store is None else [c for c in store.pending() if c in set(mine)]
-    keep_chunks = [c for c in grid if np.any((keep >= c[0]) & (keep < c[1]))]
-    memory: dict[tuple[int, int], tuple] = {}
-
-    def kept_part(start, stop, host):
-        values, stats, _ = host[0]
-        rows = keep[(keep >= start) & (keep < stop)] - start
-        return {
-            "index": rows + start,
-            "values": {k: v[rows] for k, v in values.items()},
-            "stats": {k: getattr(stats, k)[rows] for k in stats._fields},
-        }
-
-    def on_chunk(start, stop, host):
-        draws = kept_part(start, stop, host) if host[0][0] is not None else None
-        if store is not None:
-            if draws is not None:  # before the chunk file: a finished chunk always has its draws
-                store.write(start, stop, draws, name="draws", check_rows=False)
-            store.write(start, stop, host[2])
-        else:
-            memory[(start, stop)] = (host[2], draws)
-        run_log.chunk(start, stop)
-
-    done = sum(b - a for a, b in mine) - sum(b - a for a, b in pending)
-    run_log = RunLog(log_file, sum(b - a for a, b in mine), done=done, unit="token")
-    run_log.start(chunks_pending=len(pending), chunks=len(mine), shard=[index, num_shards],
-                  config_hash=None if store is None else store.hash)
-    try:
-        if pending:
-            run_batched(
-                compiled, full_data, config, summary_fn=summary_fn, chunks=pending, progress=progress,
-                on_chunk=on_chunk, keep_chunks=keep_chunks,
-            )
-    except BaseException as err:
-        run_log.fail(err)
-        raise
-    run_log.finish()
-    if num_shards > 1:
-        return None, None
-    if store is not None:
-        summaries = store.gather()
-        parts = [store.read(*c, name="draws") for c in keep_chunks]
-    else:
-        summaries = _concat([memory[c][0] for c in grid])
-        parts = [memory[c][1] for c in keep_chunks]
-    return summaries, (_concat(parts) if parts else None)
-
-
-def _concat(parts):
-    import jax
-
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts) if len(parts) > 1 else parts[0]
-
-
-def _kept_problems(bs: BeliefSet, keep_draws) -> np.ndarray:
-    """Sorted flat problem indices ``checkpoint * T + token`` of the tokens ``keep_draws`` names."""
-    if keep_draws is None or (not isinstance(keep_draws, str) and len(keep_draws) == 0):
-        return np.zeros(0, np.int64)
-    if isinstance(keep_draws, str) and keep_draws == "all":
-        tokens = np.arange(bs.num_tokens)
-    else:
-        selectors = [keep_draws] if isinstance(keep_draws, (str, int)) else list(keep_draws)
-        labels = {str(t): i for i, t in enumerate(bs.tokens)}
-        missing = [t for t in selectors if str(t) not in labels]
-        if missing:
-            first = ", ".join(map(str, list(bs.tokens[:3])))
-            raise InputError(
-                f"field 'analysis.keep_draws': token {missing[0]!r} is not in the beliefs "
-                f"(token labels are {first}, ...; or use 'all')"
-            )
-        tokens = np.unique([labels[str(t)] for t in selectors])
-    checkpoints = np.arange(bs.num_checkpoints)
-    return np.sort((checkpoints[:, None] * bs.num_tokens + tokens[None, :]).reshape(-1))
-
-
-def _kept_inference_data(bs: BeliefSet, keep: np.ndarray, kept: dict, settings: dict, model_name: str):
-    """Kept draws -> InferenceData: posterior and sample_stats with dims (chain, draw, checkpoint, token)."""
-    import arviz as az
-
-    tokens = np.unique(keep % bs.num_tokens)
-    C, K = bs.num_checkpoints, tokens.size
-    order = np.argsort(kept["index"])
-    assert np.array_equal(kept["index"][order], keep), "kept draws do not match the requested tokens"
-
-    def grid(arr):  # [C*K, chain, draw, ...] -> [chain, draw, C, K, ...]
-        arr = np.asarray(arr)[order].reshape((C, K) + arr.shape[1:])
-        return np.moveaxis(np.moveaxis(arr, 2, 0), 3, 1)
-
-    posterior = {k: grid(v) for k, v in kept["values"].items()}
-    dims = {k: ["checkpoint", "token"] + [f"{k}_dim_{i}" for i in range(v.ndim - 4)] for k, v in posterior.items()}
-    stats = {k: grid(v) for k, v in kept["stats"].items()}
-    stats["diverging"] = stats["diverging"].astype(bool)
-    dims.update({k: ["checkpoint", "token"] for k in stats})
-    coords = {"checkpoint": np.asarray(bs.checkpoints), "token": np.asarray(bs.tokens)[tokens]}
-    attrs = {"model": model_name, **{f"engine_{k}": str(v) for k, v in settings.items()}}
-    return az.from_dict(posterior=posterior, sample_stats=stats, coords=coords, dims=dims,
-                        posterior_attrs=attrs)
 
 
 def _pymc_summaries(pm_model, model_data, full_data, summary_fn: Callable, config, progress):
