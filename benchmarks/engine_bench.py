@@ -164,21 +164,26 @@ def bench_engine(model, data, n, contestant, args, programs: dict, log=None, wor
     """Time one engine contestant on the first ``n`` problems; one result row."""
     from engine.batch import BatchConfig
     from engine.compile import prepare_data
-    from engine.samplers import NUTSSettings
+    from engine.samplers import get_kernel
+    from engine.samplers.base import DEFAULT_TARGET_ACCEPT
+    from engine.settings import RuntimeConfig, SamplerConfig
 
     problem_data = prepare_data(model, subset_data(data, n))
     wanted = args.batch_size_map.get(workload_name, args.batch_size_map["*"])
     batch_size = min(wanted, n) if wanted else n
+    kernel = get_kernel(contestant.sampler)
+    hmc = kernel.target_accept != DEFAULT_TARGET_ACCEPT  # tuned for HMC's optimum, not NUTS's
     config = BatchConfig(
-        sampler=contestant.sampler, chains=args.chains, draws=args.draws, tune=args.tune,
-        seed=args.seed, batch_size=batch_size, precision=contestant.precision, keep_draws=False,
-        devices=None if getattr(args, "devices", 1) == 1 else args.devices,
-        settings=NUTSSettings(
-            target_accept=(getattr(args, "chees_target_accept", 0.651) if contestant.sampler == "chees"
-                           else args.target_accept),
-            max_tree_depth=args.max_tree_depth,
-            dense_mass=contestant.dense_mass,
+        sampler=SamplerConfig(
+            name=contestant.sampler, chains=args.chains, draws=args.draws, tune=args.tune,
+            target_accept=getattr(args, "chees_target_accept", kernel.target_accept) if hmc else args.target_accept,
+            max_tree_depth=args.max_tree_depth, dense_mass=contestant.dense_mass,
         ),
+        runtime=RuntimeConfig(
+            seed=args.seed, batch_size=batch_size, precision=contestant.precision,
+            devices=None if getattr(args, "devices", 1) == 1 else args.devices,
+        ),
+        keep_draws=False,
     )
     key = (contestant.label, batch_size)
     with PeakRSS() as rss:
@@ -216,7 +221,7 @@ def bench_engine(model, data, n, contestant, args, programs: dict, log=None, wor
         peak_rss_mb=rss.peak_mb,
         rss_increase_mb=rss.peak_mb - rss.start_mb,
         device_peak_mb=device_peak_mb(),
-        **lockstep(chunks, args.chains, stepwise=contestant.sampler == "stepwise"),
+        **lockstep(chunks, args.chains, stepwise=get_kernel(contestant.sampler).loop == "leapfrog"),
     )
     return row
 

@@ -38,7 +38,7 @@ def loop_problems(num_problems: int, k: int) -> list[int]:
 def bench_pymc(model, data, problems: list[int], args) -> dict:
     """A loop of plain ``pm.sample`` (one call per problem) on ``problems``."""
     from engine.compile import prepare_data
-    from engine.samplers import NUTSSettings
+    from engine.samplers.base import KernelSettings
     from engine.samplers.pymc_default import sample_loop
 
     problem_data = prepare_data(model, data)
@@ -50,7 +50,7 @@ def bench_pymc(model, data, problems: list[int], args) -> dict:
             t = time.perf_counter()
             draws, stats = sample_loop(
                 model, problem_data, chains=args.chains, draws=args.draws, tune=args.tune,
-                seed=args.seed, settings=NUTSSettings(target_accept=args.target_accept),
+                seed=args.seed, settings=KernelSettings(target_accept=args.target_accept),
                 problems=[i], progress=False,
             )
             times.append(time.perf_counter() - t)
@@ -81,7 +81,7 @@ def bench_nutpie(model, data, problems: list[int], args) -> dict:
     import nutpie
 
     from engine.compile import prepare_data
-    from engine.samplers.pymc_default import _problem_inputs
+    from engine.samplers.pymc_default import problem_inputs
 
     problem_data = prepare_data(model, data)
     free_names = [rv.name for rv in model.free_RVs]
@@ -94,7 +94,7 @@ def bench_nutpie(model, data, problems: list[int], args) -> dict:
         for i in problems:
             t = time.perf_counter()
             trace = nutpie.sample(
-                compiled.with_data(**_problem_inputs(problem_data, i)), draws=args.draws,
+                compiled.with_data(**problem_inputs(problem_data, i)), draws=args.draws,
                 tune=args.tune, chains=args.chains, seed=args.seed * 1_000_003 + i,
                 target_accept=args.target_accept, progress_bar=False,
             )

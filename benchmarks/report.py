@@ -14,6 +14,8 @@ from importlib import metadata
 
 import numpy as np
 
+from engine.samplers.base import OPTIMAL_HMC_TARGET_ACCEPT
+
 __all__ = ["machine_info", "add_ratios", "targets", "markdown_table", "write_results", "plot_scaling"]
 
 PACKAGES = ("jax", "jaxlib", "blackjax", "numpyro", "pymc", "pytensor", "arviz", "numpy", "nutpie")
@@ -96,7 +98,9 @@ def add_ratios(rows: list[dict]) -> None:
 def targets(rows: list[dict]) -> list[dict]:
     """Issue 5's targets, each with the measured figure and met / missed / not measured."""
     out = []
-    engine_rows = [r for r in rows if r["sampler"] in ("blackjax", "numpyro", "stepwise", "chees")]
+    from benchmarks.throughput import ENGINE_SAMPLERS
+
+    engine_rows = [r for r in rows if r["sampler"] in ENGINE_SAMPLERS]
     for w, t in TARGETS.items():
         at_n = [r for r in engine_rows if r["workload"] == w and r["n"] == t["n"]]
         for r in at_n:
@@ -240,7 +244,7 @@ def _markdown(results: dict, png_name: str) -> str:
         "(other processes share the cores: absolute figures are noisy, ratios less so)",
         "- versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]),
         f"- settings: {settings['chains']} chains x {settings['tune']} tune + {settings['draws']} draws, "
-        f"target_accept {settings['target_accept']} (chees {settings.get('chees_target_accept', 0.651)}), "
+        f"target_accept {settings['target_accept']} (chees {settings.get('chees_target_accept', OPTIMAL_HMC_TARGET_ACCEPT)}), "
         f"max tree depth {settings['max_tree_depth']}, "
         f"engine batch_size {_per_workload(settings['batch_size_map'])}, default precision "
         f"{settings['precision']}, loops (pm.sample, nutpie) on {_per_workload(settings['loop_problems_map'])} "

@@ -32,11 +32,15 @@ from benchmarks.engine_bench import EngineProgram, bench_engine, lockstep, make_
 from benchmarks.loops import bench_nutpie, bench_pymc, loop_problems, nutpie_available  # noqa: F401
 from benchmarks.measure import GATE, gate_mask  # noqa: F401
 from benchmarks.workloads import WORKLOADS, get_workload
+from engine.samplers import REGISTRY
+from engine.samplers.base import OPTIMAL_HMC_TARGET_ACCEPT
 
 __all__ = ["Contestant", "parse_contestant", "main", "run_benchmark", "GATE"]
 
-ENGINE_SAMPLERS = ("blackjax", "numpyro", "stepwise", "chees")
 LOOP_SAMPLERS = ("pymc", "nutpie")
+"""Per-problem loops: the ``pm.sample`` baseline (the engine's host kernel) and nutpie."""
+ENGINE_SAMPLERS = tuple(name for name in REGISTRY if name not in LOOP_SAMPLERS)
+"""The engine's batched kernels: every registered sampler (``engine.samplers.REGISTRY``) but the loop."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="problems per compiled chunk (default 100; 0: all at once); repeat with wX= "
                    "for one workload's")
     p.add_argument("--target-accept", type=float, default=0.8, help="NUTS contestants (PyMC's default)")
-    p.add_argument("--chees-target-accept", type=float, default=0.651,
+    p.add_argument("--chees-target-accept", type=float, default=OPTIMAL_HMC_TARGET_ACCEPT,
                    help="the chees contestant (HMC's optimum, conf/sampler/chees.yaml)")
     p.add_argument("--max-tree-depth", type=int, default=10)
     p.add_argument("--loop-problems", action="append", metavar="[wX=]K",

@@ -1,13 +1,17 @@
 """JAX batch validation engine: MCMC ground truth for many small posteriors of one PyMC template.
 
 Public API: :func:`sample_batched` (contract 2 of the design) and :func:`audit_vfe`.
-Imports are lazy so that ``import engine`` stays cheap and has no side effects.
+Importing ``engine`` imports no JAX; it registers the settings schema with Hydra's ConfigStore.
 """
 
 from __future__ import annotations
 
+from engine.settings import register_configs as _register_configs
+
 __version__ = "0.1.0"
 __all__ = ["sample_batched", "audit_vfe", "__version__"]
+
+_register_configs()
 
 
 def __getattr__(name):

@@ -6,13 +6,18 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from engine import settings as settings_schema
+from engine.caching import LRUCache
 from engine.batch import BatchConfig, check_init, run_batched
 from engine.compile import CompiledModel, ProblemData, compile_model, prepare_data
-from engine.samplers import NUTSSettings
+from engine.samplers import get_kernel
 
 __all__ = ["sample_batched", "compile_for"]
 
-_COMPILE_CACHE: dict[tuple, tuple[Any, CompiledModel]] = {}
+MAX_CACHED_MODELS = 16
+"""Compiled (template, padded shape) pairs kept per process."""
+
+_COMPILED = LRUCache(MAX_CACHED_MODELS)
 
 
 def _shape_key(problem_data: ProblemData) -> tuple:
@@ -25,22 +30,13 @@ def compile_for(model, problem_data: ProblemData) -> CompiledModel:
     """Compile ``model`` once per padded data shape (cached; the entry holds the model, so its
     ``id`` cannot be reused by another model while cached)."""
     key = (id(model), _shape_key(problem_data))
-    entry = _COMPILE_CACHE.get(key)
-    if entry is None or entry[0] is not model:
-        entry = (model, compile_model(model, problem_data))
-        _COMPILE_CACHE[key] = entry
-    return entry[1]
+    return _COMPILED.get_or_build(key, lambda: compile_model(model, problem_data), owner=model)
 
 
-def _settings(kw: dict) -> NUTSSettings:
-    names = set(NUTSSettings._fields)
-    aliases = {"target_accept_prob": "target_accept", "max_treedepth": "max_tree_depth"}
-    values = {}
-    for key in list(kw):
-        name = aliases.get(key, key)
-        if name in names:
-            values[name] = kw.pop(key)
-    return NUTSSettings(**values)
+_OPTIONS = {"target_accept", "target_accept_prob", "max_tree_depth", "max_treedepth", "dense_mass",
+            "initial_step_size", "init_tries", "jitter", "precision", "devices"}
+"""``sample_batched``'s settings keywords (the rest of :class:`~engine.settings.SamplerConfig`
+and :class:`~engine.settings.RuntimeConfig` belong to audits and the CLI)."""
 
 
 def sample_batched(
@@ -97,40 +93,33 @@ def sample_batched(
         Bad data (names, shapes, non-finite values) or a problem whose log density is not finite
         at any jittered initial point; raised before sampling starts.
     """
-    settings = _settings(kw)
     log_likelihood = bool(kw.pop("log_likelihood", False))
     problem_coords = kw.pop("problem_coords", None)
     progress = kw.pop("progress", None)
-    if sampler == "pymc":
-        from engine.samplers.pymc_default import sample_loop
-
-        if kw.pop("precision", "float64") != "float64":
-            raise ValueError("sampler='pymc' runs in PyMC's own precision; drop precision=")
+    unknown = [k for k in kw if k not in _OPTIONS]
+    if unknown:
+        raise TypeError(f"sample_batched() got unexpected keyword argument {unknown[0]!r}")
+    kw.update(sampler=sampler, chains=chains, draws=draws, tune=tune, seed=seed, batch_size=batch_size)
+    sampler_config, runtime = settings_schema.from_kwargs(kw)
+    sampler_config = sampler_config.checked()
+    kernel = get_kernel(sampler_config.name)
+    if kernel.runs_on_host:
+        if runtime.precision != "float64":
+            raise ValueError(f"sampler={kernel.name!r} runs in PyMC's own precision; drop precision=")
         problem_data = prepare_data(model, data)
-        kw.pop("init_tries", None)
-        kw.pop("jitter", None)
-        if kw:
-            raise TypeError(f"sample_batched() got unexpected keyword argument {next(iter(kw))!r}")
-        draws_, stats = sample_loop(
-            model, problem_data, chains=chains, draws=draws, tune=tune, seed=seed, settings=settings,
-            progress=progress,
+        draws_, stats = kernel.host_loop(
+            model, problem_data, chains=chains, draws=draws, tune=tune, seed=seed,
+            settings=sampler_config.kernel_settings, progress=progress,
         )
         return to_inference_data(draws_, stats, problem_coords=problem_coords)
-    config_kw = {k: kw.pop(k) for k in ("precision", "init_tries", "jitter", "devices") if k in kw}
-    config_kw["log_likelihood"] = log_likelihood
-    if kw:
-        raise TypeError(f"sample_batched() got unexpected keyword argument {next(iter(kw))!r}")
-    config = BatchConfig(
-        sampler=sampler, chains=chains, draws=draws, tune=tune, seed=seed,
-        batch_size=batch_size, settings=settings, **config_kw,
-    )
+    config = BatchConfig(sampler=sampler_config, runtime=runtime, log_likelihood=log_likelihood)
     problem_data = prepare_data(model, data)
     compiled = compile_for(model, problem_data)
     ok = check_init(compiled, problem_data, config)
     if not ok.all():
         bad = int(np.flatnonzero(~ok)[0])
         raise ValueError(
-            f"problem {bad}: the log density is not finite at any of {config.init_tries} jittered "
+            f"problem {bad}: the log density is not finite at any of {sampler_config.init_tries} jittered "
             "initial points; check its data and priors"
         )
     result = run_batched(compiled, problem_data, config, progress=progress)

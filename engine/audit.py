@@ -15,6 +15,7 @@ Flat problem index ``p = checkpoint * T + token``; problem ``p``'s MCMC stream i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -25,6 +26,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from engine.beliefs import BeliefSet, beliefs_from_arrays, load_beliefs
+from engine.caching import LRUCache
 from engine.errors import InputError
 
 __all__ = ["audit_vfe", "AuditResult", "Q_STREAM", "MODELS"]
@@ -100,18 +102,26 @@ def _resolve_model(model, kind: str, dim: int, closed_form):
     return model, name, bool(closed_form)
 
 
-_TEMPLATES: dict[tuple, Any] = {}
+MAX_CACHED_TEMPLATES = 16
+"""Template models kept per process (built-ins and config-built ones)."""
+
+_TEMPLATES = LRUCache(MAX_CACHED_TEMPLATES)
+
+
+def cached_template(key: tuple, build: Callable[[], Any]):
+    """One template per ``key`` per process (``build()`` on a miss), so that the same template
+    object comes back and ``compile_for``'s and the program caches hit across audits."""
+    return _TEMPLATES.get_or_build(key, build)
 
 
 def _cached_template(name: str, *args):
-    """One template per (name, args) per process, so ``compile_for``'s cache hits."""
     from engine import vfe_models
 
-    key = (name,) + args
-    if key not in _TEMPLATES:
+    def build():
         with _quiet_pytensor():
-            _TEMPLATES[key] = getattr(vfe_models, name)(*args)
-    return _TEMPLATES[key]
+            return getattr(vfe_models, name)(*args)
+
+    return cached_template((name,) + args, build)
 
 
 @contextlib.contextmanager
@@ -168,8 +178,10 @@ def _problem_data(inputs: dict, num_obs: np.ndarray, extras: dict | None = None)
     )
 
 
+@functools.lru_cache(maxsize=32)
 def _summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: int, interval: float, psis: bool):
-    """ONE problem's on-device summary of ``values {name: [chain, draw, ...]}``."""
+    """ONE problem's on-device summary of ``values {name: [chain, draw, ...]}``; one function per
+    value of the arguments, so the chunk program that closes over it is compiled once."""
     import jax
     import jax.numpy as jnp
     from jax.scipy.special import ndtri
@@ -333,7 +345,8 @@ def audit_vfe(
     from engine.api import compile_for
     from engine.audit_chunks import kept_inference_data, kept_problems, open_store, run_chunks
     from engine.batch import BatchConfig, check_init
-    from engine.samplers import NUTSSettings
+    from engine.samplers import get_kernel
+    from engine.settings import RuntimeConfig, SamplerConfig
 
     if not 0.0 < float(interval) < 1.0:
         raise InputError(f"field 'analysis.interval': must be in (0, 1), got {interval}")
@@ -352,15 +365,17 @@ def audit_vfe(
     full_data = _problem_data(inputs, bs.num_obs.reshape(-1), extras)
 
     batch_size = _chunk_size(P, int(chains), int(draws), bs.dim, int(num_q_draws), batch_size)
-    settings = NUTSSettings(target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
-                            dense_mass=bool(dense_mass))
-    jax_sampler = sampler if sampler != "pymc" else "blackjax"
     try:
-        config = BatchConfig(sampler=jax_sampler, chains=int(chains), draws=int(draws), tune=int(tune),
-                             seed=int(seed), batch_size=batch_size, settings=settings,
-                             precision=precision, keep_draws=False, devices=devices)
+        config = BatchConfig(
+            sampler=SamplerConfig(name=sampler, chains=int(chains), draws=int(draws), tune=int(tune),
+                                  target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
+                                  dense_mass=bool(dense_mass)),
+            runtime=RuntimeConfig(seed=int(seed), batch_size=batch_size, precision=precision, devices=devices),
+            keep_draws=False,
+        )
     except ValueError as err:
         raise InputError(f"field 'sampler': {err}") from None
+    kernel = get_kernel(config.sampler.name)
     try:
         with _quiet_pytensor():
             compiled = compile_for(pm_model, model_data)
@@ -378,10 +393,10 @@ def audit_vfe(
     keep = kept_problems(bs, keep_draws)
     t_compiled = time.perf_counter()
     kept = None
-    if sampler == "pymc":
+    if kernel.runs_on_host:
         if keep.size:
-            raise InputError("field 'analysis.keep_draws': not available with sampler=pymc_default")
-        summaries = _pymc_summaries(pm_model, model_data, full_data, summary_fn, config, progress)
+            raise InputError(f"field 'analysis.keep_draws': not available with sampler={kernel.name}")
+        summaries = _host_summaries(kernel, pm_model, model_data, full_data, summary_fn, config, progress)
     else:
         store = None
         if store_dir is not None:
@@ -414,7 +429,7 @@ def audit_vfe(
         "dim": bs.dim,
         "checkpoints": report.per_checkpoint(table, bs.kind),
         "settings": {
-            "sampler": sampler, "chains": int(chains), "draws": int(draws), "tune": int(tune),
+            "sampler": config.sampler.name, "chains": int(chains), "draws": int(draws), "tune": int(tune),
             "seed": int(seed), "batch_size": batch_size, "precision": precision,
             "target_accept": float(target_accept), "max_tree_depth": int(max_tree_depth),
             "dense_mass": bool(dense_mass), "devices": devices, "interval": float(interval),
@@ -448,7 +463,7 @@ def _chunk_size(num_problems: int, chains: int, draws: int, dim: int, num_q_draw
     """
     if batch_size is not None:
         return int(batch_size)
-    from engine.samplers import SampleStats
+    from engine.samplers.base import SampleStats
 
     per_problem = 8 * (chains * draws * (dim + len(SampleStats._fields)) + num_q_draws * (dim + 2))
     max_size = max(1, CHUNK_MEMORY_BYTES // per_problem)
@@ -475,17 +490,16 @@ def _flag_failures(table, init_ok: np.ndarray, num_transitions: int):
     return table
 
 
-def _pymc_summaries(pm_model, model_data, full_data, summary_fn: Callable, config, progress):
-    """The baseline: a loop of ``pm.sample``, then the same on-device summaries of its draws."""
+def _host_summaries(kernel, pm_model, model_data, full_data, summary_fn: Callable, config, progress):
+    """A host kernel (the ``pm.sample`` loop), then the same on-device summaries of its draws."""
     import jax
 
-    from engine.samplers.pymc_default import sample_loop
-
-    draws, stats = sample_loop(
-        pm_model, model_data, chains=config.chains, draws=config.draws, tune=config.tune,
-        seed=config.seed, settings=config.settings, progress=progress,
+    s = config.sampler
+    draws, stats = kernel.host_loop(
+        pm_model, model_data, chains=s.chains, draws=s.draws, tune=s.tune,
+        seed=config.seed, settings=s.kernel_settings, progress=progress,
     )
     arrays = full_data.device_arrays()
-    with jax.enable_x64(config.precision == "float64"):
+    with jax.enable_x64(config.runtime.precision == "float64"):
         fn = jax.jit(jax.vmap(summary_fn))
         return jax.tree.map(np.asarray, fn({"theta": draws["theta"]}, stats, arrays))

@@ -1,11 +1,15 @@
-"""The one place that adds the problem and chain axes.
+"""The one place that adds the problem and chain axes, and owns every sampling loop.
 
 A chunk of problems runs as ONE jitted program: ``vmap`` over problems, then over chains, of a
-single-chain kernel from ``engine.samplers`` (a multi-chain kernel, ChEES, gets a problem's
-chains together and is vmapped over problems only). Problem ``i`` draws every random number from
-``fold_in(key(seed), i)`` (``i`` its global index), so its stream does not depend on how problems
-are chunked, sharded or spread over devices. The last chunk is padded to the chunk size by
-repeating its final problem, so every chunk reuses one compiled program.
+kernel from the registry (``engine.samplers``; a ``chains_inside`` kernel, ChEES, gets a
+problem's chains together and is vmapped over problems only). The driver runs the kernel's
+``warmup`` (or ``num_tune`` of its steps), then ``lax.scan``s its ``step`` over the draws; a
+``loop="leapfrog"`` kernel (stepwise NUTS) instead runs in ONE ``lax.while_loop`` for the whole
+chunk until every lane is done. Problem ``i`` draws every random number from
+``fold_in(key(seed), i)`` (``i`` its global index), so its stream does not depend on how
+problems are chunked, sharded or spread over devices. The last chunk is padded to the chunk size
+by repeating its final problem, so every chunk reuses one compiled program; programs are kept in
+a bounded cache keyed by value (model, settings, summary), never per call.
 """
 
 from __future__ import annotations
@@ -22,80 +26,57 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine.caching import LRUCache
 from engine.compile import CompiledModel, ProblemData
-from engine.samplers import NUTSSettings, SampleStats, describe, get_kernel, is_multi_chain
+from engine.samplers import SampleStats, describe, get_kernel
+from engine.samplers.base import SamplingAlgorithm, Schedule
+from engine.settings import RuntimeConfig, SamplerConfig
 
-__all__ = ["BatchConfig", "BatchResult", "init_positions", "run_batched", "chunk_grid"]
+__all__ = ["BatchConfig", "BatchResult", "init_positions", "run_batched", "chunk_grid", "check_init",
+           "local_devices", "precision_scope"]
+
+MAX_CACHED_PROGRAMS = 32
+"""Compiled chunk programs kept per process (least recently used dropped first)."""
 
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """What to run for every problem.
+    """What to run for every problem, and how.
 
     sampler
-        "blackjax", "numpyro", "stepwise" (NUTS) or "chees" (ChEES-adapted jittered HMC).
-    chains, draws, tune
-        Chains per problem; kept draws and warmup steps per chain.
-    seed
-        Root seed; problem ``i`` uses ``fold_in(PRNGKey(seed), i)``.
-    batch_size
-        Problems per compiled chunk (``None``: all at once).
-    settings
-        NUTS settings (target acceptance, tree depth, mass matrix).
-    precision
-        "float64" or "float32" (JAX's x64 mode for the whole run).
-    init_tries
-        Jittered initial points tried per chain before a problem is declared unstartable.
-    jitter
-        Half-width of the uniform jitter added to the model's initial point (PyMC's
-        ``jitter+adapt_diag`` uses 1).
+        :class:`~engine.settings.SamplerConfig`: kernel, chains, draws, tune and its settings
+        (validated here: ``ValueError`` naming the field).
+    runtime
+        :class:`~engine.settings.RuntimeConfig`: seed, chunk size (``batch_size``), precision,
+        devices. On CPU, several host devices need
+        ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts.
     keep_draws
         Bring full draws back to the host; otherwise only ``summary_fn``'s output returns.
     log_likelihood
         With ``keep_draws``, also return the pointwise observed log-likelihood of every draw.
-    devices
-        Local devices to shard each chunk's problem axis over (``jax.shard_map``); ``None`` or 1
-        runs on the default device, -1 on all local devices. On CPU, several host devices
-        need ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX starts.
     """
 
-    sampler: str = "blackjax"
-    chains: int = 4
-    draws: int = 1000
-    tune: int = 1000
-    seed: int = 0
-    batch_size: int | None = None
-    settings: NUTSSettings = NUTSSettings()
-    precision: str = "float64"
-    init_tries: int = 20
-    jitter: float = 1.0
+    sampler: SamplerConfig = SamplerConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     keep_draws: bool = True
     log_likelihood: bool = False
-    devices: int | None = None
 
     def __post_init__(self):
-        if self.sampler not in ("blackjax", "numpyro", "stepwise", "chees"):
-            raise ValueError(
-                f"sampler must be 'blackjax', 'numpyro', 'stepwise', 'chees' or 'pymc', got {self.sampler!r}"
-            )
-        if self.sampler == "chees":
-            from engine.samplers.chees_hmc import MIN_CHAINS, MIN_TUNE
+        object.__setattr__(self, "sampler", self.sampler.checked())
+        object.__setattr__(self, "runtime", self.runtime.checked())
 
-            if int(self.chains) < MIN_CHAINS:
-                raise ValueError(f"sampler 'chees' adapts across chains: needs chains >= {MIN_CHAINS}, got {self.chains}")
-            if int(self.tune) < MIN_TUNE:
-                raise ValueError(f"sampler 'chees' needs tune >= {MIN_TUNE} warmup steps, got {self.tune}")
-            if self.settings.dense_mass:
-                raise ValueError("sampler 'chees' adapts a diagonal mass matrix; dense_mass is not available")
-        for name in ("chains", "draws"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if int(self.tune) < 0:
-            raise ValueError(f"tune must be >= 0, got {self.tune}")
-        if self.batch_size is not None and int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
-        if self.precision not in ("float32", "float64"):
-            raise ValueError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
+    @property
+    def seed(self) -> int:
+        return int(self.runtime.seed)
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.runtime.batch_size is None else int(self.runtime.batch_size)
+
+    def program_key(self) -> tuple:
+        """What a chunk program depends on: everything but the seed and the chunk grid."""
+        r = self.runtime
+        return (self.sampler, r.platform, r.precision, r.devices, self.keep_draws, self.log_likelihood)
 
 
 class BatchResult(NamedTuple):
@@ -152,13 +133,13 @@ def _chain_keys(root_key, index, chains):
     return jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [chains, 2]: (init, run)
 
 
-def _cached(compiled: CompiledModel, kind: str, config: BatchConfig, extra, build):
-    """One jitted program per (compiled model, settings); the seed is an argument, not a key."""
-    cache = compiled.__dict__.setdefault("_program_cache", {})
-    key = (kind, dataclasses.replace(config, seed=0), extra)
-    if key not in cache:
-        cache[key] = build()
-    return cache[key]
+_PROGRAMS = LRUCache(MAX_CACHED_PROGRAMS)
+
+
+def _cached(compiled: CompiledModel, kind: str, config: BatchConfig, summary_fn, build):
+    """One jitted program per (compiled model, settings, summary); the seed is an argument, not
+    part of the key."""
+    return _PROGRAMS.get_or_build((id(compiled), kind, config.program_key(), summary_fn), build, owner=compiled)
 
 
 def local_devices(requested: int | None) -> list:
@@ -179,7 +160,7 @@ def local_devices(requested: int | None) -> list:
 def _build_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
     def build():
         chunk_fn = _make_chunk_fn(compiled, config, summary_fn)
-        devices = local_devices(config.devices)
+        devices = local_devices(config.runtime.devices)
         if len(devices) == 1:
             return jax.jit(chunk_fn)
         from jax.sharding import Mesh, PartitionSpec
@@ -197,13 +178,35 @@ def _build_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
     return _cached(compiled, "chunk", config, summary_fn, build)
 
 
-def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
-    kernel = get_kernel(config.sampler)
-    multi_chain = is_multi_chain(config.sampler)
-    stepwise = config.sampler == "stepwise"
-    total = config.tune + config.draws
+def _sample(algorithm: SamplingAlgorithm, rng_key, position, schedule: Schedule):
+    """Warmup, then ``num_draws`` scanned steps of one ``loop="draws"`` kernel (one chain, or
+    one problem's chains) -> ``Transition`` of ``[num_draws, ...]`` arrays."""
+    state = algorithm.init(rng_key, position)
+    if algorithm.warmup is not None:
+        state = algorithm.warmup(state)
+    else:
+        state, _ = jax.lax.scan(lambda s, _: (algorithm.step(s)[0], None), state, None, length=schedule.num_tune)
+    _, transitions = jax.lax.scan(lambda s, _: algorithm.step(s), state, None, length=schedule.num_draws)
+    return transitions
 
+
+def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
+    kernel = get_kernel(config.sampler.name)
+    if kernel.runs_on_host:
+        raise ValueError(f"sampler {kernel.name!r} loops on the host; it has no batched program")
+    schedule = Schedule(int(config.sampler.tune), int(config.sampler.draws))
+    settings = config.sampler.kernel_settings
     start = functools.partial(_problem_starts, compiled, config)
+
+    def algorithm(data) -> SamplingAlgorithm:
+        return kernel.build(lambda x: compiled.logdensity_fn(x, data), settings, schedule)
+
+    def over_chains(fn):
+        return fn if kernel.chains_inside else jax.vmap(fn)
+
+    def over_lanes(method, data):
+        """``method(algorithm)`` applied to the states of every problem (with its data) and chain."""
+        return lambda states: jax.vmap(lambda st, d: over_chains(method(algorithm(d)))(st))(states, data)
 
     def finish(positions, stats, ok, data):
         values = jax.vmap(jax.vmap(lambda x: compiled.constrain_fn(x, data)))(positions)
@@ -215,47 +218,26 @@ def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
         return kept, jnp.all(ok), summary
 
     def one_problem(root_key, index, data):
-        logdensity_fn = lambda x: compiled.logdensity_fn(x, data)  # noqa: E731
         positions, ok, run_keys = start(root_key, index, data)
-        run = lambda k, x: kernel(  # noqa: E731
-            k, logdensity_fn, x, num_tune=config.tune, num_draws=config.draws, settings=config.settings
-        )
-        if multi_chain:
-            draws, stats = kernel(run_keys, logdensity_fn, positions, num_tune=config.tune,
-                                  num_draws=config.draws, settings=config.settings)
-        else:
-            draws, stats = jax.vmap(run)(run_keys, positions)
+        sample = functools.partial(_sample, algorithm(data), schedule=schedule)
+        draws, stats = over_chains(sample)(run_keys, positions)
+        if kernel.chains_inside:  # [draw, chain, ...] -> [chain, draw, ...]
+            draws, stats = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), (draws, stats))
         return finish(draws, stats, ok, data)
 
     def chunk_fn(root_key, indices, data):
-        if not stepwise:
+        if kernel.loop == "draws":
             return jax.vmap(one_problem, in_axes=(None, 0, 0))(root_key, indices, data)
-        from engine.samplers import stepwise_nuts as sw
-
         positions, ok, run_keys = jax.vmap(start, in_axes=(None, 0, 0))(root_key, indices, data)
-
-        def per_lane(fn):
-            """``fn(state, logdensity_fn)`` over problems (with their data) and chains."""
-            def problem(states, d):
-                lp = lambda x: compiled.logdensity_fn(x, d)  # noqa: E731
-                return jax.vmap(lambda st: fn(st, lp))(states)
-            return lambda states: jax.vmap(problem)(states, data)
-
-        states = jax.vmap(
-            lambda keys, pos, d: jax.vmap(
-                lambda k, x: sw.init(
-                    k, lambda y: compiled.logdensity_fn(y, d), x, config.draws, config.settings
-                )
-            )(keys, pos)
-        )(run_keys, positions, data)
-        # one loop for the whole batch: its predicate is a reduction, not batched, so JAX never
+        states = jax.vmap(lambda k, x, d: over_chains(algorithm(d).init)(k, x))(run_keys, positions, data)
+        # one loop for the whole chunk: its predicate is a reduction, not batched, so JAX never
         # selects the output buffers whole; finished chains idle inside ``step``
         states = jax.lax.while_loop(
-            lambda st: jnp.any(st.num_done < total),
-            per_lane(lambda st, lp: sw.step(st, lp, config.tune, total, config.settings)),
+            lambda st: jnp.any(~over_lanes(lambda a: a.is_done, data)(st)),
+            over_lanes(lambda a: lambda s: a.step(s)[0], data),
             states,
         )
-        draws, stats = sw.outputs(states)
+        draws, stats = over_lanes(lambda a: a.outputs, data)(states)
         return jax.vmap(finish)(draws, stats, ok, data)
 
     return chunk_fn
@@ -268,10 +250,10 @@ def _build_init_fn(compiled: CompiledModel, config: BatchConfig):
 def _problem_starts(compiled: CompiledModel, config: BatchConfig, root_key, index, data):
     """ONE problem: jittered starts ``[chains, dim]``, their finiteness, and the run keys."""
     logdensity_fn = lambda x: compiled.logdensity_fn(x, data)  # noqa: E731
-    keys = _chain_keys(root_key, index, config.chains)
+    keys = _chain_keys(root_key, index, config.sampler.chains)
     start = jnp.asarray(compiled.initial_position, dtype=jnp.result_type(float))
     positions, ok = jax.vmap(
-        lambda k: init_positions(k, logdensity_fn, start, config.init_tries, config.jitter)
+        lambda k: init_positions(k, logdensity_fn, start, config.sampler.init_tries, config.sampler.jitter)
     )(keys[:, 0])
     return positions, ok, keys[:, 1]
 
@@ -317,9 +299,9 @@ def _progress(total: int, enabled: bool | None, desc: str):
 
 def check_init(compiled: CompiledModel, problem_data: ProblemData, config: BatchConfig) -> np.ndarray:
     """``[problem]`` flags: every chain of the problem has a finite jittered start."""
-    with precision_scope(config.precision):
+    with precision_scope(config.runtime.precision):
         fn = _build_init_fn(compiled, config)
-        arrays = _cast(problem_data.device_arrays(), config.precision)
+        arrays = _cast(problem_data.device_arrays(), config.runtime.precision)
         root = jax.random.PRNGKey(config.seed)
         out = []
         for start, stop in chunk_grid(problem_data.num_problems, config.batch_size):
@@ -368,17 +350,17 @@ def run_batched(
     num_problems = problem_data.num_problems
     grid = chunk_grid(num_problems, config.batch_size)
     todo = grid if chunks is None else list(chunks)
-    num_devices = len(local_devices(config.devices))
+    num_devices = len(local_devices(config.runtime.devices))
     size = -(-(grid[0][1] - grid[0][0]) // num_devices) * num_devices  # a multiple of devices
     results = []
-    with precision_scope(config.precision):
+    with precision_scope(config.runtime.precision):
         fn = _build_chunk_fn(compiled, config, summary_fn)
         keep = {(int(a), int(b)) for a, b in keep_chunks}
         keep_config = dataclasses.replace(config, keep_draws=True)
         fn_keep = _build_chunk_fn(compiled, keep_config, summary_fn) if keep and not config.keep_draws else fn
-        arrays = _cast(problem_data.device_arrays(), config.precision)
+        arrays = _cast(problem_data.device_arrays(), config.runtime.precision)
         root = jax.random.PRNGKey(config.seed)
-        bar = _progress(sum(b - a for a, b in todo), progress, describe(config.sampler))
+        bar = _progress(sum(b - a for a, b in todo), progress, describe(config.sampler.name))
         try:
             for start, stop in todo:
                 index, chunk = _chunk_inputs(arrays, start, stop, size)

@@ -176,7 +176,7 @@ def prepare_data(model, data: Mapping[str, Any]) -> ProblemData:
     return ProblemData(arrays=arrays, num_rows=num_rows, ragged_names=tuple(lengths))
 
 
-@dataclass
+@dataclass(eq=False)
 class CompiledModel:
     """A template compiled for one padded per-problem data shape.
 
@@ -202,8 +202,6 @@ class CompiledModel:
         Names of the free random variables (constrained), a subset of ``var_shapes``.
     observed_shapes
         Observed variable name -> padded elementwise shape.
-    num_traces
-        How many times the log density has been traced by JAX (compile-once checks).
     """
 
     logdensity_fn: Callable
@@ -215,7 +213,6 @@ class CompiledModel:
     free_var_names: tuple[str, ...]
     observed_shapes: dict[str, tuple[int, ...]]
     value_slices: dict[str, tuple[slice, tuple[int, ...]]] = field(default_factory=dict)
-    num_traces: int = 0
 
     @property
     def dim(self) -> int:
@@ -344,13 +341,11 @@ def compile_model(model, problem_data: ProblemData) -> CompiledModel:
         raise ValueError(f"the model could not be compiled to JAX for these data shapes: {err}") from err
 
     arg_names = list(input_names) + ([ROW_MASK] if mask_sym is not None else [])
-    compiled: CompiledModel
 
     def _args(position, data):
         return [position, *[data[n] for n in arg_names]]
 
     def logdensity_fn(position, data):
-        compiled.num_traces += 1
         return logp_jax(*_args(position, data))[0]
 
     def constrain_fn(position, data):

@@ -96,8 +96,12 @@ def to_container(cfg: DictConfig) -> dict:
 
 
 def sampling_kwargs(cfg: DictConfig) -> dict:
-    """``sample_batched`` keyword arguments from ``cfg.sampler`` and ``cfg.runtime``."""
-    s, r = cfg.sampler, cfg.runtime
+    """``sample_batched`` keyword arguments from ``cfg.sampler`` and ``cfg.runtime`` (the
+    :mod:`engine.settings` schema); a host kernel (``pymc``) gets no precision or devices."""
+    from engine.samplers import get_kernel
+    from engine.settings import from_config
+
+    s, r = from_config(cfg)
     kw = dict(
         sampler=s.name,
         chains=int(s.chains),
@@ -108,10 +112,9 @@ def sampling_kwargs(cfg: DictConfig) -> dict:
         target_accept=float(s.target_accept),
         max_tree_depth=int(s.max_tree_depth),
         dense_mass=bool(s.dense_mass),
-        progress=r.get("progress"),
+        progress=r.progress,
     )
-    if s.name != "pymc":
+    if not get_kernel(s.name).runs_on_host:
         kw["precision"] = str(r.precision)
-        devices = r.get("devices", 1)
-        kw["devices"] = None if devices in (None, 1) else int(devices)
+        kw["devices"] = None if r.devices in (None, 1) else int(r.devices)
     return kw

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import chex
 import numpy as np
 import pymc as pm
 import pytest
@@ -10,6 +13,7 @@ from scipy import stats
 import engine
 from engine.api import compile_for
 from engine.batch import BatchConfig, run_batched
+from engine.settings import RuntimeConfig, SamplerConfig
 from engine.compile import prepare_data
 from engine.diagnostics import summarize_draws
 from tests.models import normal_normal_data, normal_normal_model, normal_normal_posterior
@@ -134,16 +138,18 @@ def test_problem_keeps_its_stream_across_chunking():
 
 
 def test_log_density_traced_a_bounded_number_of_times():
+    """One program serves all ten chunks, and a second run (another seed) reuses it."""
     model = normal_normal_model()
     data = normal_normal_data(1000, seed=5)
     problem_data = prepare_data(model, data)
-    compiled = compile_for(model, problem_data)
-    before = compiled.num_traces
-    config = BatchConfig(draws=20, tune=20, chains=2, batch_size=100)
+    compiled = dataclasses.replace(compile_for(model, problem_data))  # a fresh entry in the caches
+    # once per program and kernel phase (start, warmup, steps, PSIS...), never per problem/chunk
+    compiled.logdensity_fn = chex.assert_max_traces(compiled.logdensity_fn, n=10)
+    config = BatchConfig(sampler=SamplerConfig(draws=20, tune=20, chains=2), runtime=RuntimeConfig(batch_size=100))
     result = run_batched(compiled, problem_data, config, progress=False)
     assert result.draws["theta"].shape == (1000, 2, 20)
-    traces = compiled.num_traces - before
-    assert 0 < traces <= 10, traces  # once per program and kernel phase, never per problem/chunk
+    again = dataclasses.replace(config, runtime=RuntimeConfig(batch_size=100, seed=1))
+    run_batched(compiled, problem_data, again, progress=False)  # would raise past 10 traces
 
 
 def test_float32_precision_runs_in_float32_and_agrees():

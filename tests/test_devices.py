@@ -16,6 +16,7 @@ from scipy import stats
 import engine
 from engine.batch import BatchConfig, run_batched
 from engine.api import compile_for
+from engine.settings import SamplerConfig
 from engine.compile import prepare_data
 from tests.models import normal_normal_data, normal_normal_model, normal_normal_posterior
 
@@ -72,7 +73,7 @@ def test_poisoned_problem_is_flagged_and_leaves_others_identical():
     data = normal_normal_data(6, seed=12)
     poisoned = {k: v.copy() for k, v in data.items()}
     poisoned["obs_sigma"][2] = -1.0  # log density -inf everywhere
-    config = BatchConfig(sampler="stepwise", chains=2, draws=100, tune=100)
+    config = BatchConfig(sampler=SamplerConfig(name="stepwise", chains=2, draws=100, tune=100))
     results = []
     for d in (data, poisoned):
         pdata = prepare_data(model, d)

@@ -7,6 +7,7 @@ import pytest
 
 from engine.batch import BatchConfig, chunk_grid, run_batched
 from engine.api import compile_for
+from engine.settings import RuntimeConfig, SamplerConfig
 from engine.compile import prepare_data
 from engine.diagnostics import summarize_draws
 from engine.errors import InputError
@@ -57,7 +58,8 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(tmp_path):
     model = normal_normal_model()
     problem_data = prepare_data(model, normal_normal_data(9, seed=1))
     compiled = compile_for(model, problem_data)
-    config = BatchConfig(chains=2, draws=100, tune=100, batch_size=4, keep_draws=False)
+    config = BatchConfig(sampler=SamplerConfig(chains=2, draws=100, tune=100), runtime=RuntimeConfig(batch_size=4),
+                         keep_draws=False)
     full = run_batched(compiled, problem_data, config, summary_fn=_summary, progress=False)
     grid = chunk_grid(9, 4)
     store = ChunkStore(tmp_path, {"run": 1}, grid)

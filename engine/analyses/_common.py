@@ -25,14 +25,15 @@ HDI_PROB = 0.94
 def sample_kwargs(cfg, **overrides) -> dict:
     """``sample_batched`` keyword arguments from ``cfg.sampler``/``cfg.runtime`` plus overrides.
 
-    ``log_likelihood`` is dropped for ``sampler=pymc`` (the loop returns no log-likelihood; the
+    ``log_likelihood`` is dropped for a host sampler (``pymc``: the loop returns no log-likelihood; the
     analyses that need it compute it from the draws, see :func:`pointwise_normal_loglik`).
     """
     from engine.run import sampling_kwargs
+    from engine.samplers import get_kernel
 
     kw = sampling_kwargs(cfg)
     kw.update({k: v for k, v in overrides.items() if v is not None})
-    if kw["sampler"] == "pymc":
+    if get_kernel(kw["sampler"]).runs_on_host:
         kw.pop("log_likelihood", None)
         kw.pop("precision", None)
     return kw

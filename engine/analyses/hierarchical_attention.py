@@ -179,6 +179,8 @@ def fit(entropies: np.ndarray, sample_kw: dict, *, variant: str = "hierarchical"
         and ``sigma`` (and for ``hierarchical`` ``mu``, ``tau_layer``, ``tau_head``) with the
         problem first and chain, draw last; ``loglik`` or ``None``.
     """
+    from engine.samplers import get_kernel
+
     entropies = check_entropies(entropies)
     num_checkpoints, num_layers, num_heads, num_samples = entropies.shape
     model = build_model(num_layers, num_heads, num_samples, variant, parameterization)
@@ -187,7 +189,7 @@ def fit(entropies: np.ndarray, sample_kw: dict, *, variant: str = "hierarchical"
     scale = np.where(scale > 0, scale, 1.0)
     z = (entropies - loc[:, None, None, None]) / scale[:, None, None, None]
     kw = dict(sample_kw)
-    want_engine_ll = log_likelihood and kw.get("sampler") != "pymc"
+    want_engine_ll = log_likelihood and not get_kernel(kw.get("sampler", "blackjax")).runs_on_host
     if want_engine_ll:
         kw["log_likelihood"] = True
     if labels is None:

@@ -1,76 +1,101 @@
-"""BlackJAX NUTS for one posterior: Stan-style window adaptation, then sampling.
+"""BlackJAX NUTS for one chain: Stan-style window adaptation, then sampling.
 
 Hoffman & Gelman (2014) NUTS with multinomial sampling; warmup follows Stan's windowed
 adaptation of step size (dual averaging) and inverse mass matrix (Welford), as implemented in
-``blackjax.window_adaptation``.
+``blackjax.window_adaptation`` (which runs its own loop over the warmup transitions).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import NamedTuple
 
 import blackjax
 import jax
 import jax.numpy as jnp
 from blackjax.adaptation.base import get_filter_adapt_info_fn
+from blackjax.mcmc.hmc import HMCState
 
-from engine.samplers import NUTSSettings, SampleStats
+from engine.samplers.base import (
+    Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
+)
 
 
-def warmup(rng_key, logdensity_fn: Callable, position, num_steps: int, settings: NUTSSettings):
-    """Adapt step size and inverse mass matrix; returns ``(HMCState, parameters)``.
+class NUTSChainState(NamedTuple):
+    """One chain between transitions.
 
-    ``parameters`` holds ``step_size`` (scalar) and ``inverse_mass_matrix`` (``[dim]`` or
-    ``[dim, dim]``). With ``num_steps == 0`` the initial step size and an identity mass matrix
-    are returned unchanged.
+    hmc
+        BlackJAX's ``HMCState``: ``position [dim]``, ``logdensity []``, ``logdensity_grad [dim]``.
+    step_size
+        ``[]`` the step size (initial before warmup, adapted after).
+    inverse_mass_matrix
+        ``[dim]`` (diagonal) or ``[dim, dim]`` (dense).
+    rng_key
+        ``[2]``: before warmup the chain's key; after it, the key of the sampling phase, whose
+        ``fold_in(rng_key, i)`` drives transition ``i`` (equal to ``split(rng_key, n)[i]``).
+    num_done
+        ``[]`` int: sampling transitions made since warmup.
     """
-    dim = position.shape[-1]
-    if num_steps == 0:
+
+    hmc: HMCState
+    step_size: jax.Array
+    inverse_mass_matrix: jax.Array
+    rng_key: jax.Array
+    num_done: jax.Array
+
+
+def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Schedule) -> SamplingAlgorithm:
+    """BlackJAX NUTS bound to one problem (see :class:`~engine.samplers.base.Kernel`)."""
+
+    def init(rng_key, position) -> NUTSChainState:
+        dim = position.shape[-1]
         imm = jnp.eye(dim) if settings.dense_mass else jnp.ones(dim)
-        state = blackjax.nuts.init(position, logdensity_fn)
-        return state, {"step_size": jnp.asarray(settings.initial_step_size), "inverse_mass_matrix": imm}
-    adaptation = blackjax.window_adaptation(
-        blackjax.nuts,
-        logdensity_fn,
-        is_mass_matrix_diagonal=not settings.dense_mass,
-        initial_step_size=settings.initial_step_size,
-        target_acceptance_rate=settings.target_accept,
-        adaptation_info_fn=get_filter_adapt_info_fn(),
-        max_num_doublings=settings.max_tree_depth,
-    )
-    (state, parameters), _ = adaptation.run(rng_key, position, num_steps)
-    return state, parameters
+        return NUTSChainState(
+            hmc=blackjax.nuts.init(position, logdensity_fn),
+            step_size=jnp.asarray(settings.initial_step_size),
+            inverse_mass_matrix=imm,
+            rng_key=rng_key,
+            num_done=jnp.zeros((), jnp.int32),
+        )
 
+    def warmup(state: NUTSChainState) -> NUTSChainState:
+        warmup_key, sample_key = jax.random.split(state.rng_key)
+        state = state._replace(rng_key=sample_key)
+        if schedule.num_tune == 0:
+            return state
+        adaptation = blackjax.window_adaptation(
+            blackjax.nuts,
+            logdensity_fn,
+            is_mass_matrix_diagonal=not settings.dense_mass,
+            initial_step_size=settings.initial_step_size,
+            target_acceptance_rate=settings.target_accept,
+            adaptation_info_fn=get_filter_adapt_info_fn(),
+            max_num_doublings=settings.max_tree_depth,
+        )
+        (hmc, parameters), _ = adaptation.run(warmup_key, state.hmc.position, schedule.num_tune)
+        return state._replace(
+            hmc=hmc, step_size=parameters["step_size"], inverse_mass_matrix=parameters["inverse_mass_matrix"]
+        )
 
-def sample(rng_key, logdensity_fn: Callable, state, parameters, num_draws: int, settings: NUTSSettings):
-    """Draw ``num_draws`` NUTS transitions; returns ``(positions [num_draws, dim], SampleStats)``."""
-    kernel = blackjax.nuts(
-        logdensity_fn,
-        step_size=parameters["step_size"],
-        inverse_mass_matrix=parameters["inverse_mass_matrix"],
-        max_num_doublings=settings.max_tree_depth,
-    )
-
-    def one_step(state, key):
-        state, info = kernel.step(key, state)
+    def step(state: NUTSChainState) -> tuple[NUTSChainState, Transition]:
+        kernel = blackjax.nuts(
+            logdensity_fn,
+            step_size=state.step_size,
+            inverse_mass_matrix=state.inverse_mass_matrix,
+            max_num_doublings=settings.max_tree_depth,
+        )
+        hmc, info = kernel.step(jax.random.fold_in(state.rng_key, state.num_done), state.hmc)
         stats = SampleStats(
             diverging=info.is_divergent,
             tree_depth=info.num_trajectory_expansions,
             n_steps=info.num_integration_steps,
             energy=info.energy,
-            lp=state.logdensity,
+            lp=hmc.logdensity,
             acceptance_rate=info.acceptance_rate,
-            step_size=jnp.asarray(parameters["step_size"]),
+            step_size=jnp.asarray(state.step_size),
         )
-        return state, (state.position, stats)
+        return state._replace(hmc=hmc, num_done=state.num_done + 1), Transition(hmc.position, stats)
 
-    keys = jax.random.split(rng_key, num_draws)
-    _, (positions, stats) = jax.lax.scan(one_step, state, keys)
-    return positions, stats
+    return SamplingAlgorithm(init=init, warmup=warmup, step=step)
 
 
-def run_chain(rng_key, logdensity_fn, position, *, num_tune: int, num_draws: int, settings: NUTSSettings):
-    """Warmup then sample one chain; returns ``(positions [num_draws, dim], SampleStats)``."""
-    warmup_key, sample_key = jax.random.split(rng_key)
-    state, parameters = warmup(warmup_key, logdensity_fn, position, num_tune, settings)
-    return sample(sample_key, logdensity_fn, state, parameters, num_draws, settings)
+KERNEL = Kernel(name="blackjax", description="blackjax NUTS", build=build)

@@ -1,4 +1,4 @@
-"""ChEES-adapted jittered HMC for one posterior (all its chains together).
+"""ChEES-adapted jittered HMC for one problem (all its chains together).
 
 Hoffman, Radul & Sountsov (2021): plain HMC whose trajectory length is jittered by a Halton
 sequence and tuned during warmup by maximising the Change in the Estimator of the Expected
@@ -11,96 +11,163 @@ Why it is here: under ``vmap`` every NUTS transition waits for the deepest tree 
 pays for NUTS's tree bookkeeping; HMC with one trajectory length per problem and a jitter that is
 the same for every problem at a given iteration keeps the lanes in step and costs little more
 than its gradients. Cross-chain adaptation is why this kernel takes all of a problem's chains at
-once (``MULTI_CHAIN``); ``engine.batch`` still adds the problem axis.
+once (``chains_inside``); ``engine.batch`` still adds the problem axis.
 
 Needs at least 2 chains (the criterion is a cross-chain statistic; 4 or more is better) and a
 warmup (``num_tune >= 50``). ``settings.max_tree_depth`` caps a trajectory at
 ``2**max_tree_depth - 1`` leapfrog steps, as it caps NUTS; ``dense_mass`` is not available.
+HMC's optimal ``target_accept`` is ``OPTIMAL_HMC_TARGET_ACCEPT`` (the ``chees`` config's value).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import NamedTuple
 
 import blackjax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from blackjax.adaptation.base import get_filter_adapt_info_fn
+from blackjax.mcmc.dynamic_hmc import DynamicHMCState, halton_sequence
 
-from engine.samplers import NUTSSettings, SampleStats
-
-MULTI_CHAIN = True
-"""``run_chains`` takes all of a problem's chains (``[chains, dim]``) at once."""
+from engine.samplers.base import (
+    OPTIMAL_HMC_TARGET_ACCEPT, Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
+)
 
 LEARNING_RATE = 0.025
 """Adam's learning rate for the log trajectory length (TFP's default for ChEES)."""
 
 MIN_TUNE = 50
+"""Fewest warmup steps the ChEES criterion is given (its moving averages need a few dozen)."""
+
 MIN_CHAINS = 2
+"""ChEES is a cross-chain statistic."""
 
 
-def warmup(rng_key, logdensity_fn: Callable, positions, num_steps: int, num_draws: int, settings: NUTSSettings):
-    """ChEES warmup of ``positions [chains, dim]`` -> ``(DynamicHMCState of every chain, parameters)``."""
-    adaptation = blackjax.chees_adaptation(
-        logdensity_fn,
-        positions.shape[0],
-        target_acceptance_rate=settings.target_accept,
-        max_leapfrog_steps=2**settings.max_tree_depth - 1,
-        adaptation_info_fn=get_filter_adapt_info_fn(),
-        mass_matrix_estimation="diagonal",
-    )
-    (states, parameters), _ = adaptation.run(
-        rng_key,
-        positions,
-        step_size=settings.initial_step_size,
-        optim=optax.adam(LEARNING_RATE),
-        num_steps=num_steps,
-        max_sampling_steps=num_draws,
-    )
-    return states, parameters
+class ChEESState(NamedTuple):
+    """All chains of one problem between transitions.
+
+    hmc
+        BlackJAX's ``DynamicHMCState`` of every chain: ``position [chains, dim]``,
+        ``logdensity [chains]``, ``logdensity_grad [chains, dim]``, ``random_generator_arg
+        [chains]`` (the Halton index of the jitter).
+    step_size
+        ``[]`` shared by the chains (initial before warmup, adapted after).
+    inverse_mass_matrix
+        ``[dim]`` diagonal.
+    mean_num_steps
+        ``[]`` mean number of leapfrog steps of a trajectory before jitter, capped at
+        ``2**max_tree_depth - 1``.
+    rng_key
+        ``[2]``: before warmup the first chain's key; after it, the sampling key whose
+        ``fold_in(rng_key, i)`` drives transition ``i``.
+    num_done
+        ``[]`` int: sampling transitions made since warmup.
+    """
+
+    hmc: DynamicHMCState
+    step_size: jax.Array
+    inverse_mass_matrix: jax.Array
+    mean_num_steps: jax.Array
+    rng_key: jax.Array
+    num_done: jax.Array
 
 
-def sample(rng_key, logdensity_fn: Callable, states, parameters, num_draws: int, settings: NUTSSettings):
-    """``num_draws`` jittered-HMC transitions of every chain -> ``(positions [chains, draws, dim], SampleStats)``."""
+def check(chains: int, tune: int, settings: KernelSettings) -> None:
+    """ChEES adapts across chains, needs a warmup and adapts a diagonal mass matrix."""
+    if int(chains) < MIN_CHAINS:
+        raise ValueError(f"sampler 'chees' adapts across chains: needs chains >= {MIN_CHAINS}, got {chains}")
+    if int(tune) < MIN_TUNE:
+        raise ValueError(f"sampler 'chees' needs tune >= {MIN_TUNE} warmup steps, got {tune}")
+    if settings.dense_mass:
+        raise ValueError("sampler 'chees' adapts a diagonal mass matrix; dense_mass is not available")
+
+
+def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Schedule) -> SamplingAlgorithm:
+    """ChEES HMC bound to one problem (see :class:`~engine.samplers.base.Kernel`)."""
     max_steps = 2**settings.max_tree_depth - 1
-    (mean_steps,) = parameters["integration_steps_params"]
-    params = dict(parameters, integration_steps_params=(jnp.minimum(mean_steps, max_steps),))
-    kernel = blackjax.dynamic_hmc(logdensity_fn, **params)
-    imm = parameters["inverse_mass_matrix"]
-    num_chains = jax.tree.leaves(states.position)[0].shape[0]
+    # the jitter of blackjax.chees_adaptation (Halton, jitter_amount 1), rebuilt so that a
+    # resumed state steps without rerunning the adaptation
+    max_bits = np.ceil(np.log2(schedule.num_tune + schedule.num_draws))
 
-    def one_step(states, key):
-        previous_lp = states.logdensity
-        states, info = jax.vmap(kernel.step)(jax.random.split(key, num_chains), states)
-        # the Hamiltonian at the state kept (Stan's energy__), for E-BFMI
-        start_energy = -previous_lp + 0.5 * jnp.sum(imm * info.momentum**2, axis=-1)
+    def integration_steps_fn(random_generator_arg, num_leapfrog_steps):
+        jitter = halton_sequence(random_generator_arg, max_bits) * 1.0 + (1.0 - 1.0)
+        return jnp.asarray(jnp.ceil(jitter * num_leapfrog_steps), dtype=int)
+
+    def init(rng_keys, positions) -> ChEESState:
+        num_chains, dim = positions.shape
+        hmc = jax.vmap(lambda x: blackjax.dynamic_hmc.init(x, logdensity_fn, jnp.zeros((), int)))(positions)
+        return ChEESState(
+            hmc=hmc,
+            step_size=jnp.asarray(settings.initial_step_size, positions.dtype),
+            inverse_mass_matrix=jnp.ones(dim, positions.dtype),
+            mean_num_steps=jnp.ones((), positions.dtype),
+            rng_key=rng_keys[0],
+            num_done=jnp.zeros((), jnp.int32),
+        )
+
+    def warmup(state: ChEESState) -> ChEESState:
+        warmup_key, sample_key = jax.random.split(state.rng_key)
+        adaptation = blackjax.chees_adaptation(
+            logdensity_fn,
+            state.hmc.position.shape[0],
+            target_acceptance_rate=settings.target_accept,
+            max_leapfrog_steps=max_steps,
+            adaptation_info_fn=get_filter_adapt_info_fn(),
+            mass_matrix_estimation="diagonal",
+        )
+        # blackjax's ChEES code broadcasts [chains, 1] against [dim] implicitly; allow it while
+        # tracing it even where the caller asks JAX to raise on rank promotion (the tests do)
+        with jax.numpy_rank_promotion("allow"):
+            (hmc, parameters), _ = adaptation.run(
+                warmup_key,
+                state.hmc.position,
+                step_size=settings.initial_step_size,
+                optim=optax.adam(LEARNING_RATE),
+                num_steps=schedule.num_tune,
+                max_sampling_steps=schedule.num_draws,
+            )
+        (mean_steps,) = parameters["integration_steps_params"]
+        return state._replace(
+            hmc=hmc,
+            step_size=parameters["step_size"],
+            inverse_mass_matrix=parameters["inverse_mass_matrix"],
+            mean_num_steps=jnp.minimum(mean_steps, max_steps),
+            rng_key=sample_key,
+        )
+
+    def step(state: ChEESState) -> tuple[ChEESState, Transition]:
+        kernel = blackjax.dynamic_hmc(
+            logdensity_fn,
+            step_size=state.step_size,
+            inverse_mass_matrix=state.inverse_mass_matrix,
+            next_random_arg_fn=lambda i: i + 1,
+            integration_steps_fn=integration_steps_fn,
+            integration_steps_params=(state.mean_num_steps,),
+        )
+        imm = state.inverse_mass_matrix
+        previous_lp = state.hmc.logdensity
+        key = jax.random.fold_in(state.rng_key, state.num_done)
+        with jax.numpy_rank_promotion("allow"):
+            hmc, info = jax.vmap(kernel.step)(jax.random.split(key, previous_lp.shape[0]), state.hmc)
+            # the Hamiltonian at the state kept (Stan's energy__), for E-BFMI
+            start_energy = -previous_lp + 0.5 * jnp.sum(imm * info.momentum**2, axis=-1)
         stats = SampleStats(
             diverging=info.is_divergent,
             tree_depth=jnp.zeros_like(info.num_integration_steps),  # no tree: HMC
             n_steps=info.num_integration_steps,
             energy=jnp.where(info.is_accepted, info.energy, start_energy),
-            lp=states.logdensity,
+            lp=hmc.logdensity,
             acceptance_rate=info.acceptance_rate,
-            step_size=jnp.broadcast_to(jnp.asarray(parameters["step_size"]), previous_lp.shape),
+            step_size=jnp.broadcast_to(jnp.asarray(state.step_size), previous_lp.shape),
         )
-        return states, (states.position, stats)
+        return state._replace(hmc=hmc, num_done=state.num_done + 1), Transition(hmc.position, stats)
 
-    keys = jax.random.split(rng_key, num_draws)
-    _, (positions, stats) = jax.lax.scan(one_step, states, keys)
-    swap = lambda a: jnp.swapaxes(a, 0, 1)  # noqa: E731  [draw, chain] -> [chain, draw]
-    return swap(positions), jax.tree.map(swap, stats)
+    return SamplingAlgorithm(init=init, warmup=warmup, step=step)
 
 
-def run_chains(rng_keys, logdensity_fn, positions, *, num_tune: int, num_draws: int, settings: NUTSSettings):
-    """Warmup then sample all chains of one problem.
-
-    ``rng_keys [chains]`` are the problem's per-chain keys (the first drives the shared
-    adaptation); ``positions [chains, dim]``. Returns ``(positions [chains, draws, dim], SampleStats)``.
-    """
-    warmup_key, sample_key = jax.random.split(rng_keys[0])
-    # blackjax's ChEES code broadcasts [chains, 1] against [dim] implicitly; allow it while tracing
-    # it even where the caller asks JAX to raise on rank promotion (the engine's tests do)
-    with jax.numpy_rank_promotion("allow"):
-        states, parameters = warmup(warmup_key, logdensity_fn, positions, num_tune, num_draws, settings)
-        return sample(sample_key, logdensity_fn, states, parameters, num_draws, settings)
+KERNEL = Kernel(
+    name="chees", description="ChEES jittered HMC", build=build, chains_inside=True, check=check,
+    target_accept=OPTIMAL_HMC_TARGET_ACCEPT,
+)

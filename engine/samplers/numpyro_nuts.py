@@ -1,37 +1,47 @@
-"""NumPyro NUTS for one posterior through its functional interface (``numpyro.infer.hmc.hmc``).
+"""NumPyro NUTS for one chain through its functional interface (``numpyro.infer.hmc.hmc``).
 
 Warmup (Stan-style windowed adaptation) happens inside NumPyro's ``sample_kernel`` during the
-first ``num_warmup`` steps; we run ``num_tune + num_draws`` steps in one ``scan`` and keep the
-last ``num_draws``.
+first ``num_tune`` transitions, so this kernel has no separate ``warmup``: the driver runs
+``num_tune`` steps and keeps the next ``num_draws``. The state is NumPyro's ``HMCState`` (it
+carries its own key, step counter and adaptation state).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
-import jax
 import jax.numpy as jnp
-from numpyro.infer.hmc import hmc
+from numpyro.infer.hmc import HMCState, hmc
 
-from engine.samplers import NUTSSettings, SampleStats
+from engine.samplers.base import (
+    Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
+)
 
 
-def run_chain(rng_key, logdensity_fn: Callable, position, *, num_tune: int, num_draws: int, settings: NUTSSettings):
-    """Warmup then sample one chain; returns ``(positions [num_draws, dim], SampleStats)``."""
+def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Schedule) -> SamplingAlgorithm:
+    """NumPyro NUTS bound to one problem (see :class:`~engine.samplers.base.Kernel`).
+
+    NumPyro's ``init_kernel`` configures ``sample_kernel`` through its closure (at trace time),
+    so a program that resumes from a stored state configures it first from that state.
+    """
     init_kernel, sample_kernel = hmc(potential_fn=lambda x: -logdensity_fn(x), algo="NUTS")
-    state = init_kernel(
-        position,
-        num_warmup=num_tune,
-        step_size=settings.initial_step_size,
-        adapt_step_size=num_tune > 0,
-        adapt_mass_matrix=num_tune > 0,
-        dense_mass=settings.dense_mass,
-        target_accept_prob=settings.target_accept,
-        max_tree_depth=settings.max_tree_depth,
-        rng_key=rng_key,
-    )
+    configured = []
 
-    def one_step(state, _):
+    def init(rng_key, position) -> HMCState:
+        configured.append(True)
+        return init_kernel(
+            position,
+            num_warmup=schedule.num_tune,
+            step_size=settings.initial_step_size,
+            adapt_step_size=schedule.num_tune > 0,
+            adapt_mass_matrix=schedule.num_tune > 0,
+            dense_mass=settings.dense_mass,
+            target_accept_prob=settings.target_accept,
+            max_tree_depth=settings.max_tree_depth,
+            rng_key=rng_key,
+        )
+
+    def step(state: HMCState) -> tuple[HMCState, Transition]:
+        if not configured:
+            init(state.rng_key, state.z)  # output unused: sets sample_kernel's static settings
         state = sample_kernel(state)
         n_steps = state.num_steps
         stats = SampleStats(
@@ -43,8 +53,9 @@ def run_chain(rng_key, logdensity_fn: Callable, position, *, num_tune: int, num_
             acceptance_rate=state.accept_prob,
             step_size=state.adapt_state.step_size,
         )
-        return state, (state.z, stats)
+        return state, Transition(state.z, stats)
 
-    state, _ = jax.lax.scan(lambda s, x: (sample_kernel(s), None), state, None, length=num_tune)
-    _, (positions, stats) = jax.lax.scan(one_step, state, None, length=num_draws)
-    return positions, stats
+    return SamplingAlgorithm(init=init, warmup=None, step=step)
+
+
+KERNEL = Kernel(name="numpyro", description="numpyro NUTS", build=build)

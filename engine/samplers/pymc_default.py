@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from engine.compile import ProblemData
-from engine.samplers import NUTSSettings, SampleStats
+from engine.samplers.base import Kernel, KernelSettings, SampleStats
 
 _STAT_NAMES = {
     "diverging": "diverging",
@@ -25,7 +25,8 @@ _STAT_NAMES = {
 }
 
 
-def _problem_inputs(problem_data: ProblemData, index: int) -> dict[str, np.ndarray]:
+def problem_inputs(problem_data: ProblemData, index: int) -> dict[str, np.ndarray]:
+    """Problem ``index``'s inputs, ragged ones cut to its own number of rows (``pm.set_data``)."""
     out = {}
     rows = None if problem_data.num_rows is None else int(problem_data.num_rows[index])
     for name, arr in problem_data.arrays.items():
@@ -44,7 +45,7 @@ def sample_loop(
     draws: int = 1000,
     tune: int = 1000,
     seed: int = 0,
-    settings: NUTSSettings = NUTSSettings(),
+    settings: KernelSettings = KernelSettings(),
     problems=None,
     progress: bool | None = None,
 ):
@@ -67,7 +68,7 @@ def sample_loop(
     try:
         for i in tqdm(index, desc="pm.sample loop", disable=disable, leave=False):
             with model:
-                pm.set_data(_problem_inputs(problem_data, i))
+                pm.set_data(problem_inputs(problem_data, i))
                 idata = pm.sample(
                     draws=draws,
                     tune=tune,
@@ -88,3 +89,6 @@ def sample_loop(
     draws_out = {n: np.stack(v) for n, v in collected.items()}
     stats_out = SampleStats(**{k: np.stack(v) for k, v in stats.items()})
     return draws_out, stats_out
+
+
+KERNEL = Kernel(name="pymc", description="pymc NUTS (pm.sample loop)", build=None, host_loop=sample_loop)

@@ -27,67 +27,101 @@ from blackjax.adaptation.mass_matrix import mass_matrix_adaptation
 from blackjax.adaptation.staged_adaptation import build_schedule
 from blackjax.adaptation.step_size import dual_averaging_adaptation
 
-from engine.samplers import NUTSSettings, SampleStats
+from engine.samplers.base import (
+    MAX_DELTA_ENERGY, Kernel, KernelSettings, SampleStats, SamplingAlgorithm, Schedule,
+)
 from engine.linalg import solve_triangular
 
-STEPWISE = True
-"""``engine.batch`` drives this kernel's :func:`init` / :func:`step` itself (one batch-wide loop)."""
 
-MAX_DELTA_ENERGY = 1000.0
-"""Energy error above which a leapfrog step counts as divergent (Stan's and PyMC's value)."""
+class Point(NamedTuple):
+    """A point of phase space's position half: ``z [dim]``, ``logp []``, ``grad [dim]``."""
 
-
-class StepwiseState(NamedTuple):
-    """One chain's full state between leapfrog steps.
-
-    Chain: ``rng_key``, ``num_done`` (transitions finished), ``z``/``logp``/``grad`` (current
-    sample). Trajectory of the transition in flight: ``z_end``, ``r_end``, ``g_end``,
-    ``logp_end`` (``[2, ...]``, index 0 the left end, 1 the right end), ``energy0``, the tree's
-    proposal (``prop_*``), ``tree_weight`` (log), ``tree_r_sum``, ``depth`` (doublings done),
-    ``going_right``. Subtree being built: ``sub_*`` and the U-turn checkpoints ``ckpt_r``,
-    ``ckpt_r_sum`` (``[max_tree_depth, dim]``). Transition statistics: ``sum_accept``,
-    ``num_steps``. Adaptation: ``da_state``, ``mm_state``, ``step_size``,
-    ``inverse_mass_matrix``, ``mass_chol`` (Cholesky factor of the inverse mass matrix when
-    dense). Output buffers ``draws [num_draws, dim]`` and ``stats`` (``SampleStats`` of
-    ``[num_draws]``).
-    """
-
-    rng_key: jax.Array
-    num_done: jax.Array
     z: jax.Array
     logp: jax.Array
     grad: jax.Array
+
+
+class Proposal(NamedTuple):
+    """A candidate sample: ``z [dim]``, ``logp []``, ``grad [dim]`` and its ``energy []``."""
+
+    z: jax.Array
+    logp: jax.Array
+    grad: jax.Array
+    energy: jax.Array
+
+
+class Trajectory(NamedTuple):
+    """The transition in flight.
+
+    ``z_end``, ``r_end``, ``g_end`` ``[2, dim]`` and ``logp_end [2]``: the trajectory's ends
+    (row 0 left, row 1 right); ``energy0 []`` the Hamiltonian at its start; ``proposal`` the
+    tree's multinomial pick; ``weight []`` (log) and ``r_sum [dim]`` of the tree; ``depth []``
+    doublings done; ``going_right []`` the direction of the doubling being built;
+    ``sum_accept []`` and ``num_steps []`` the acceptance sum and leapfrog steps so far.
+    """
+
     z_end: jax.Array
     r_end: jax.Array
     g_end: jax.Array
     logp_end: jax.Array
     energy0: jax.Array
-    prop_z: jax.Array
-    prop_logp: jax.Array
-    prop_grad: jax.Array
-    prop_energy: jax.Array
-    tree_weight: jax.Array
-    tree_r_sum: jax.Array
+    proposal: Proposal
+    weight: jax.Array
+    r_sum: jax.Array
     depth: jax.Array
     going_right: jax.Array
-    sub_z: jax.Array
-    sub_logp: jax.Array
-    sub_grad: jax.Array
-    sub_energy: jax.Array
-    sub_weight: jax.Array
-    sub_r_sum: jax.Array
-    sub_count: jax.Array
-    ckpt_r: jax.Array
-    ckpt_r_sum: jax.Array
     sum_accept: jax.Array
     num_steps: jax.Array
+
+
+class Subtree(NamedTuple):
+    """The doubling being built: its uniform pick ``proposal``, ``weight []`` (log),
+    ``r_sum [dim]``, ``count []`` leaves so far, and the U-turn checkpoints ``ckpt_r`` and
+    ``ckpt_r_sum`` ``[max_tree_depth, dim]`` (NumPyro's iterative checks)."""
+
+    proposal: Proposal
+    weight: jax.Array
+    r_sum: jax.Array
+    count: jax.Array
+    ckpt_r: jax.Array
+    ckpt_r_sum: jax.Array
+
+
+class Adaptation(NamedTuple):
+    """Stan's windowed adaptation: BlackJAX's dual-averaging ``da_state`` and Welford
+    ``mm_state``, the current ``step_size []``, ``inverse_mass_matrix`` (``[dim]`` or
+    ``[dim, dim]``) and ``mass_chol``, its Cholesky factor when dense (``[dim]`` unused otherwise)."""
+
     da_state: NamedTuple
     mm_state: NamedTuple
     step_size: jax.Array
     inverse_mass_matrix: jax.Array
     mass_chol: jax.Array
+
+
+class DrawBuffers(NamedTuple):
+    """Recorded output: ``draws [num_draws + 1, dim]`` and ``stats`` (``SampleStats`` of
+    ``[num_draws + 1]``); the spare last row absorbs the writes of steps that record nothing."""
+
     draws: jax.Array
     stats: SampleStats
+
+
+class StepwiseState(NamedTuple):
+    """One chain between leapfrog steps, composed as BlackJAX's ``DynamicHMCState`` is.
+
+    ``rng_key [2]`` (advanced at every step), ``num_done []`` transitions finished, ``point``
+    the current sample, ``trajectory`` and ``subtree`` the transition in flight, ``adaptation``
+    the warmup's state, ``buffers`` the draws recorded so far.
+    """
+
+    rng_key: jax.Array
+    num_done: jax.Array
+    point: Point
+    trajectory: Trajectory
+    subtree: Subtree
+    adaptation: Adaptation
+    buffers: DrawBuffers
 
 
 def _select(pred, new, old):
@@ -139,31 +173,30 @@ def _uniforms(key, dim, dtype):
 
 def _start_transition(state: StepwiseState, dense: bool, u) -> StepwiseState:
     """Draw a momentum at the current sample and reset the trajectory to it."""
-    factor = state.mass_chol if dense else state.inverse_mass_matrix
+    ad, point = state.adaptation, state.point
+    factor = ad.mass_chol if dense else ad.inverse_mass_matrix
     r = _draw_momentum(u[3:], factor, dense)
-    energy0 = -state.logp + _kinetic(state.inverse_mass_matrix, r, dense)
+    energy0 = -point.logp + _kinetic(ad.inverse_mass_matrix, r, dense)
     two = lambda a: jnp.stack([a, a])  # noqa: E731
-    return state._replace(
-        z_end=two(state.z),
+    trajectory = Trajectory(
+        z_end=two(point.z),
         r_end=two(r),
-        g_end=two(state.grad),
-        logp_end=two(state.logp),
+        g_end=two(point.grad),
+        logp_end=two(point.logp),
         energy0=energy0,
-        prop_z=state.z,
-        prop_logp=state.logp,
-        prop_grad=state.grad,
-        prop_energy=energy0,
-        tree_weight=jnp.zeros_like(energy0),
-        tree_r_sum=r,
-        depth=jnp.zeros_like(state.depth),
+        proposal=Proposal(point.z, point.logp, point.grad, energy0),
+        weight=jnp.zeros_like(energy0),
+        r_sum=r,
+        depth=jnp.zeros_like(state.trajectory.depth),
         going_right=u[2] < 0.5,
-        sub_count=jnp.zeros_like(state.sub_count),
-        sum_accept=jnp.zeros_like(state.sum_accept),
-        num_steps=jnp.zeros_like(state.num_steps),
+        sum_accept=jnp.zeros_like(state.trajectory.sum_accept),
+        num_steps=jnp.zeros_like(state.trajectory.num_steps),
     )
+    subtree = state.subtree._replace(count=jnp.zeros_like(state.subtree.count))
+    return state._replace(trajectory=trajectory, subtree=subtree)
 
 
-def init(rng_key, logdensity_fn: Callable, position, num_draws: int, settings: NUTSSettings) -> StepwiseState:
+def init_state(rng_key, logdensity_fn: Callable, position, num_draws: int, settings: KernelSettings) -> StepwiseState:
     """State at ``position`` with a fresh transition started and identity mass matrix."""
     dim = position.shape[0]
     dtype = position.dtype
@@ -176,81 +209,71 @@ def init(rng_key, logdensity_fn: Callable, position, num_draws: int, settings: N
     izero = jnp.zeros((), jnp.int32)
     vec = jnp.zeros(dim, dtype)
     pair = jnp.zeros((2, dim), dtype)
+    empty = Proposal(vec, zero, vec, zero)
+    as_float = lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else jnp.asarray(a)  # noqa: E731
     state = StepwiseState(
         rng_key=rng_key,
         num_done=izero,
-        z=position,
-        logp=logp,
-        grad=grad,
-        z_end=pair,
-        r_end=pair,
-        g_end=pair,
-        logp_end=jnp.zeros(2, dtype),
-        energy0=zero,
-        prop_z=vec,
-        prop_logp=zero,
-        prop_grad=vec,
-        prop_energy=zero,
-        tree_weight=zero,
-        tree_r_sum=vec,
-        depth=izero,
-        going_right=jnp.zeros((), bool),
-        sub_z=vec,
-        sub_logp=zero,
-        sub_grad=vec,
-        sub_energy=zero,
-        sub_weight=zero,
-        sub_r_sum=vec,
-        sub_count=izero,
-        ckpt_r=jnp.zeros((settings.max_tree_depth, dim), dtype),
-        ckpt_r_sum=jnp.zeros((settings.max_tree_depth, dim), dtype),
-        sum_accept=zero,
-        num_steps=izero,
-        da_state=jax.tree.map(lambda a: jnp.asarray(a, dtype), da_init(settings.initial_step_size)),
-        mm_state=jax.tree.map(lambda a: jnp.asarray(a, dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else jnp.asarray(a), mm_init(dim)),
-        step_size=jnp.asarray(settings.initial_step_size, dtype),
-        inverse_mass_matrix=imm,
-        mass_chol=jnp.eye(dim, dtype=dtype) if dense else vec,
-        draws=jnp.zeros((num_draws + 1, dim), dtype),
-        stats=SampleStats(
-            diverging=jnp.zeros(num_draws + 1, bool),
-            tree_depth=jnp.zeros(num_draws + 1, jnp.int32),
-            n_steps=jnp.zeros(num_draws + 1, jnp.int32),
-            energy=jnp.zeros(num_draws + 1, dtype),
-            lp=jnp.zeros(num_draws + 1, dtype),
-            acceptance_rate=jnp.zeros(num_draws + 1, dtype),
-            step_size=jnp.zeros(num_draws + 1, dtype),
+        point=Point(position, logp, grad),
+        trajectory=Trajectory(
+            z_end=pair, r_end=pair, g_end=pair, logp_end=jnp.zeros(2, dtype), energy0=zero,
+            proposal=empty, weight=zero, r_sum=vec, depth=izero,
+            going_right=jnp.zeros((), bool), sum_accept=zero, num_steps=izero,
+        ),
+        subtree=Subtree(
+            proposal=empty, weight=zero, r_sum=vec, count=izero,
+            ckpt_r=jnp.zeros((settings.max_tree_depth, dim), dtype),
+            ckpt_r_sum=jnp.zeros((settings.max_tree_depth, dim), dtype),
+        ),
+        adaptation=Adaptation(
+            da_state=jax.tree.map(lambda a: jnp.asarray(a, dtype), da_init(settings.initial_step_size)),
+            mm_state=jax.tree.map(as_float, mm_init(dim)),
+            step_size=jnp.asarray(settings.initial_step_size, dtype),
+            inverse_mass_matrix=imm,
+            mass_chol=jnp.eye(dim, dtype=dtype) if dense else vec,
+        ),
+        buffers=DrawBuffers(
+            draws=jnp.zeros((num_draws + 1, dim), dtype),
+            stats=SampleStats(
+                diverging=jnp.zeros(num_draws + 1, bool),
+                tree_depth=jnp.zeros(num_draws + 1, jnp.int32),
+                n_steps=jnp.zeros(num_draws + 1, jnp.int32),
+                energy=jnp.zeros(num_draws + 1, dtype),
+                lp=jnp.zeros(num_draws + 1, dtype),
+                acceptance_rate=jnp.zeros(num_draws + 1, dtype),
+                step_size=jnp.zeros(num_draws + 1, dtype),
+            ),
         ),
     )
     key, u = _uniforms(rng_key, dim, dtype)
     return _start_transition(state._replace(rng_key=key), dense, u)
 
 
-def _adapt(state: StepwiseState, stage, window_end, is_last, accept_rate, settings: NUTSSettings):
-    """Stan windowed adaptation after warmup transition ``num_done``."""
+def _adapt(ad: Adaptation, z, stage, window_end, is_last, accept_rate, settings: KernelSettings) -> Adaptation:
+    """Stan windowed adaptation after a warmup transition that ended at ``z``."""
     dense = settings.dense_mass
     da_init, da_update, _ = dual_averaging_adaptation(settings.target_accept)
     _, mm_update, mm_final = mass_matrix_adaptation(not dense)
-    da_state = da_update(state.da_state, accept_rate)
-    mm_state = _select(stage == 1, mm_update(state.mm_state, state.z), state.mm_state)
+    da_state = da_update(ad.da_state, accept_rate)
+    mm_state = _select(stage == 1, mm_update(ad.mm_state, z), ad.mm_state)
     # end of a slow window: new mass matrix, dual averaging restarted at the averaged step
     mm_closed = mm_final(mm_state)
     da_restart = da_init(jnp.exp(da_state.log_step_size_avg))
     mm_state = _select(window_end, mm_closed, mm_state)
     da_state = _select(window_end, jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), da_restart, da_state), da_state)
-    imm = jnp.where(window_end, mm_closed.inverse_mass_matrix, state.inverse_mass_matrix)
+    imm = jnp.where(window_end, mm_closed.inverse_mass_matrix, ad.inverse_mass_matrix)
     step_size = jnp.where(is_last, jnp.exp(da_state.log_step_size_avg), jnp.exp(da_state.log_step_size))
-    chol = jnp.linalg.cholesky(imm) if dense else state.mass_chol
-    return state._replace(
+    chol = jnp.linalg.cholesky(imm) if dense else ad.mass_chol
+    return Adaptation(
         da_state=da_state,
         mm_state=mm_state,
-        inverse_mass_matrix=imm.astype(state.z.dtype),
-        mass_chol=chol.astype(state.z.dtype),
-        step_size=step_size.astype(state.z.dtype),
+        step_size=step_size.astype(z.dtype),
+        inverse_mass_matrix=imm.astype(z.dtype),
+        mass_chol=chol.astype(z.dtype),
     )
 
 
-def step(state: StepwiseState, logdensity_fn: Callable, num_tune: int, num_total: int, settings: NUTSSettings) -> StepwiseState:
+def step(state: StepwiseState, logdensity_fn: Callable, num_tune: int, num_total: int, settings: KernelSettings) -> StepwiseState:
     """Advance one chain by exactly one leapfrog step (and finish whatever that step completes).
 
     A chain that has finished its ``num_total`` transitions is left unchanged, so a batch can
@@ -259,95 +282,94 @@ def step(state: StepwiseState, logdensity_fn: Callable, num_tune: int, num_total
     active = state.num_done < num_total
     dense = settings.dense_mass
     before = state
-    imm = state.inverse_mass_matrix
-    key, u = _uniforms(state.rng_key, state.z.shape[0], state.z.dtype)
-    side = state.going_right.astype(jnp.int32)
-    eps = jnp.where(state.going_right, state.step_size, -state.step_size)
+    tr, sub = state.trajectory, state.subtree
+    imm = state.adaptation.inverse_mass_matrix
+    step_size = state.adaptation.step_size
+    key, u = _uniforms(state.rng_key, state.point.z.shape[0], state.point.z.dtype)
+    side = tr.going_right.astype(jnp.int32)
+    eps = jnp.where(tr.going_right, step_size, -step_size)
 
     # one leapfrog step from the end of the trajectory in the current direction
     # two-row and checkpoint updates as one-hot selects: elementwise, fused, no scatter
     pick = (jnp.arange(2) == side)[:, None]
-    z0 = jnp.where(state.going_right, state.z_end[1], state.z_end[0])
-    r0 = jnp.where(state.going_right, state.r_end[1], state.r_end[0])
-    g0 = jnp.where(state.going_right, state.g_end[1], state.g_end[0])
+    z0 = jnp.where(tr.going_right, tr.z_end[1], tr.z_end[0])
+    r0 = jnp.where(tr.going_right, tr.r_end[1], tr.r_end[0])
+    g0 = jnp.where(tr.going_right, tr.g_end[1], tr.g_end[0])
     r_half = r0 + 0.5 * eps * g0
     z1 = z0 + eps * _velocity(imm, r_half, dense)
     logp1, g1 = jax.value_and_grad(logdensity_fn)(z1)
     r1 = r_half + 0.5 * eps * g1
     energy1 = -logp1 + _kinetic(imm, r1, dense)
-    delta = energy1 - state.energy0
+    delta = energy1 - tr.energy0
     delta = jnp.where(jnp.isnan(delta), jnp.inf, delta)
     leaf_weight = -delta
     diverging = delta > MAX_DELTA_ENERGY
     accept_prob = jnp.minimum(1.0, jnp.exp(-delta))
 
     # uniform progressive sampling inside the subtree
-    first = state.sub_count == 0
-    sub_weight = jnp.where(first, leaf_weight, jnp.logaddexp(state.sub_weight, leaf_weight))
+    first = sub.count == 0
+    sub_weight = jnp.where(first, leaf_weight, jnp.logaddexp(sub.weight, leaf_weight))
     take_leaf = first | (u[0] < jnp.exp(leaf_weight - sub_weight))
-    sub_z = jnp.where(take_leaf, z1, state.sub_z)
-    sub_logp = jnp.where(take_leaf, logp1, state.sub_logp)
-    sub_grad = jnp.where(take_leaf, g1, state.sub_grad)
-    sub_energy = jnp.where(take_leaf, energy1, state.sub_energy)
-    sub_r_sum = jnp.where(first, r1, state.sub_r_sum + r1)
+    sub_proposal = _select(take_leaf, Proposal(z1, logp1, g1, energy1), sub.proposal)
+    sub_r_sum = jnp.where(first, r1, sub.r_sum + r1)
 
     # iterative U-turn checks against the subtree's checkpoints
-    leaf_index = state.sub_count
+    leaf_index = sub.count
     idx_min, idx_max = _ckpt_range(leaf_index)
     is_even = (leaf_index % 2) == 0
     levels = jnp.arange(settings.max_tree_depth)
     write = (is_even & (levels == idx_max))[:, None]
-    ckpt_r = jnp.where(write, r1[None, :], state.ckpt_r)
-    ckpt_r_sum = jnp.where(write, sub_r_sum[None, :], state.ckpt_r_sum)
+    ckpt_r = jnp.where(write, r1[None, :], sub.ckpt_r)
+    ckpt_r_sum = jnp.where(write, sub_r_sum[None, :], sub.ckpt_r_sum)
     turns = jax.vmap(lambda cr, crs: _is_turning(imm, cr, r1, sub_r_sum - crs + cr, dense))(ckpt_r, ckpt_r_sum)
     sub_turning = jnp.any(turns & (levels >= idx_min) & (levels <= idx_max))
     sub_count = leaf_index + 1
 
-    state = state._replace(
-        rng_key=key,
-        z_end=jnp.where(pick, z1[None, :], state.z_end),
-        r_end=jnp.where(pick, r1[None, :], state.r_end),
-        g_end=jnp.where(pick, g1[None, :], state.g_end),
-        logp_end=jnp.where(pick[:, 0], logp1, state.logp_end),
-        sub_z=sub_z, sub_logp=sub_logp, sub_grad=sub_grad, sub_energy=sub_energy,
-        sub_weight=sub_weight, sub_r_sum=sub_r_sum, sub_count=sub_count,
-        ckpt_r=ckpt_r, ckpt_r_sum=ckpt_r_sum,
-        sum_accept=state.sum_accept + accept_prob,
-        num_steps=state.num_steps + 1,
+    tr = tr._replace(
+        z_end=jnp.where(pick, z1[None, :], tr.z_end),
+        r_end=jnp.where(pick, r1[None, :], tr.r_end),
+        g_end=jnp.where(pick, g1[None, :], tr.g_end),
+        logp_end=jnp.where(pick[:, 0], logp1, tr.logp_end),
+        sum_accept=tr.sum_accept + accept_prob,
+        num_steps=tr.num_steps + 1,
     )
+    sub = Subtree(sub_proposal, sub_weight, sub_r_sum, sub_count, ckpt_r, ckpt_r_sum)
+    state = state._replace(rng_key=key, trajectory=tr, subtree=sub)
 
     # a doubling ends: merge the subtree into the tree (biased progressive sampling)
-    subtree_done = (sub_count == (1 << state.depth)) | sub_turning | diverging
+    subtree_done = (sub_count == (1 << tr.depth)) | sub_turning | diverging
     valid = ~sub_turning & ~diverging
-    merge_prob = jnp.where(valid, jnp.minimum(1.0, jnp.exp(sub_weight - state.tree_weight)), 0.0)
+    merge_prob = jnp.where(valid, jnp.minimum(1.0, jnp.exp(sub_weight - tr.weight)), 0.0)
     take_sub = u[1] < merge_prob
-    tree_r_sum = state.tree_r_sum + sub_r_sum
-    depth = state.depth + 1
-    tree_turning = _is_turning(imm, state.r_end[0], state.r_end[1], tree_r_sum, dense)
+    tree_r_sum = tr.r_sum + sub_r_sum
+    depth = tr.depth + 1
+    tree_turning = _is_turning(imm, tr.r_end[0], tr.r_end[1], tree_r_sum, dense)
     merged = state._replace(
-        prop_z=jnp.where(take_sub, sub_z, state.prop_z),
-        prop_logp=jnp.where(take_sub, sub_logp, state.prop_logp),
-        prop_grad=jnp.where(take_sub, sub_grad, state.prop_grad),
-        prop_energy=jnp.where(take_sub, sub_energy, state.prop_energy),
-        tree_weight=jnp.logaddexp(state.tree_weight, sub_weight),
-        tree_r_sum=tree_r_sum,
-        depth=depth,
-        going_right=u[2] < 0.5,
-        sub_count=jnp.zeros_like(sub_count),
+        trajectory=tr._replace(
+            proposal=_select(take_sub, sub_proposal, tr.proposal),
+            weight=jnp.logaddexp(tr.weight, sub_weight),
+            r_sum=tree_r_sum,
+            depth=depth,
+            going_right=u[2] < 0.5,
+        ),
+        subtree=sub._replace(count=jnp.zeros_like(sub_count)),
     )
     state = _select(subtree_done, merged, state)
     transition_done = subtree_done & (~valid | tree_turning | (depth >= settings.max_tree_depth))
     finished, stats = _finish_transition(state, diverging, num_tune, settings, u)
     # output buffers are written one row in place, never selected whole
     # rows 0..num_draws-1 are draws; the extra last row absorbs the writes that are not draws
+    buffers = state.buffers
     record = active & transition_done & (state.num_done >= num_tune)
-    slot = jnp.where(record, state.num_done - num_tune, state.draws.shape[0] - 1)
-    draws = state.draws.at[slot].set(finished.z)
-    new_stats = jax.tree.map(lambda buf, v: buf.at[slot].set(v.astype(buf.dtype)), state.stats, stats)
-    small = lambda st: st._replace(draws=None, stats=None)  # noqa: E731
+    slot = jnp.where(record, state.num_done - num_tune, buffers.draws.shape[0] - 1)
+    new_buffers = DrawBuffers(
+        draws=buffers.draws.at[slot].set(finished.point.z),
+        stats=jax.tree.map(lambda buf, v: buf.at[slot].set(v.astype(buf.dtype)), buffers.stats, stats),
+    )
+    small = lambda st: st._replace(buffers=None)  # noqa: E731
     out = _select(transition_done, small(finished), small(state))
     out = _select(active, out, small(before))
-    return out._replace(draws=draws, stats=new_stats)
+    return out._replace(buffers=new_buffers)
 
 
 @functools.cache
@@ -357,57 +379,62 @@ def _schedule(num_tune: int) -> np.ndarray:
         return np.asarray(build_schedule(num_tune), dtype=np.int32).reshape(num_tune, 2)
 
 
-def _finish_transition(state: StepwiseState, diverging, num_tune: int, settings: NUTSSettings, u):
+def _finish_transition(state: StepwiseState, diverging, num_tune: int, settings: KernelSettings, u):
     """Accept the proposal, adapt during warmup, and start the next transition.
 
     Returns the new state (buffers untouched) and the finished transition's ``SampleStats``.
     """
     dense = settings.dense_mass
-    accept_rate = state.sum_accept / state.num_steps
+    tr = state.trajectory
+    accept_rate = tr.sum_accept / tr.num_steps
     t = state.num_done
-    state = state._replace(z=state.prop_z, logp=state.prop_logp, grad=state.prop_grad)
+    point = Point(tr.proposal.z, tr.proposal.logp, tr.proposal.grad)
+    state = state._replace(point=point)
     if num_tune > 0:
         schedule = _schedule(num_tune)
         index = jnp.clip(t, 0, num_tune - 1)
         stage = jnp.asarray(schedule[:, 0])[index]
         window_end = jnp.asarray(schedule[:, 1])[index].astype(bool)
-        adapted = _adapt(state, stage, window_end, t == num_tune - 1, accept_rate, settings)
-        state = _select(t < num_tune, adapted, state)
+        adapted = _adapt(state.adaptation, point.z, stage, window_end, t == num_tune - 1, accept_rate, settings)
+        state = state._replace(adaptation=_select(t < num_tune, adapted, state.adaptation))
     stats = SampleStats(
         diverging=diverging,
-        tree_depth=state.depth,
-        n_steps=state.num_steps,
-        energy=state.prop_energy,
-        lp=state.logp,
+        tree_depth=tr.depth,
+        n_steps=tr.num_steps,
+        energy=tr.proposal.energy,
+        lp=point.logp,
         acceptance_rate=accept_rate,
-        step_size=state.step_size,
+        step_size=state.adaptation.step_size,
     )
     state = state._replace(num_done=t + 1)
     return _start_transition(state, dense, u), stats
 
 
-def run_chain(rng_key, logdensity_fn: Callable, position, *, num_tune: int, num_draws: int, settings: NUTSSettings):
-    """Warmup then sample one chain; returns ``(positions [num_draws, dim], SampleStats)``.
+def build(logdensity_fn: Callable, settings: KernelSettings, schedule: Schedule) -> SamplingAlgorithm:
+    """Stepwise NUTS bound to one problem: ``step`` is ONE leapfrog step (``loop="leapfrog"``).
 
-    For ONE chain only: under ``vmap`` the loop's batched predicate would make JAX select the
-    whole output buffers at every step. ``engine.batch`` instead drives :func:`step` with one
-    loop over the whole batch (``STEPWISE = True``).
+    Warmup adapts inside ``step`` (Stan's windows over the first ``num_tune`` transitions), so
+    there is no separate ``warmup``. A single chain's own while loop would, under ``vmap``, make
+    JAX select the whole output buffers at every step; ``engine.batch`` instead runs one loop
+    over the whole chunk until every lane ``is_done``.
     """
-    state = init(rng_key, logdensity_fn, position, num_draws, settings)
-    total = num_tune + num_draws
-    state = jax.lax.while_loop(
-        lambda s: s.num_done < total,
-        lambda s: step(s, logdensity_fn, num_tune, total, settings),
-        state,
+    total = schedule.num_total
+
+    def init(rng_key, position) -> StepwiseState:
+        return init_state(rng_key, logdensity_fn, position, schedule.num_draws, settings)
+
+    def one_step(state: StepwiseState):
+        return step(state, logdensity_fn, schedule.num_tune, total, settings), None
+
+    def outputs(state: StepwiseState):
+        """``(draws [num_draws, dim], SampleStats)`` of a finished chain (the spare row dropped)."""
+        buffers = state.buffers
+        return buffers.draws[..., :-1, :], jax.tree.map(lambda a: a[..., :-1], buffers.stats)
+
+    return SamplingAlgorithm(
+        init=init, warmup=None, step=one_step, outputs=outputs, is_done=lambda s: s.num_done >= total,
     )
-    return outputs(state)
 
 
-def outputs(state: StepwiseState):
-    """``(draws [num_draws, dim], SampleStats)`` of a finished chain (the spare row dropped)."""
-    return state.draws[..., :-1, :], jax.tree.map(lambda a: a[..., :-1], state.stats)
 
-
-def is_done(state: StepwiseState, num_total: int):
-    """Whether the chain has finished all its transitions."""
-    return state.num_done >= num_total
+KERNEL = Kernel(name="stepwise", description="stepwise NUTS", build=build, loop="leapfrog")

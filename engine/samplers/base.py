@@ -1,0 +1,177 @@
+"""The kernel protocol: what every sampler module provides, and the constants they share.
+
+A sampler is ONE posterior's Markov kernel, written for one chain (or, with ``chains_inside``,
+for all of one problem's chains together). ``engine.batch`` is its only driver: it owns every
+loop (``lax.scan`` over draws, ``lax.while_loop`` over leapfrog steps) and every ``vmap`` (over
+chains and problems). This follows BlackJAX's ``SamplingAlgorithm(init, step)``
+(``blackjax/base.py``) and NumPyro's ``MCMCKernel`` (``numpyro/infer/mcmc.py``): pure functions
+of an explicit state, so a run can stop after any step and resume from the state it returned
+(sampling in blocks relies on this).
+
+Adding a sampler is one module that defines ``KERNEL = Kernel(...)`` and one line in
+``engine.samplers.REGISTRY``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Optional
+
+if TYPE_CHECKING:  # no JAX import here: the registry and the settings schema import this module
+    import jax
+
+DEFAULT_TARGET_ACCEPT = 0.8
+"""Target mean acceptance probability of NUTS step-size adaptation: PyMC's and the engine's
+default (Stan uses 0.8 too; Hoffman & Gelman 2014, section 3.2, dual averaging)."""
+
+OPTIMAL_HMC_TARGET_ACCEPT = 0.651
+"""Asymptotically optimal acceptance rate of HMC with a fixed trajectory length (Beskos, Pillai,
+Roberts, Sanz-Serna & Stuart 2013, "Optimal tuning of the hybrid Monte Carlo algorithm",
+Bernoulli 19(5A)); BlackJAX's ``OPTIMAL_TARGET_ACCEPTANCE_RATE`` for ChEES. The ``chees`` config
+uses it."""
+
+DEFAULT_MAX_TREE_DEPTH = 10
+"""Maximum number of trajectory doublings (Stan's and PyMC's default): at most
+``2**10 - 1`` leapfrog steps per transition."""
+
+MAX_DELTA_ENERGY = 1000.0
+"""Energy error above which a leapfrog step counts as divergent (Stan's and PyMC's value)."""
+
+LogDensityFn = Callable[[Any], Any]
+"""``position [dim] -> scalar`` log density of ONE problem on the unconstrained space."""
+
+
+class KernelSettings(NamedTuple):
+    """The sampler settings a kernel's program depends on (static: part of the compile key).
+
+    target_accept
+        Target mean acceptance probability of the step-size adaptation.
+    max_tree_depth
+        Maximum number of trajectory doublings (``2**max_tree_depth - 1`` leapfrog steps); HMC
+        kernels cap their trajectory length with it too.
+    dense_mass
+        Adapt a dense inverse mass matrix (correlated posteriors) instead of a diagonal one.
+    initial_step_size
+        Step size at the start of warmup.
+    """
+
+    target_accept: float = DEFAULT_TARGET_ACCEPT
+    max_tree_depth: int = DEFAULT_MAX_TREE_DEPTH
+    dense_mass: bool = False
+    initial_step_size: float = 1.0
+
+
+class Schedule(NamedTuple):
+    """How many transitions a run makes (static Python ints)."""
+
+    num_tune: int
+    num_draws: int
+
+    @property
+    def num_total(self) -> int:
+        return self.num_tune + self.num_draws
+
+
+class SampleStats(NamedTuple):
+    """Per-draw statistics; each field ``[num_draws]`` for one chain (``[]`` for one transition).
+
+    diverging
+        Whether the transition hit a divergence.
+    tree_depth
+        Number of trajectory doublings (0 for HMC, which builds no tree).
+    n_steps
+        Number of leapfrog steps (gradient evaluations).
+    energy
+        Hamiltonian at the accepted state.
+    lp
+        Log density (unconstrained space) at the accepted state.
+    acceptance_rate
+        Mean Metropolis acceptance probability over the trajectory.
+    step_size
+        Adapted step size (constant over draws).
+    """
+
+    diverging: jax.Array
+    tree_depth: jax.Array
+    n_steps: jax.Array
+    energy: jax.Array
+    lp: jax.Array
+    acceptance_rate: jax.Array
+    step_size: jax.Array
+
+
+class Transition(NamedTuple):
+    """What one draw-sized ``step`` reports: ``position [dim]`` (``[chains, dim]`` for a
+    ``chains_inside`` kernel) and its :class:`SampleStats` (fields ``[]`` or ``[chains]``)."""
+
+    position: jax.Array
+    stats: SampleStats
+
+
+class SamplingAlgorithm(NamedTuple):
+    """One kernel bound to one problem's log density, settings and schedule (``Kernel.build``).
+
+    init
+        ``(rng_key, position) -> state``: a state at ``position`` (one chain: key ``[2]``,
+        position ``[dim]``; ``chains_inside``: keys ``[chains, 2]``, positions ``[chains, dim]``).
+    warmup
+        ``state -> state``: the whole adaptation when a library runs it as one call (BlackJAX's
+        window adaptation, ChEES), or ``None`` when warmup transitions are ordinary ``step``s
+        that adapt as they go (the driver then runs ``num_tune`` steps and drops their output).
+    step
+        ``state -> (state, Transition | None)``: one transition (``loop="draws"``) or one
+        leapfrog step (``loop="leapfrog"``, which reports ``None`` and records draws in its state).
+    outputs
+        ``loop="leapfrog"`` only: ``state -> (positions [num_draws, dim], SampleStats)``.
+    is_done
+        ``loop="leapfrog"`` only: ``state -> bool``, whether every transition is made.
+    """
+
+    init: Callable[[Any, Any], Any]
+    warmup: Optional[Callable[[Any], Any]]
+    step: Callable[[Any], tuple[Any, Optional[Transition]]]
+    outputs: Optional[Callable[[Any], tuple[Any, SampleStats]]] = None
+    is_done: Optional[Callable[[Any], Any]] = None
+
+
+class Kernel(NamedTuple):
+    """A sampler as the registry knows it.
+
+    name
+        Its name in Python (``sample_batched(sampler=name)``) and in ``sampler.name``.
+    description
+        How reports name it ("blackjax NUTS").
+    build
+        ``(logdensity_fn, settings: KernelSettings, schedule: Schedule) -> SamplingAlgorithm``;
+        ``None`` for a host kernel.
+    chains_inside
+        ``init``/``step`` take all of a problem's chains at once (cross-chain adaptation);
+        otherwise the driver ``vmap``s one chain over chains.
+    loop
+        ``"draws"``: ``step`` makes one transition and the driver scans it over draws;
+        ``"leapfrog"``: ``step`` makes one leapfrog step and the driver runs ONE while loop for
+        the whole chunk until every lane ``is_done``, so vmapped chains never wait for each
+        other's trees.
+    check
+        ``(chains, tune, settings) -> None``: raises ``ValueError`` for settings the kernel
+        cannot run (checked when a run is configured, before anything compiles).
+    target_accept
+        The acceptance target its adaptation is meant for (its ``conf/sampler`` value, what
+        benchmarks use); ``KernelSettings.target_accept`` is what a run asks for.
+    host_loop
+        A host kernel (``pymc``): ``(model, problem_data, *, chains, draws, tune, seed,
+        settings, progress) -> (draws {name: [problem, chain, draw, ...]}, SampleStats)``
+        instead of a JAX program. ``None`` for JAX kernels.
+    """
+
+    name: str
+    description: str
+    build: Optional[Callable[[LogDensityFn, KernelSettings, Schedule], SamplingAlgorithm]]
+    chains_inside: bool = False
+    loop: Literal["draws", "leapfrog"] = "draws"
+    check: Optional[Callable[[int, int, KernelSettings], None]] = None
+    target_accept: float = DEFAULT_TARGET_ACCEPT
+    host_loop: Optional[Callable[..., tuple[dict, SampleStats]]] = None
+
+    @property
+    def runs_on_host(self) -> bool:
+        return self.host_loop is not None

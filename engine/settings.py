@@ -1,0 +1,165 @@
+"""One schema for the sampling settings: Python API, audits and the CLI share it.
+
+:class:`SamplerConfig` is what to run for every problem, :class:`RuntimeConfig` where and how.
+``sample_batched`` and ``audit_vfe`` build them from their keyword arguments
+(:func:`from_kwargs`), the CLI from ``cfg.sampler`` / ``cfg.runtime`` (:func:`from_config`).
+Both dataclasses are registered as Hydra structured configs (``sampler/schema``,
+``runtime/schema``), which every ``conf/sampler/*.yaml`` and ``conf/runtime/*.yaml`` extends,
+so a misspelt key or a value of the wrong type is refused when the config is composed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from engine.samplers.base import DEFAULT_MAX_TREE_DEPTH, DEFAULT_TARGET_ACCEPT, KernelSettings
+
+__all__ = ["SamplerConfig", "RuntimeConfig", "from_kwargs", "from_config", "register_configs"]
+
+PRECISIONS = ("float64", "float32")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """What to run for every problem (``conf/sampler/*.yaml``).
+
+    name
+        A registered sampler (``engine.samplers.REGISTRY``; the CLI's option names are accepted).
+    chains, draws, tune
+        Chains per problem; kept draws and warmup transitions per chain.
+    target_accept, max_tree_depth, dense_mass, initial_step_size
+        The kernel's settings (:class:`~engine.samplers.base.KernelSettings`).
+    init_tries
+        Jittered initial points tried per chain before a problem is declared unstartable.
+    jitter
+        Half-width of the uniform jitter added to the model's initial point (PyMC's
+        ``jitter+adapt_diag`` uses 1).
+    """
+
+    name: str = "blackjax"
+    chains: int = 4
+    draws: int = 1000
+    tune: int = 1000
+    target_accept: float = DEFAULT_TARGET_ACCEPT
+    max_tree_depth: int = DEFAULT_MAX_TREE_DEPTH
+    dense_mass: bool = False
+    initial_step_size: float = 1.0
+    init_tries: int = 20
+    jitter: float = 1.0
+
+    @property
+    def kernel_settings(self) -> KernelSettings:
+        return KernelSettings(
+            target_accept=float(self.target_accept), max_tree_depth=int(self.max_tree_depth),
+            dense_mass=bool(self.dense_mass), initial_step_size=float(self.initial_step_size),
+        )
+
+    def checked(self) -> "SamplerConfig":
+        """This config with its sampler name made canonical; ``ValueError`` naming the field
+        of a value no kernel can run (and the kernel's own checks, e.g. ChEES's chains >= 2)."""
+        from engine.samplers import canonical_name, get_kernel
+
+        config = dataclasses.replace(self, name=canonical_name(self.name))
+        for field in ("chains", "draws"):
+            if int(getattr(config, field)) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(config, field)}")
+        if int(config.tune) < 0:
+            raise ValueError(f"tune must be >= 0, got {config.tune}")
+        if not 0.0 < float(config.target_accept) < 1.0:
+            raise ValueError(f"target_accept must be in (0, 1), got {config.target_accept}")
+        if int(config.max_tree_depth) < 1:
+            raise ValueError(f"max_tree_depth must be >= 1, got {config.max_tree_depth}")
+        if int(config.init_tries) < 1:
+            raise ValueError(f"init_tries must be >= 1, got {config.init_tries}")
+        kernel = get_kernel(config.name)
+        if kernel.check is not None:
+            kernel.check(int(config.chains), int(config.tune), config.kernel_settings)
+        return config
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the batched programs run (``conf/runtime/*.yaml``).
+
+    platform
+        "cpu" or "gpu" (the CLI sets ``JAX_PLATFORMS`` before JAX starts).
+    precision
+        "float64" or "float32" (JAX's x64 mode for the run; float32 is ~1.5x faster on CPU).
+    batch_size
+        Problems per compiled chunk (``None``: all at once; audits size it to a memory budget).
+    seed
+        Root seed; problem ``i`` uses ``fold_in(PRNGKey(seed), i)``.
+    progress
+        Progress bar (``None``: only when stderr is a terminal).
+    devices
+        Local devices to shard each chunk's problem axis over; 1 (or ``None``) one device, -1 all.
+    overwrite
+        Audits: a run directory holding another configuration's results is refused unless true.
+    isolate_failures
+        Audits: a token with no finite log density is flagged in its row instead of exit 2.
+    """
+
+    platform: str = "cpu"
+    precision: str = "float64"
+    batch_size: Optional[int] = None
+    seed: int = 0
+    progress: Optional[bool] = None
+    devices: Optional[int] = 1
+    overwrite: bool = False
+    isolate_failures: bool = False
+
+    def checked(self) -> "RuntimeConfig":
+        """``ValueError`` naming the field of a value that cannot run."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+        if self.platform not in ("cpu", "gpu"):
+            raise ValueError(f"platform must be 'cpu' or 'gpu', got {self.platform!r}")
+        return self
+
+
+_SAMPLER_KEYS = {f.name for f in dataclasses.fields(SamplerConfig)}
+_RUNTIME_KEYS = {f.name for f in dataclasses.fields(RuntimeConfig)}
+_ALIASES = {"sampler": "name", "target_accept_prob": "target_accept", "max_treedepth": "max_tree_depth"}
+
+
+def from_kwargs(kw: dict[str, Any]) -> tuple[SamplerConfig, RuntimeConfig]:
+    """Pop the sampler and runtime settings out of keyword arguments (``sampler=`` is the name;
+    ``target_accept_prob`` and ``max_treedepth`` are accepted as NumPyro/PyMC spell them).
+    What is left in ``kw`` belongs to the caller."""
+    sampler, runtime = {}, {}
+    for key in list(kw):
+        name = _ALIASES.get(key, key)
+        if name in _SAMPLER_KEYS:
+            sampler[name] = kw.pop(key)
+        elif name in _RUNTIME_KEYS:
+            runtime[name] = kw.pop(key)
+    return SamplerConfig(**sampler), RuntimeConfig(**runtime)
+
+
+def from_config(cfg) -> tuple[SamplerConfig, RuntimeConfig]:
+    """``cfg.sampler`` and ``cfg.runtime`` of a composed Hydra config as the two dataclasses."""
+    from omegaconf import OmegaConf
+
+    def as_dataclass(node, cls):
+        values = OmegaConf.to_container(node, resolve=True)
+        return cls(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+    return as_dataclass(cfg.sampler, SamplerConfig), as_dataclass(cfg.runtime, RuntimeConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore as ``sampler/schema`` and ``runtime/schema``
+    (each ``conf/sampler/*.yaml`` and ``conf/runtime/*.yaml`` lists its group's schema first in
+    its defaults); idempotent."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    store = ConfigStore.instance()
+    for group, cls in (("sampler", SamplerConfig), ("runtime", RuntimeConfig)):
+        node = OmegaConf.structured(cls)
+        OmegaConf.set_readonly(node, False)  # frozen in Python (hashable); YAML and overrides set it
+        store.store(group=group, name="schema", node=node)
