@@ -285,35 +285,32 @@ def run_benchmark(args: argparse.Namespace, log=print, on_row=None) -> dict:
     return snapshot()
 
 
-from engine.run import CPU_XLA_FLAGS  # noqa: E402  (imports no JAX)
+from engine.platform import CPU_XLA_FLAGS, backend_started  # noqa: E402  (imports no JAX)
 
 EIGEN_FLAG = "--xla_cpu_multi_thread_eigen=false"
 SCHEDULER_FLAG = CPU_XLA_FLAGS[0]
-"""The engine's own CPU workaround (``engine.run.CPU_XLA_FLAGS``): with it, w2 in chunks of 100
+"""The engine's own CPU workaround (``engine.platform.CPU_XLA_FLAGS``, set by ``import engine``): with it, w2 in chunks of 100
 ran; without it (with or without ``EIGEN_FLAG``) such chunks deadlocked in jaxlib 0.10.2's batched
 LAPACK kernels (``lapack_dtrsm_ffi`` -> ``ParallelBatchMap``) on 2 cores."""
 
 
 def configure_xla(cpu_eigen: str, cpu_scheduler: str = "safe", devices: int = 1) -> None:
     """Add the XLA:CPU workarounds (and host devices) to ``XLA_FLAGS`` before JAX starts."""
-    wanted = ([EIGEN_FLAG] if cpu_eigen == "single" else []) + ([SCHEDULER_FLAG] if cpu_scheduler == "safe" else [])
+    wanted = [EIGEN_FLAG] if cpu_eigen == "single" else []
+    if cpu_scheduler != "safe":  # measure without the engine's workaround (set by import engine)
+        name = SCHEDULER_FLAG.split("=")[0]
+        kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(name)]
+        os.environ["XLA_FLAGS"] = " ".join(kept)
     if devices != 1:
         count = (os.cpu_count() or 1) if devices == -1 else devices
         wanted.append(f"--xla_force_host_platform_device_count={count}")
     if not wanted:
         return
-    import sys as _sys
+    if backend_started():
+        raise RuntimeError("XLA_FLAGS workarounds must be applied before JAX starts its backend")
+    from engine.platform import add_xla_flags
 
-    if "jax" in _sys.modules:
-        import jax
-
-        if jax._src.xla_bridge.backends_are_initialized():
-            raise RuntimeError("XLA_FLAGS workarounds must be applied before JAX starts its backend")
-    flags = os.environ.get("XLA_FLAGS", "")
-    for flag in wanted:
-        if flag.split("=")[0] not in flags:
-            flags = (flags + " " + flag).strip()
-    os.environ["XLA_FLAGS"] = flags
+    add_xla_flags(*wanted)
 
 
 def main(argv=None) -> int:

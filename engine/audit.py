@@ -25,7 +25,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from engine.beliefs import BeliefSet, beliefs_from_arrays, load_beliefs
+from engine.beliefs import BeliefSet, array_namespace, beliefs_from_arrays
+from engine.beliefs_files import load_beliefs
 from engine.caching import LRUCache
 from engine.errors import InputError
 
@@ -158,9 +159,7 @@ def _model_inputs(model, bs: BeliefSet) -> dict[str, Any]:
 
 
 def _cholesky(cov):
-    from engine.beliefs import _xp
-
-    return _xp(cov).linalg.cholesky(cov)
+    return array_namespace(cov).linalg.cholesky(cov)
 
 
 def _problem_data(inputs: dict, num_obs: np.ndarray, extras: dict | None = None):
@@ -328,9 +327,8 @@ def audit_vfe(
 
     Notes
     -----
-    On CPU, start Python with ``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false``
-    (the CLI sets it, see ``engine.run.CPU_XLA_FLAGS``): without it, large multivariate chunk programs
-    intermittently hang in XLA's CPU runtime.
+    ``import engine`` sets the XLA:CPU workarounds of :mod:`engine.platform` before JAX starts;
+    a process that started JAX before importing the engine runs without them.
 
     Raises
     ------

@@ -110,7 +110,8 @@ def _is_jax(x) -> bool:
     return isinstance(x, jax.Array)
 
 
-def _xp(x):
+def array_namespace(x):
+    """``jax.numpy`` for JAX arrays, else ``numpy``: field checks run where the data live."""
     if _is_jax(x):
         import jax.numpy as jnp
 
@@ -175,7 +176,7 @@ def _broadcast(arr, shape: tuple[int, ...], name: str, spec: str):
         raise InputError(
             f"field {name!r}: shape {tuple(arr.shape)} does not broadcast to {spec} = {tuple(shape)}"
         )
-    return _xp(arr).broadcast_to(arr, shape)
+    return array_namespace(arr).broadcast_to(arr, shape)
 
 
 # --------------------------------------------------------------------------- validation
@@ -284,13 +285,13 @@ def _labels(value, size: int, name: str, has_axis: bool) -> np.ndarray:
         raise InputError(f"field {name!r}: labels must be numbers or strings, got dtype {arr.dtype}")
     if arr.dtype.kind == "S":
         arr = arr.astype(str)
-    dup = _first_duplicate(arr)
+    dup = first_duplicate(arr)
     if dup is not None:
         raise InputError(f"field {name!r}: duplicate label {arr[dup]!r} at index {dup}")
     return arr
 
 
-def _first_duplicate(labels: np.ndarray) -> int | None:
+def first_duplicate(labels: np.ndarray) -> int | None:
     seen: set = set()
     for i, value in enumerate(labels.tolist()):
         if value in seen:
@@ -300,7 +301,7 @@ def _first_duplicate(labels: np.ndarray) -> int | None:
 
 
 def _float(arr):
-    xp = _xp(arr)
+    xp = array_namespace(arr)
     return arr if xp.issubdtype(arr.dtype, xp.floating) else arr.astype(float)
 
 
@@ -346,7 +347,7 @@ def _ragged(raw, observed, C, T, kind, ckpts, tokens):
     n = int(observed.shape[2])
     if n == 0:
         raise InputError("field 'observed': the observation axis n is empty")
-    xp = _xp(observed)
+    xp = array_namespace(observed)
     if "n_obs" in raw:
         n_obs = np.asarray(raw["n_obs"])
         if n_obs.dtype.kind == "f":
@@ -394,7 +395,7 @@ def _ragged(raw, observed, C, T, kind, ckpts, tokens):
 
 def _fill_padding(observed, n_obs: np.ndarray, kind: str):
     """Replace slots past each token's count by its last valid observation (0 if none)."""
-    xp = _xp(observed)
+    xp = array_namespace(observed)
     n = observed.shape[2]
     if (n_obs == n).all():
         return observed
@@ -412,7 +413,7 @@ def _fill_padding(observed, n_obs: np.ndarray, kind: str):
 
 def _check_values(fields, kind, num_obs, ckpts, tokens):
     for name, arr in fields.items():
-        xp = _xp(arr)
+        xp = array_namespace(arr)
         if name == "observed":
             pad = xp.arange(arr.shape[2])[None, None, :] >= xp.asarray(num_obs)[..., None]
             finite = xp.isfinite(arr) if kind == "univariate" else xp.isfinite(arr).all(-1)
@@ -426,7 +427,7 @@ def _check_values(fields, kind, num_obs, ckpts, tokens):
         for name in ("sigma_q", "prior_sigma", "obs_sigma"):
             arr = fields[name]
             bad = arr <= 0
-            if bool(_xp(arr).any(bad)):
+            if bool(array_namespace(arr).any(bad)):
                 idx = _first_index(bad)
                 raise InputError(
                     f"field {name!r}: must be > 0, {_where(idx, ckpts, tokens)} value "
@@ -439,7 +440,7 @@ def _check_values(fields, kind, num_obs, ckpts, tokens):
 
 def _check_spd(cov, name, ckpts, tokens):
     """Symmetric (to 1e-8 relative) and positive definite (smallest eigenvalue > 0)."""
-    xp = _xp(cov)
+    xp = array_namespace(cov)
     scale = xp.max(xp.abs(cov), axis=(-2, -1))
     asym = xp.max(xp.abs(cov - xp.swapaxes(cov, -1, -2)), axis=(-2, -1)) > 1e-8 * (1.0 + scale)
     if bool(xp.any(asym)):
@@ -454,6 +455,3 @@ def _check_spd(cov, name, ckpts, tokens):
             f"smallest eigenvalue {float(np.asarray(eig_min[idx])):.3g}"
         )
 
-
-# File reading lives in engine.beliefs_files; re-exported here (it imports this module lazily).
-from engine.beliefs_files import SUFFIXES, concat_checkpoints, load_beliefs, read_file  # noqa: E402

@@ -11,14 +11,12 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from engine.beliefs import BeliefSet, beliefs_from_arrays, first_duplicate
 from engine.errors import InputError
-
-if TYPE_CHECKING:
-    from engine.beliefs import BeliefSet
 
 __all__ = ["read_file", "load_beliefs", "concat_checkpoints", "SUFFIXES"]
 
@@ -124,8 +122,6 @@ def load_beliefs(paths: str | Path | Sequence[str | Path]) -> BeliefSet:
             if mu is not None and np.ndim(mu) == core:
                 raw["checkpoint"] = np.array(path.stem)
         try:
-            from engine.beliefs import beliefs_from_arrays
-
             sets.append(beliefs_from_arrays(raw, source=str(path)))
         except InputError as err:
             raise InputError(f"{err} [in {path.name}]" if len(paths) > 1 else str(err)) from None
@@ -134,8 +130,6 @@ def load_beliefs(paths: str | Path | Sequence[str | Path]) -> BeliefSet:
 
 def concat_checkpoints(sets: Sequence[BeliefSet]) -> BeliefSet:
     """Stack belief sets along the checkpoint axis (same kind, tokens and K; n padded)."""
-    from engine.beliefs import _first_duplicate
-
     first = sets[0]
     for i, s in enumerate(sets[1:], start=1):
         if s.kind != first.kind:
@@ -161,7 +155,7 @@ def concat_checkpoints(sets: Sequence[BeliefSet]) -> BeliefSet:
         fields[name] = np.concatenate(parts, axis=0)
     ckpts = np.concatenate([s.checkpoints.astype(str) if any(
         t.checkpoints.dtype.kind in "US" for t in sets) else s.checkpoints for s in sets])
-    dup = _first_duplicate(ckpts)
+    dup = first_duplicate(ckpts)
     if dup is not None:
         raise InputError(f"field 'checkpoint': duplicate label {ckpts[dup]!r} at index {dup}")
     return replace(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,31 +28,11 @@ class Result:
     exit_code: int = 0
 
 
-CPU_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
-"""XLA:CPU flags every CPU run gets: jaxlib 0.10.2's concurrency-optimised scheduler
-intermittently never finishes a chunk program (all pool threads idle, or blocked in batched
-LAPACK solves) on few cores; without it the same programs finish, and no slower."""
-
-
 def configure_runtime(cfg: DictConfig) -> None:
-    """Apply ``cfg.runtime`` before JAX initialises its backend (platform, host devices, flags)."""
-    platform = cfg.runtime.get("platform", "cpu")
-    devices = cfg.runtime.get("devices", 1)
-    if platform == "cpu" and "jax" not in sys.modules:
-        flags = os.environ.get("XLA_FLAGS", "")
-        for flag in CPU_XLA_FLAGS:
-            if flag.split("=")[0] not in flags:
-                flags = f"{flags} {flag}".strip()
-        os.environ["XLA_FLAGS"] = flags
-    if platform == "cpu" and devices not in (None, 1) and "jax" not in sys.modules:
-        count = (os.cpu_count() or 1) if int(devices) == -1 else int(devices)
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-    if platform and "jax" not in sys.modules:
-        os.environ.setdefault("JAX_PLATFORMS", "cuda,cpu" if platform == "gpu" else platform)
-    elif platform:
-        os.environ["JAX_PLATFORMS"] = "cuda,cpu" if platform == "gpu" else platform
+    """Apply ``cfg.runtime`` before JAX initialises its backend (``engine.platform.configure``)."""
+    from engine.platform import configure
+
+    configure(cfg.runtime.get("platform", "cpu"), cfg.runtime.get("devices", 1))
 
 
 def run_analysis(cfg: DictConfig, run_dir: Path) -> Result:

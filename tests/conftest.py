@@ -6,13 +6,8 @@ import os
 import warnings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# jaxlib 0.10.2's concurrency-optimised XLA:CPU scheduler intermittently never finishes a chunk
-# program (see engine.run.CPU_XLA_FLAGS); every test process runs without it
-if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-    ).strip()
 
+import engine  # noqa: E402,F401  (applies engine.platform's XLA workarounds before JAX starts)
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

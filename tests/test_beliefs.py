@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.beliefs import BeliefSet, beliefs_from_arrays, load_beliefs
+from engine.beliefs import BeliefSet, beliefs_from_arrays
+from engine.beliefs_files import load_beliefs
 from engine.errors import InputError
 
 

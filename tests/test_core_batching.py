@@ -198,7 +198,7 @@ def test_ragged_container_not_observed_row_by_row_is_refused():
 
 
 def test_bad_sampler_settings_rejected():
-    with pytest.raises(ValueError, match="sampler must be"):
+    with pytest.raises(ValueError, match="unknown sampler 'stan'; choose one of 'blackjax'"):
         engine.sample_batched(normal_normal_model(), normal_normal_data(2), sampler="stan")
     with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
         engine.sample_batched(normal_normal_model(), normal_normal_data(2), bogus=1)

@@ -11,8 +11,9 @@ import inspect
 import logging
 from pathlib import Path
 
-from engine.audit import _TEMPLATES, audit_vfe
-from engine.beliefs import BeliefSet, load_beliefs
+from engine.audit import audit_vfe, cached_template
+from engine.beliefs import BeliefSet
+from engine.beliefs_files import load_beliefs
 from engine.errors import InputError
 
 
@@ -68,10 +69,10 @@ def model_from_config(cfg):
         return None, None, None
     closed_form = bool(spec.pop("closed_form", False))
     spec.pop("name", None)
-    key = ("config", json.dumps(spec, sort_keys=True, default=str))
-    if key not in _TEMPLATES:
-        if "_target_" not in spec:
-            raise InputError("field 'model._target_': missing; point it at a template builder")
+    if "_target_" not in spec:
+        raise InputError("field 'model._target_': missing; point it at a template builder")
+
+    def build():
         from hydra.utils import instantiate
 
         try:
@@ -81,9 +82,11 @@ def model_from_config(cfg):
             raise InputError(f"field 'model._target_': could not build {spec['_target_']!r} ({msg})") from None
         if not hasattr(model, "free_RVs"):
             raise InputError(f"field 'model._target_': {spec['_target_']!r} did not return a pm.Model")
-        _TEMPLATES[key] = model
+        return model
+
+    model = cached_template(("config", json.dumps(spec, sort_keys=True, default=str)), build)
     name = str(cfg.model.get("name") or spec["_target_"].rsplit(".", 1)[-1])
-    return _TEMPLATES[key], closed_form, name
+    return model, closed_form, name
 
 
 def _keep_draws(value):
