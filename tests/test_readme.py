@@ -1,0 +1,57 @@
+"""The README's Python examples run, at reduced size, as written."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+REDUCE = {
+    "size=(10_000, 20)": "size=(12, 20)",
+    "size=10_000": "size=12",
+    "chains=4, draws=1000, tune=1000, seed=0)": "chains=2, draws=100, tune=100, seed=0, progress=False)",
+    '{"x": xs, "y": ys})': '{"x": xs, "y": ys}, chains=2, draws=100, tune=100, progress=False)',
+}
+"""Smaller problems and runs than the README shows (every key must still be found in it)."""
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_examples_run(tmp_path, monkeypatch):
+    blocks = _python_blocks()
+    usage = [b for b in blocks if "KERNEL = Kernel(" not in b]
+    kernels = [b for b in blocks if "KERNEL = Kernel(" in b]
+    assert len(usage) == 2 and len(kernels) == 1, "README examples changed: update this test"
+    code = "\n".join(usage)
+    for old, new in REDUCE.items():
+        assert old in code, f"README no longer contains {old!r}"
+        code = code.replace(old, new)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own code
+    assert namespace["idata"].posterior.slope.dims == ("chain", "draw", "problem")
+
+    # "Adding a sampler": the module as written, plus its one registry line
+    (tmp_path / "readme_rwm.py").write_text(kernels[0])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from engine.sampling import kernels as registry
+
+    monkeypatch.setitem(registry.REGISTRY, "rwm", "readme_rwm")
+    import engine
+    from tests.models import normal_normal_data, normal_normal_model, normal_normal_posterior
+
+    data = normal_normal_data(3, seed=2)
+    idata = engine.sample_batched(normal_normal_model(), data, sampler="rwm", initial_step_size=0.3,
+                                  chains=4, draws=1500, tune=200, progress=False)
+    import arviz as az
+
+    mean, _ = normal_normal_posterior(data)
+    mcse = az.mcse(idata).theta.values
+    z = (idata.posterior.theta.mean(("chain", "draw")).values - mean) / mcse
+    assert np.all(np.abs(z) < 4.5), z
+    sys.modules.pop("readme_rwm", None)
