@@ -1,7 +1,7 @@
-"""The engine contestants: the chunk program of ``engine.batch``, compiled ahead of time and timed.
+"""The engine contestants: the chunk program of ``engine.sampling.batch``, compiled ahead of time and timed.
 
 Compile (PyMC -> JAX, trace, XLA) is timed apart from running; the run mirrors
-``engine.batch.run_batched`` (chunks padded to one shape, a per-problem on-device summary back on
+``engine.sampling.batch.run_batched`` (chunks padded to one shape, a per-problem on-device summary back on
 the host after every chunk).
 """
 
@@ -30,7 +30,7 @@ def make_summary_fn(free_var_names, num_draws: int):
     every = max(1, num_draws // STEP_SAMPLES)
     import jax.numpy as jnp
 
-    from engine.diagnostics import summarize_draws
+    from engine.sampling.diagnostics import summarize_draws
 
     def summary_fn(values, stats, data):
         r_hat, ess_bulk, ess_tail = [], [], []
@@ -93,7 +93,7 @@ def lockstep(chunks: list[dict], chains: int, stepwise: bool = False) -> dict:
 class EngineProgram:
     """The chunk program ``run_batched`` would build, compiled ahead of time, for one chunk shape.
 
-    Uses ``engine.batch``'s chunk builder so the timed program is exactly the engine's; AOT
+    Uses ``engine.sampling.batch``'s chunk builder so the timed program is exactly the engine's; AOT
     compilation lets compile time be measured apart from run time (there is no public hook yet).
     """
 
@@ -101,8 +101,8 @@ class EngineProgram:
         import jax
         import jax.numpy as jnp
 
-        from engine import batch
-        from engine.compile import compile_model
+        from engine.sampling import batch
+        from engine.model.compile import compile_model
 
         self.config = config
         self._scope = getattr(batch, "precision_scope", None) or (
@@ -138,7 +138,7 @@ class EngineProgram:
         import jax
         import jax.numpy as jnp
 
-        from engine import batch
+        from engine.sampling import batch
 
         with self._scope(self.config.precision):
             arrays = batch._cast(problem_data.device_arrays(), self.config.precision)
@@ -162,10 +162,10 @@ class EngineProgram:
 
 def bench_engine(model, data, n, contestant, args, programs: dict, log=None, workload_name="*") -> dict:
     """Time one engine contestant on the first ``n`` problems; one result row."""
-    from engine.batch import BatchConfig
-    from engine.compile import prepare_data
-    from engine.samplers import get_kernel
-    from engine.samplers.base import DEFAULT_TARGET_ACCEPT
+    from engine.sampling.batch import BatchConfig
+    from engine.model.compile import prepare_data
+    from engine.sampling.kernels import get_kernel
+    from engine.sampling.kernels.base import DEFAULT_TARGET_ACCEPT
     from engine.settings import RuntimeConfig, SamplerConfig
 
     problem_data = prepare_data(model, subset_data(data, n))

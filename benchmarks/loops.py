@@ -15,7 +15,7 @@ def _loop_summary(draws: dict[str, np.ndarray], free_names, n_steps=None, diverg
     import jax
     import jax.numpy as jnp
 
-    from engine.diagnostics import summarize_draws
+    from engine.sampling.diagnostics import summarize_draws
 
     with jax.enable_x64(True):
         r_hat, e_bulk = [], []
@@ -37,9 +37,9 @@ def loop_problems(num_problems: int, k: int) -> list[int]:
 
 def bench_pymc(model, data, problems: list[int], args) -> dict:
     """A loop of plain ``pm.sample`` (one call per problem) on ``problems``."""
-    from engine.compile import prepare_data
-    from engine.samplers.base import KernelSettings
-    from engine.samplers.pymc_default import sample_loop
+    from engine.model.compile import prepare_data
+    from engine.sampling.kernels.base import KernelSettings
+    from engine.sampling.kernels.pymc_default import sample_loop
 
     problem_data = prepare_data(model, data)
     free_names = [rv.name for rv in model.free_RVs]
@@ -80,8 +80,8 @@ def bench_nutpie(model, data, problems: list[int], args) -> dict:
     """A loop of nutpie (compiled once with ``compile_pymc_model``, data swapped per problem)."""
     import nutpie
 
-    from engine.compile import prepare_data
-    from engine.samplers.pymc_default import problem_inputs
+    from engine.model.compile import prepare_data
+    from engine.sampling.kernels.pymc_default import problem_inputs
 
     problem_data = prepare_data(model, data)
     free_names = [rv.name for rv in model.free_RVs]

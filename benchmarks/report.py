@@ -14,7 +14,7 @@ from importlib import metadata
 
 import numpy as np
 
-from engine.samplers.base import OPTIMAL_HMC_TARGET_ACCEPT
+from engine.sampling.kernels.base import OPTIMAL_HMC_TARGET_ACCEPT
 
 __all__ = ["machine_info", "add_ratios", "targets", "markdown_table", "write_results", "plot_scaling"]
 

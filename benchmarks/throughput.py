@@ -6,14 +6,14 @@
 - the engine with BlackJAX and with NumPyro NUTS (any of ``blackjax``, ``numpyro``, optionally
   suffixed ``:dense`` and/or ``:f32``), on the realistic audit path: draws stay on the device and
   a per-problem summary (rank-normalised split R-hat, bulk/tail ESS from
-  ``engine.diagnostics.summarize_draws``, divergences, leapfrog-step counts) comes back;
+  ``engine.sampling.diagnostics.summarize_draws``, divergences, leapfrog-step counts) comes back;
 - the user's real alternative, a loop of plain ``pm.sample`` (defaults; draws, tune and chains
   matched), on a stated, evenly spread subset of the problems;
 - nutpie in the same loop, when it is importable (the optional ``nutpie`` extra).
 
 Timing rules (STYLE.md item 11): the PyMC -> JAX conversion, JAX tracing and XLA compilation are
 timed apart from running (AOT ``.lower().compile()`` of the chunk program that
-``engine.batch.run_batched`` builds), every run ends with the results on the host, run-only times
+``engine.sampling.batch.run_batched`` builds), every run ends with the results on the host, run-only times
 are medians over repeats, and the machine, versions, settings and load average are written next
 to every figure. "End to end" = PyMC->JAX + trace + XLA compile + run; a fresh process pays
 exactly that. Only problems that pass the quality gate (R-hat < 1.01 and bulk ESS >= 400 for
@@ -32,15 +32,15 @@ from benchmarks.engine_bench import EngineProgram, bench_engine, lockstep, make_
 from benchmarks.loops import bench_nutpie, bench_pymc, loop_problems, nutpie_available  # noqa: F401
 from benchmarks.measure import GATE, gate_mask  # noqa: F401
 from benchmarks.workloads import WORKLOADS, get_workload
-from engine.samplers import REGISTRY
-from engine.samplers.base import OPTIMAL_HMC_TARGET_ACCEPT
+from engine.sampling.kernels import REGISTRY
+from engine.sampling.kernels.base import OPTIMAL_HMC_TARGET_ACCEPT
 
 __all__ = ["Contestant", "parse_contestant", "main", "run_benchmark", "GATE"]
 
 LOOP_SAMPLERS = ("pymc", "nutpie")
 """Per-problem loops: the ``pm.sample`` baseline (the engine's host kernel) and nutpie."""
 ENGINE_SAMPLERS = tuple(name for name in REGISTRY if name not in LOOP_SAMPLERS)
-"""The engine's batched kernels: every registered sampler (``engine.samplers.REGISTRY``) but the loop."""
+"""The engine's batched kernels: every registered sampler (``engine.sampling.kernels.REGISTRY``) but the loop."""
 
 
 @dataclass(frozen=True)

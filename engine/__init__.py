@@ -20,11 +20,11 @@ _register_configs()
 
 def __getattr__(name):
     if name == "sample_batched":
-        from engine.api import sample_batched
+        from engine.sampling.api import sample_batched
 
         return sample_batched
     if name == "audit_vfe":
-        from engine.audit import audit_vfe
+        from engine.audit.vfe import audit_vfe
 
         return audit_vfe
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _app(cfg: DictConfig) -> None:
-    from engine.run import run_cli
+    from engine.cli import run_cli
 
     code = run_cli(cfg)
     if code:

@@ -13,12 +13,12 @@ The workarounds, each for jaxlib 0.10.2 on CPU:
    already names the flag.
 2. Batched LAPACK on CPU (``lapack_dtrsm_ffi``, ``potrf``) splits its batch over XLA's intra-op
    pool and blocks its own thread; with every pool thread doing so the multivariate audit never
-   finished. ``engine.linalg`` writes small triangular solves and Cholesky factors in plain XLA
+   finished. ``engine.model.linalg`` writes small triangular solves and Cholesky factors in plain XLA
    ops instead (also for PyTensor's ``SolveTriangular``/``Cholesky`` when a template compiles,
-   see ``engine._pymc_jax``). Templates calling other batched LAPACK routines on CPU can still
+   see ``engine.model._pymc_jax``). Templates calling other batched LAPACK routines on CPU can still
    hit it on few cores; ``NPROC`` at twice the cores avoids it at 28-56% throughput.
 3. ``pymc.sampling.jax`` rewrites ``XLA_FLAGS`` on import (100 host devices);
-   ``engine._pymc_jax`` imports it lazily and restores the variable.
+   ``engine.model._pymc_jax`` imports it lazily and restores the variable.
 4. Several CPU devices need ``--xla_force_host_platform_device_count`` before JAX starts
    (:func:`configure`, which the CLI calls from ``runtime.devices``).
 """

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from engine.samplers.base import DEFAULT_MAX_TREE_DEPTH, DEFAULT_TARGET_ACCEPT, KernelSettings
+from engine.sampling.kernels.base import DEFAULT_MAX_TREE_DEPTH, DEFAULT_TARGET_ACCEPT, KernelSettings
 
 __all__ = ["SamplerConfig", "RuntimeConfig", "from_kwargs", "from_config", "register_configs"]
 
@@ -26,11 +26,11 @@ class SamplerConfig:
     """What to run for every problem (``conf/sampler/*.yaml``).
 
     name
-        A registered sampler (``engine.samplers.REGISTRY``; the CLI's option names are accepted).
+        A registered sampler (``engine.sampling.kernels.REGISTRY``; the CLI's option names are accepted).
     chains, draws, tune
         Chains per problem; kept draws and warmup transitions per chain.
     target_accept, max_tree_depth, dense_mass, initial_step_size
-        The kernel's settings (:class:`~engine.samplers.base.KernelSettings`).
+        The kernel's settings (:class:`~engine.sampling.kernels.base.KernelSettings`).
     init_tries
         Jittered initial points tried per chain before a problem is declared unstartable.
     jitter
@@ -59,7 +59,7 @@ class SamplerConfig:
     def checked(self) -> "SamplerConfig":
         """This config with its sampler name made canonical; ``ValueError`` naming the field
         of a value no kernel can run (and the kernel's own checks, e.g. ChEES's chains >= 2)."""
-        from engine.samplers import canonical_name, get_kernel
+        from engine.sampling.kernels import canonical_name, get_kernel
 
         config = dataclasses.replace(self, name=canonical_name(self.name))
         for field in ("chains", "draws"):

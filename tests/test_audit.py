@@ -22,7 +22,7 @@ CONTRACT_UNIVARIATE = [
 
 
 def _exact(prior_mu, prior_sigma, obs_sigma, observed, n_obs):
-    """Conjugate update written out independently of engine.references."""
+    """Conjugate update written out independently of engine.audit.references."""
     valid = np.arange(observed.shape[-1]) < n_obs[..., None]
     precision = prior_sigma**-2 + n_obs * obs_sigma**-2
     mean = (prior_mu * prior_sigma**-2 + np.where(valid, observed, 0).sum(-1) * obs_sigma**-2) / precision
@@ -113,7 +113,7 @@ def test_univariate_coverage_and_pareto_k(univariate_case):
 
 
 def test_multivariate_k3_matches_closed_form():
-    from engine.references import mvnormal_known_cov
+    from engine.audit.references import mvnormal_known_cov
 
     rng = np.random.default_rng(2)
     T, n, K = 6, 5, 3

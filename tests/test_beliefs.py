@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.beliefs import BeliefSet, beliefs_from_arrays
-from engine.beliefs_files import load_beliefs
+from engine.audit.beliefs import BeliefSet, beliefs_from_arrays
+from engine.audit.beliefs_files import load_beliefs
 from engine.errors import InputError
 
 

@@ -78,7 +78,7 @@ def test_quick_mode_writes_well_formed_results(quick_results):
 def test_every_workload_compiles_for_the_engine():
     import jax
 
-    from engine.compile import compile_model, prepare_data
+    from engine.model.compile import compile_model, prepare_data
 
     for name, workload in WORKLOADS.items():
         model = workload.build_model()

@@ -136,7 +136,7 @@ def test_small_univariate_demo_via_cli(tmp_path, env):
     assert draws.posterior.theta.dims == ("chain", "draw", "checkpoint", "token")
     assert draws.posterior.theta.shape == (2, 300, 3, 2) and draws.posterior.token.values.tolist() == [1, 4]
     # structured progress: one JSON line per chunk of 4 tokens, and a rate/ETA line in the job log
-    from engine.progress import read_events
+    from engine.audit.progress import read_events
 
     events = read_events(run / "progress.jsonl")
     assert [e["event"] for e in events] == ["start"] + ["chunk"] * 5 + ["finish"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from engine.run import sampling_kwargs
+from engine.cli import sampling_kwargs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("analysis", "sampler", "data", "runtime", "model")

@@ -11,11 +11,11 @@ import pytest
 from scipy import stats
 
 import engine
-from engine.api import compile_for
-from engine.batch import BatchConfig, run_batched
+from engine.sampling.api import compile_for
+from engine.sampling.batch import BatchConfig, run_batched
 from engine.settings import RuntimeConfig, SamplerConfig
-from engine.compile import prepare_data
-from engine.diagnostics import summarize_draws
+from engine.model.compile import prepare_data
+from engine.sampling.diagnostics import summarize_draws
 from tests.models import normal_normal_data, normal_normal_model, normal_normal_posterior
 
 

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 import engine
-from engine.diagnostics import summarize_draws
+from engine.sampling.diagnostics import summarize_draws
 from tests.models import normal_normal_data, normal_normal_model, normal_normal_posterior
 
 

@@ -14,10 +14,10 @@ import pytest
 from scipy import stats
 
 import engine
-from engine.batch import BatchConfig, run_batched
-from engine.api import compile_for
+from engine.sampling.batch import BatchConfig, run_batched
+from engine.sampling.api import compile_for
 from engine.settings import SamplerConfig
-from engine.compile import prepare_data
+from engine.model.compile import prepare_data
 from tests.models import normal_normal_data, normal_normal_model, normal_normal_posterior
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_poisoned_problem_is_flagged_and_leaves_others_identical():
 def test_multivariate_audit_on_two_host_devices_finishes(tmp_path, sampler):
     """Regression: the K=3 audit on 2 host devices of this 2-core machine never finished (every
     XLA intra-op thread blocked in a batched LAPACK trsm waiting for its own pool) until
-    ``engine.linalg`` wrote small triangular solves and Cholesky factors out in plain XLA ops;
+    ``engine.model.linalg`` wrote small triangular solves and Cholesky factors out in plain XLA ops;
     ``runtime.devices=2`` through the CLI, as users run it, with the pool at its default size."""
     import pandas as pd
 

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine import batch
-from engine.samplers import ALIASES, REGISTRY, canonical_name, get_kernel
-from engine.samplers.base import Kernel, KernelSettings, Schedule
+from engine.sampling import batch
+from engine.sampling.kernels import ALIASES, REGISTRY, canonical_name, get_kernel
+from engine.sampling.kernels.base import Kernel, KernelSettings, Schedule
 from engine.settings import RuntimeConfig, SamplerConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""``engine.linalg.solve_triangular`` against SciPy, and the PyTensor dispatch that uses it."""
+"""``engine.model.linalg.solve_triangular`` against SciPy, and the PyTensor dispatch that uses it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from engine.linalg import MAX_UNROLLED, cholesky, solve_triangular
+from engine.model.linalg import MAX_UNROLLED, cholesky, solve_triangular
 
 
 @pytest.mark.parametrize("size", [1, 3, 8, MAX_UNROLLED, MAX_UNROLLED + 1])
@@ -54,7 +54,7 @@ def test_mvnormal_template_compiles_without_lapack_trsm():
     equals PyMC's own logp."""
     import pymc as pm
 
-    from engine.compile import compile_model, prepare_data
+    from engine.model.compile import compile_model, prepare_data
 
     K = 3
     with pm.Model() as model:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import metrics, references
+from engine.audit import metrics
+from engine.audit import references
 
 
 def _spd(rng, k):

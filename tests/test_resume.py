@@ -67,7 +67,7 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted_run(tmp_path):
     pd.testing.assert_frame_equal(a, b)  # bitwise: same seed, same chunk grid
 
     # the run directory's progress log tells the whole story: killed session, resumed session
-    from engine.progress import read_events
+    from engine.audit.progress import read_events
 
     events = read_events(killed / "progress.jsonl")
     starts = [e for e in events if e["event"] == "start"]

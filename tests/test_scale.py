@@ -51,7 +51,7 @@ def test_200k_token_audit_runs_in_bounded_memory(tmp_path):
 
     import pandas as pd
 
-    from engine.progress import read_events
+    from engine.audit.progress import read_events
 
     assert len(pd.read_parquet(run_dir / "metrics.parquet", columns=["token"])) == tokens
     rss = [e["rss_mb"] for e in read_events(run_dir / "progress.jsonl") if e["event"] == "chunk"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.batch import BatchConfig, chunk_grid, run_batched
-from engine.api import compile_for
+from engine.sampling.batch import BatchConfig, chunk_grid, run_batched
+from engine.sampling.api import compile_for
 from engine.settings import RuntimeConfig, SamplerConfig
-from engine.compile import prepare_data
-from engine.diagnostics import summarize_draws
+from engine.model.compile import prepare_data
+from engine.sampling.diagnostics import summarize_draws
 from engine.errors import InputError
-from engine.store import ChunkStore
+from engine.audit.store import ChunkStore
 from tests.models import normal_normal_data, normal_normal_model
 
 

@@ -28,8 +28,8 @@ def sample_kwargs(cfg, **overrides) -> dict:
     ``log_likelihood`` is dropped for a host sampler (``pymc``: the loop returns no log-likelihood; the
     analyses that need it compute it from the draws, see :func:`pointwise_normal_loglik`).
     """
-    from engine.run import sampling_kwargs
-    from engine.samplers import get_kernel
+    from engine.cli import sampling_kwargs
+    from engine.sampling.kernels import get_kernel
 
     kw = sampling_kwargs(cfg)
     kw.update({k: v for k, v in overrides.items() if v is not None})
@@ -42,7 +42,7 @@ def sample_kwargs(cfg, **overrides) -> dict:
 def sample(model, data, **kw):
     """``engine.sample_batched``; its one-line ``ValueError`` for bad data or settings becomes an
     :class:`InputError` (exit status 2 at the CLI, no traceback)."""
-    from engine.api import sample_batched
+    from engine.sampling.api import sample_batched
 
     try:
         return sample_batched(model, data, **kw)
@@ -150,7 +150,7 @@ def draw_summary(draws: np.ndarray, prob: float = HDI_PROB) -> dict[str, np.ndar
     import jax
     import jax.numpy as jnp
 
-    from engine.diagnostics import ess_bulk, ess_tail, rhat
+    from engine.sampling.diagnostics import ess_bulk, ess_tail, rhat
 
     x = np.asarray(draws, dtype=float)
     flat = x.reshape(x.shape[:-2] + (-1,))
@@ -237,7 +237,7 @@ def _jsonable(value):
 
 def write_summary(run_dir: Path, cfg, results: Mapping[str, Any]) -> Path:
     """``summary.json``: the analysis results, the resolved settings and package versions."""
-    from engine.run import to_container
+    from engine.cli import to_container
 
     settings = to_container(cfg)
     settings = {k: settings[k] for k in ("analysis", "sampler", "runtime") if k in settings}

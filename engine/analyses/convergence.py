@@ -26,7 +26,7 @@ import numpy as np
 
 from engine.analyses import _common as C
 from engine.errors import CheckFailed, InputError
-from engine.run import Result
+from engine.cli import Result
 
 DEFAULT_RULES = {"r_hat_max": 1.01, "ess_min": 400.0, "bfmi_min": 0.3, "treedepth_max_fraction": 0.0}
 

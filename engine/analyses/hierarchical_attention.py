@@ -30,7 +30,7 @@ import numpy as np
 
 from engine.analyses import _common as C
 from engine.errors import InputError
-from engine.run import Result
+from engine.cli import Result
 
 VARIANTS = ("hierarchical", "pooled", "unpooled")
 PARAMETERIZATIONS = ("noncentered", "centered")
@@ -179,7 +179,7 @@ def fit(entropies: np.ndarray, sample_kw: dict, *, variant: str = "hierarchical"
         and ``sigma`` (and for ``hierarchical`` ``mu``, ``tau_layer``, ``tau_head``) with the
         problem first and chain, draw last; ``loglik`` or ``None``.
     """
-    from engine.samplers import get_kernel
+    from engine.sampling.kernels import get_kernel
 
     entropies = check_entropies(entropies)
     num_checkpoints, num_layers, num_heads, num_samples = entropies.shape

@@ -24,7 +24,7 @@ import numpy as np
 
 from engine.analyses import _common as C
 from engine.errors import InputError
-from engine.run import Result
+from engine.cli import Result
 
 
 def per_problem_idata(idata, loglik: np.ndarray | None, problem: int):

@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from engine.errors import InputError
-from engine.store import CHUNK_DIR, MANIFEST, atomic_write_bytes
+from engine.audit.store import CHUNK_DIR, MANIFEST, atomic_write_bytes
 
 
 def _job_dirs(inputs: Path) -> list[Path]:

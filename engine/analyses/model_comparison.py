@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.analyses import _common as C
 from engine.errors import InputError
-from engine.run import Result
+from engine.cli import Result
 
 LIKELIHOODS = ("student_t", "normal")
 

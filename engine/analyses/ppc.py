@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from engine.analyses import _common as C
 from engine.errors import InputError
-from engine.run import Result
+from engine.cli import Result
 
 STATISTICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "mean": lambda y: np.mean(y, axis=-1),

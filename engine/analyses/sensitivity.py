@@ -28,7 +28,7 @@ import numpy as np
 
 from engine.analyses import _common as C
 from engine.errors import InputError
-from engine.run import Result
+from engine.cli import Result
 
 
 @dataclass

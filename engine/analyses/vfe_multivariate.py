@@ -1,7 +1,7 @@
 """``analysis=vfe_multivariate``: audit K-dimensional Gaussian beliefs N(mu_q, cov_q).
 
 The generative model is the MvNormal with known covariances (closed form in
-``engine.references.mvnormal_known_cov``); ``cfg.model`` is not used. See
+``engine.audit.references.mvnormal_known_cov``); ``cfg.model`` is not used. See
 :func:`engine.audit.audit_vfe`.
 """
 

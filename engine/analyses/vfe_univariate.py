@@ -11,9 +11,9 @@ import inspect
 import logging
 from pathlib import Path
 
-from engine.audit import audit_vfe, cached_template
-from engine.beliefs import BeliefSet
-from engine.beliefs_files import load_beliefs
+from engine.audit.vfe import audit_vfe, cached_template
+from engine.audit.beliefs import BeliefSet
+from engine.audit.beliefs_files import load_beliefs
 from engine.errors import InputError
 
 
@@ -28,7 +28,7 @@ def beliefs_from_config(cfg, run_dir: Path, kind: str) -> BeliefSet:
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise InputError(f"field 'data.shard': need 0 <= shard < num_shards, got {shard}/{num_shards}")
     if data.name == "demo":
-        from engine import demo
+        from engine.audit import demo
 
         where = Path(run_dir) / "demo"
         if kind == "univariate":
@@ -99,9 +99,9 @@ def _keep_draws(value):
 
 
 def run_from_config(cfg, run_dir: Path, kind: str):
-    """Body of the ``vfe_univariate``/``vfe_multivariate`` analyses -> ``engine.run.Result``."""
-    from engine.report import summary_text
-    from engine.run import Result, sampling_kwargs, to_container
+    """Body of the ``vfe_univariate``/``vfe_multivariate`` analyses -> ``engine.cli.Result``."""
+    from engine.audit.report import summary_text
+    from engine.cli import Result, sampling_kwargs, to_container
 
     # arviz logs optional-package notices at INFO, which Hydra's job logging would print
     logging.getLogger("arviz.preview").setLevel(logging.WARNING)

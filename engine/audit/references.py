@@ -6,7 +6,7 @@ is Normal, its precision the prior precision plus ``n`` observation precisions.
 
 All functions are vectorised over any leading axes (problems, or checkpoints and tokens) and
 take the padded observations plus each problem's count of valid ones (valid rows first, as
-:class:`engine.beliefs.BeliefSet` stores them).
+:class:`engine.audit.beliefs.BeliefSet` stores them).
 """
 
 from __future__ import annotations

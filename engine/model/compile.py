@@ -23,7 +23,7 @@ from pytensor.compile import SharedVariable
 from pytensor.graph.replace import clone_replace
 from pytensor.graph.traversal import ancestors
 
-from engine._pymc_jax import get_jaxified_graph
+from engine.model._pymc_jax import get_jaxified_graph
 
 ROW_MASK = "__row_mask__"
 """Key of the boolean row mask ``[n_rows_padded]`` inside a problem's data dict."""

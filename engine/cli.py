@@ -77,7 +77,7 @@ def to_container(cfg: DictConfig) -> dict:
 def sampling_kwargs(cfg: DictConfig) -> dict:
     """``sample_batched`` keyword arguments from ``cfg.sampler`` and ``cfg.runtime`` (the
     :mod:`engine.settings` schema); a host kernel (``pymc``) gets no precision or devices."""
-    from engine.samplers import get_kernel
+    from engine.sampling.kernels import get_kernel
     from engine.settings import from_config
 
     s, r = from_config(cfg)

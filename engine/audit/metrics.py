@@ -183,7 +183,7 @@ def pareto_khat_from_tail(top_log_weights, num_samples: int, reff: float = 1.0):
 
 
 def _converged(r_hat, ess_bulk, ess_tail, divergences):
-    from engine.diagnostics import CONVERGENCE_RULES
+    from engine.sampling.diagnostics import CONVERGENCE_RULES
 
     return (
         (np.asarray(r_hat) < CONVERGENCE_RULES["r_hat_max"])
@@ -199,7 +199,7 @@ def build_table(beliefs, summaries, model_name, exact: bool, interval: float, nu
     Parameters
     ----------
     beliefs
-        The audited :class:`engine.beliefs.BeliefSet` (C checkpoints x T tokens).
+        The audited :class:`engine.audit.beliefs.BeliefSet` (C checkpoints x T tokens).
     summaries
         ``audit._summary_fn`` outputs stacked over the ``C*T`` problems (host arrays).
     model_name
@@ -216,7 +216,7 @@ def build_table(beliefs, summaries, model_name, exact: bool, interval: float, nu
     """
     import pandas as pd
 
-    from engine import references
+    from engine.audit import references
 
     C, T = beliefs.num_checkpoints, beliefs.num_tokens
     P = C * T

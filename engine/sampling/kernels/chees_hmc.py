@@ -11,7 +11,7 @@ Why it is here: under ``vmap`` every NUTS transition waits for the deepest tree 
 pays for NUTS's tree bookkeeping; HMC with one trajectory length per problem and a jitter that is
 the same for every problem at a given iteration keeps the lanes in step and costs little more
 than its gradients. Cross-chain adaptation is why this kernel takes all of a problem's chains at
-once (``chains_inside``); ``engine.batch`` still adds the problem axis.
+once (``chains_inside``); ``engine.sampling.batch`` still adds the problem axis.
 
 Needs at least 2 chains (the criterion is a cross-chain statistic; 4 or more is better) and a
 warmup (``num_tune >= 50``). ``settings.max_tree_depth`` caps a trajectory at
@@ -31,7 +31,7 @@ import optax
 from blackjax.adaptation.base import get_filter_adapt_info_fn
 from blackjax.mcmc.dynamic_hmc import DynamicHMCState, halton_sequence
 
-from engine.samplers.base import (
+from engine.sampling.kernels.base import (
     OPTIMAL_HMC_TARGET_ACCEPT, Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
 )
 
@@ -85,7 +85,7 @@ def check(chains: int, tune: int, settings: KernelSettings) -> None:
 
 
 def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Schedule) -> SamplingAlgorithm:
-    """ChEES HMC bound to one problem (see :class:`~engine.samplers.base.Kernel`)."""
+    """ChEES HMC bound to one problem (see :class:`~engine.sampling.kernels.base.Kernel`)."""
     max_steps = 2**settings.max_tree_depth - 1
     # the jitter of blackjax.chees_adaptation (Halton, jitter_amount 1), rebuilt so that a
     # resumed state steps without rerunning the adaptation

@@ -1,7 +1,7 @@
-"""The sampler registry: name -> :class:`~engine.samplers.base.Kernel`.
+"""The sampler registry: name -> :class:`~engine.sampling.kernels.base.Kernel`.
 
 Every sampler is one module of this package that defines ``KERNEL`` (see
-:mod:`engine.samplers.base` for the protocol) and one line in :data:`REGISTRY`. Settings
+:mod:`engine.sampling.kernels.base` for the protocol) and one line in :data:`REGISTRY`. Settings
 validation, the CLI's errors, reports, benchmarks and the docs all read the names from here.
 Modules are imported on first use, so reading the names imports no JAX.
 """
@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import importlib
 
-from engine.samplers.base import Kernel, KernelSettings, SampleStats
+from engine.sampling.kernels.base import Kernel, KernelSettings, SampleStats
 
 __all__ = ["REGISTRY", "ALIASES", "Kernel", "KernelSettings", "SampleStats", "get_kernel", "canonical_name",
            "describe", "names"]
 
 REGISTRY = {
-    "blackjax": "engine.samplers.blackjax_nuts",
-    "numpyro": "engine.samplers.numpyro_nuts",
-    "stepwise": "engine.samplers.stepwise_nuts",
-    "chees": "engine.samplers.chees_hmc",
-    "pymc": "engine.samplers.pymc_default",
+    "blackjax": "engine.sampling.kernels.blackjax_nuts",
+    "numpyro": "engine.sampling.kernels.numpyro_nuts",
+    "stepwise": "engine.sampling.kernels.stepwise_nuts",
+    "chees": "engine.sampling.kernels.chees_hmc",
+    "pymc": "engine.sampling.kernels.pymc_default",
 }
 """Sampler name (Python's ``sampler=`` and the config's ``sampler.name``) -> its module."""
 

@@ -27,8 +27,8 @@ def pymc_jax():
 
 def get_jaxified_graph(inputs, outputs):
     """PyTensor graph -> JAX callable (``pymc.sampling.jax.get_jaxified_graph``), with small
-    triangular solves written out instead of LAPACK calls (``engine.linalg``)."""
-    from engine.linalg import register_pytensor
+    triangular solves written out instead of LAPACK calls (``engine.model.linalg``)."""
+    from engine.model.linalg import register_pytensor
 
     register_pytensor()
     return pymc_jax().get_jaxified_graph(inputs=inputs, outputs=outputs)

@@ -105,7 +105,7 @@ class ChunkStore:
         Everything that determines the results (data identity, model, sampler, seed, chunk grid);
         hashed into the manifest.
     grid
-        The run's chunk boundaries ``[(start, stop), ...]`` (``engine.batch.chunk_grid``).
+        The run's chunk boundaries ``[(start, stop), ...]`` (``engine.sampling.batch.chunk_grid``).
     overwrite
         Discard results of a different configuration instead of refusing.
     """

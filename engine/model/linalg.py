@@ -15,7 +15,7 @@ holds for the Cholesky factor (``lapack_?potrf_ffi``, K^3/6 operations). Larger 
 ``jax.scipy.linalg``.
 
 :func:`register_pytensor` makes PyTensor's JAX backend use them for ``SolveTriangular`` and
-``Cholesky`` (what ``pm.MvNormal``'s logp compiles to); ``engine.compile`` calls it
+``Cholesky`` (what ``pm.MvNormal``'s logp compiles to); ``engine.model.compile`` calls it
 before converting a template. It is the same mathematics, so other PyTensor-to-JAX users in the
 process are unaffected in their results.
 """

@@ -1,7 +1,7 @@
 """The one place that adds the problem and chain axes, and owns every sampling loop.
 
 A chunk of problems runs as ONE jitted program: ``vmap`` over problems, then over chains, of a
-kernel from the registry (``engine.samplers``; a ``chains_inside`` kernel, ChEES, gets a
+kernel from the registry (``engine.sampling.kernels``; a ``chains_inside`` kernel, ChEES, gets a
 problem's chains together and is vmapped over problems only). The driver runs the kernel's
 ``warmup`` (or ``num_tune`` of its steps), then ``lax.scan``s its ``step`` over the draws; a
 ``loop="leapfrog"`` kernel (stepwise NUTS) instead runs in ONE ``lax.while_loop`` for the whole
@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.caching import LRUCache
-from engine.compile import CompiledModel, ProblemData
-from engine.samplers import SampleStats, describe, get_kernel
-from engine.samplers.base import SamplingAlgorithm, Schedule
+from engine.model.compile import CompiledModel, ProblemData
+from engine.sampling.kernels import SampleStats, describe, get_kernel
+from engine.sampling.kernels.base import SamplingAlgorithm, Schedule
 from engine.settings import RuntimeConfig, SamplerConfig
 
 __all__ = ["BatchConfig", "BatchResult", "init_positions", "run_batched", "chunk_grid", "check_init",

@@ -11,13 +11,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 from numpyro.infer.hmc import HMCState, hmc
 
-from engine.samplers.base import (
+from engine.sampling.kernels.base import (
     Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
 )
 
 
 def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Schedule) -> SamplingAlgorithm:
-    """NumPyro NUTS bound to one problem (see :class:`~engine.samplers.base.Kernel`).
+    """NumPyro NUTS bound to one problem (see :class:`~engine.sampling.kernels.base.Kernel`).
 
     NumPyro's ``init_kernel`` configures ``sample_kernel`` through its closure (at trace time),
     so a program that resumes from a stored state configures it first from that state.

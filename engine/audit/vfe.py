@@ -1,7 +1,7 @@
 """``audit_vfe``: every token's Gaussian belief against its model's posterior, all at once.
 
 For each (checkpoint, token) problem the engine samples the posterior of the generative model
-the belief approximates (one compiled PyMC template, ``engine.batch.run_batched``), summarises
+the belief approximates (one compiled PyMC template, ``engine.sampling.batch.run_batched``), summarises
 the draws ON the device (``summary_fn``: moments, R-hat/ESS/MCSE, divergences, coverage of q's
 interval, and the largest PSIS log weights of q as a proposal), and compares q with the
 moment-matched MCMC posterior and, for conjugate models, with the exact one. Only per-problem
@@ -25,8 +25,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from engine.beliefs import BeliefSet, array_namespace, beliefs_from_arrays
-from engine.beliefs_files import load_beliefs
+from engine.audit.beliefs import BeliefSet, array_namespace, beliefs_from_arrays
+from engine.audit.beliefs_files import load_beliefs
 from engine.caching import LRUCache
 from engine.errors import InputError
 
@@ -36,7 +36,7 @@ Q_STREAM = 0x51
 """Extra ``fold_in`` tag of the random stream that draws from q (PSIS k-hat)."""
 
 MODELS = {"normal_normal": True, "student_t": False, "bernoulli_logit": False}
-"""Built-in univariate templates (``engine.vfe_models``) -> whether a closed form exists."""
+"""Built-in univariate templates (``engine.audit.vfe_models``) -> whether a closed form exists."""
 
 
 @dataclass
@@ -63,7 +63,7 @@ class AuditResult:
 
     def write(self, out_dir, *, plots: bool = True, worst_tokens: int = 10) -> dict[str, Path]:
         """Write metrics.parquet, PNG plots, report.md, summary.json (and draws.nc) atomically."""
-        from engine.report import write_outputs
+        from engine.audit.report import write_outputs
 
         return write_outputs(self, Path(out_dir), plots=plots, worst_tokens=worst_tokens)
 
@@ -80,7 +80,7 @@ def _as_beliefs(beliefs) -> BeliefSet:
 
 def _resolve_model(model, kind: str, dim: int, closed_form):
     """-> (pm.Model, model name, has closed form)."""
-    from engine import vfe_models
+    from engine.audit import vfe_models
 
     if kind == "multivariate":
         if model not in (None, "mvnormal"):
@@ -116,7 +116,7 @@ def cached_template(key: tuple, build: Callable[[], Any]):
 
 
 def _cached_template(name: str, *args):
-    from engine import vfe_models
+    from engine.audit import vfe_models
 
     def build():
         with _quiet_pytensor():
@@ -163,7 +163,7 @@ def _cholesky(cov):
 
 
 def _problem_data(inputs: dict, num_obs: np.ndarray, extras: dict | None = None):
-    from engine.compile import ProblemData
+    from engine.model.compile import ProblemData
 
     n = inputs["observed"].shape[1]
     ragged = bool((num_obs != n).any())
@@ -186,9 +186,9 @@ def _summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: int, inte
     from jax.scipy.special import ndtri
     from scipy.stats import chi2
 
-    from engine.diagnostics import summarize_draws
-    from engine.linalg import solve_triangular
-    from engine.metrics import psis_tail_size
+    from engine.sampling.diagnostics import summarize_draws
+    from engine.model.linalg import solve_triangular
+    from engine.audit.metrics import psis_tail_size
 
     keep = psis_tail_size(num_q_draws)
     z = float(ndtri(0.5 + interval / 2.0))
@@ -273,7 +273,7 @@ def audit_vfe(
     beliefs
         A beliefs file path (``.npz``/``.pt``/``.nc``), a list of them (stacked as checkpoints),
         a mapping of contract-3 arrays (numpy, JAX, torch incl. CUDA via DLPack), or a
-        :class:`~engine.beliefs.BeliefSet`.
+        :class:`~engine.audit.beliefs.BeliefSet`.
     model
         Univariate template: None or "normal_normal" (default), "student_t",
         "bernoulli_logit", a ``pm.Model``, or a zero-argument builder returning one (latent
@@ -299,7 +299,7 @@ def audit_vfe(
         When given, write metrics.parquet, summary.json, report.md and plots there.
     store_dir
         When given, every finished chunk's summaries are written there durably
-        (``engine.store.ChunkStore``) and a rerun with the same inputs and settings skips them:
+        (``engine.audit.store.ChunkStore``) and a rerun with the same inputs and settings skips them:
         a killed audit resumes, losing at most the chunk in flight, with the same final table.
     overwrite
         With ``store_dir``: discard a different configuration's chunks instead of refusing.
@@ -315,7 +315,7 @@ def audit_vfe(
         back from the device, so memory stays bounded by the chunk and the subset.
     log_file
         Append one JSON line per finished chunk (done, rate, ETA, RSS) to this file
-        (``engine.progress.RunLog``); a rate/ETA line is logged either way.
+        (``engine.audit.progress.RunLog``); a rate/ETA line is logged either way.
     shard
         ``(i, k)`` with ``store_dir``: run only chunks ``j`` of the run's chunk grid with
         ``j % k == i`` and return ``None`` (no table) when ``k > 1``; ``analysis=merge`` joins
@@ -340,10 +340,10 @@ def audit_vfe(
 
     import jax
 
-    from engine.api import compile_for
-    from engine.audit_chunks import kept_inference_data, kept_problems, open_store, run_chunks
-    from engine.batch import BatchConfig, check_init
-    from engine.samplers import get_kernel
+    from engine.sampling.api import compile_for
+    from engine.audit.chunks import kept_inference_data, kept_problems, open_store, run_chunks
+    from engine.sampling.batch import BatchConfig, check_init
+    from engine.sampling.kernels import get_kernel
     from engine.settings import RuntimeConfig, SamplerConfig
 
     if not 0.0 < float(interval) < 1.0:
@@ -410,8 +410,8 @@ def audit_vfe(
     jax.block_until_ready(summaries)
     t_sampled = time.perf_counter()
 
-    from engine import report
-    from engine.metrics import build_table
+    from engine.audit import report
+    from engine.audit.metrics import build_table
 
     with np.errstate(divide="ignore", invalid="ignore"):  # failed tokens' rows become NaN below
         table, plot_arrays = build_table(bs, summaries, model_name, exact, interval, num_q_draws, psis)
@@ -461,7 +461,7 @@ def _chunk_size(num_problems: int, chains: int, draws: int, dim: int, num_q_draw
     """
     if batch_size is not None:
         return int(batch_size)
-    from engine.samplers.base import SampleStats
+    from engine.sampling.kernels.base import SampleStats
 
     per_problem = 8 * (chains * draws * (dim + len(SampleStats._fields)) + num_q_draws * (dim + 2))
     max_size = max(1, CHUNK_MEMORY_BYTES // per_problem)

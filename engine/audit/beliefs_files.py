@@ -1,6 +1,6 @@
 """Reading beliefs files (``.npz``, ``.pt``, ``.nc``) into a raw field mapping.
 
-Nothing here validates fields (``engine.beliefs`` does); it only turns every way a file can be
+Nothing here validates fields (``engine.audit.beliefs`` does); it only turns every way a file can be
 unreadable into one :class:`engine.errors.InputError` line: a missing file, an unsupported
 extension, a corrupt archive, or pickled objects, which are refused and never executed
 (``np.load(allow_pickle=False)``, ``torch.load(weights_only=True)``).
@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from engine.beliefs import BeliefSet, beliefs_from_arrays, first_duplicate
+from engine.audit.beliefs import BeliefSet, beliefs_from_arrays, first_duplicate
 from engine.errors import InputError
 
 __all__ = ["read_file", "load_beliefs", "concat_checkpoints", "SUFFIXES"]

@@ -148,7 +148,7 @@ def multivariate_demo(
     reaches, the exact posterior: mean-field cannot represent its correlations and ends up
     over-confident in the correlated directions.
     """
-    from engine.references import mvnormal_known_cov
+    from engine.audit.references import mvnormal_known_cov
 
     rng = np.random.default_rng(seed + 1)
     K = int(dim)

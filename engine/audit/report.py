@@ -196,7 +196,7 @@ def _checkpoint_rows(summary: dict) -> tuple[list[str], list[list]]:
 
 def summary_text(summary: dict) -> str:
     """The short table the CLI prints."""
-    from engine.samplers import describe
+    from engine.sampling.kernels import describe
     st = summary["settings"]
     t = summary["timings_s"]
     head = (
@@ -297,7 +297,7 @@ def _plots(audit, out_dir: Path) -> dict[str, Path]:
 
 
 def _report_md(audit, plot_paths: dict[str, Path], worst_tokens: int) -> str:
-    from engine.samplers import describe
+    from engine.sampling.kernels import describe
     s, table = audit.summary, audit.table
     st = s["settings"]
     header, rows = _checkpoint_rows(s)

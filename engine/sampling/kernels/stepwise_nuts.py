@@ -27,10 +27,10 @@ from blackjax.adaptation.mass_matrix import mass_matrix_adaptation
 from blackjax.adaptation.staged_adaptation import build_schedule
 from blackjax.adaptation.step_size import dual_averaging_adaptation
 
-from engine.samplers.base import (
+from engine.sampling.kernels.base import (
     MAX_DELTA_ENERGY, Kernel, KernelSettings, SampleStats, SamplingAlgorithm, Schedule,
 )
-from engine.linalg import solve_triangular
+from engine.model.linalg import solve_triangular
 
 
 class Point(NamedTuple):
@@ -415,7 +415,7 @@ def build(logdensity_fn: Callable, settings: KernelSettings, schedule: Schedule)
 
     Warmup adapts inside ``step`` (Stan's windows over the first ``num_tune`` transitions), so
     there is no separate ``warmup``. A single chain's own while loop would, under ``vmap``, make
-    JAX select the whole output buffers at every step; ``engine.batch`` instead runs one loop
+    JAX select the whole output buffers at every step; ``engine.sampling.batch`` instead runs one loop
     over the whole chunk until every lane ``is_done``.
     """
     total = schedule.num_total

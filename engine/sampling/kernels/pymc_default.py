@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 
-from engine.compile import ProblemData
-from engine.samplers.base import Kernel, KernelSettings, SampleStats
+from engine.model.compile import ProblemData
+from engine.sampling.kernels.base import Kernel, KernelSettings, SampleStats
 
 _STAT_NAMES = {
     "diverging": "diverging",

@@ -1,7 +1,7 @@
 """The kernel protocol: what every sampler module provides, and the constants they share.
 
 A sampler is ONE posterior's Markov kernel, written for one chain (or, with ``chains_inside``,
-for all of one problem's chains together). ``engine.batch`` is its only driver: it owns every
+for all of one problem's chains together). ``engine.sampling.batch`` is its only driver: it owns every
 loop (``lax.scan`` over draws, ``lax.while_loop`` over leapfrog steps) and every ``vmap`` (over
 chains and problems). This follows BlackJAX's ``SamplingAlgorithm(init, step)``
 (``blackjax/base.py``) and NumPyro's ``MCMCKernel`` (``numpyro/infer/mcmc.py``): pure functions
@@ -9,7 +9,7 @@ of an explicit state, so a run can stop after any step and resume from the state
 (sampling in blocks relies on this).
 
 Adding a sampler is one module that defines ``KERNEL = Kernel(...)`` and one line in
-``engine.samplers.REGISTRY``.
+``engine.sampling.kernels.REGISTRY``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from blackjax.adaptation.base import get_filter_adapt_info_fn
 from blackjax.mcmc.hmc import HMCState
 
-from engine.samplers.base import (
+from engine.sampling.kernels.base import (
     Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
 )
 
@@ -44,7 +44,7 @@ class NUTSChainState(NamedTuple):
 
 
 def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Schedule) -> SamplingAlgorithm:
-    """BlackJAX NUTS bound to one problem (see :class:`~engine.samplers.base.Kernel`)."""
+    """BlackJAX NUTS bound to one problem (see :class:`~engine.sampling.kernels.base.Kernel`)."""
 
     def init(rng_key, position) -> NUTSChainState:
         dim = position.shape[-1]

@@ -1,8 +1,8 @@
 """How an audit's chunks run: durably, resumably, by shard, keeping chosen tokens' draws.
 
 ``audit_vfe`` builds the problems and the per-problem summary; this module runs the chunk grid
-(``engine.batch.run_batched``) against the run directory's :class:`~engine.store.ChunkStore`
-(only the chunks not yet stored, only this shard's), logs progress (``engine.progress``), and
+(``engine.sampling.batch.run_batched``) against the run directory's :class:`~engine.audit.store.ChunkStore`
+(only the chunks not yet stored, only this shard's), logs progress (``engine.audit.progress``), and
 turns the kept draws of the ``keep_draws`` tokens into InferenceData.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.beliefs import BeliefSet
+from engine.audit.beliefs import BeliefSet
 from engine.errors import InputError
 
 __all__ = ["open_store", "run_chunks", "concat_chunks", "kept_problems", "kept_inference_data"]
@@ -23,8 +23,8 @@ def open_store(store_dir, overwrite, full_data, config, extra):
     import dataclasses
     import hashlib
 
-    from engine.batch import chunk_grid
-    from engine.store import ChunkStore
+    from engine.sampling.batch import chunk_grid
+    from engine.audit.store import ChunkStore
 
     digest = hashlib.sha256()
     for name in sorted(full_data.arrays):
@@ -44,8 +44,8 @@ def run_chunks(compiled, full_data, config, summary_fn, progress, *, store=None,
     given -> ``(summaries, kept draws)`` of the whole grid, or ``(None, None)`` for one shard of
     several. Keys, chunk grid and resume make the result the same whichever chunks ran when. Kept draws: ``{"index": [k], "values": {name: [k, chain, draw, ...]}, "stats": {...}}``
     of the problems ``keep`` (sorted flat indices), or None when none are kept."""
-    from engine.batch import chunk_grid, run_batched
-    from engine.progress import RunLog
+    from engine.sampling.batch import chunk_grid, run_batched
+    from engine.audit.progress import RunLog
 
     grid = chunk_grid(full_data.num_problems, config.batch_size)
     index, num_shards = (0, 1) if shard is None else (int(shard[0]), int(shard[1]))

@@ -8,9 +8,9 @@ import numpy as np
 
 from engine import settings as settings_schema
 from engine.caching import LRUCache
-from engine.batch import BatchConfig, check_init, run_batched
-from engine.compile import CompiledModel, ProblemData, compile_model, prepare_data
-from engine.samplers import get_kernel
+from engine.sampling.batch import BatchConfig, check_init, run_batched
+from engine.model.compile import CompiledModel, ProblemData, compile_model, prepare_data
+from engine.sampling.kernels import get_kernel
 
 __all__ = ["sample_batched", "compile_for"]
 
