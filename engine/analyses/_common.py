@@ -125,8 +125,9 @@ def numeric_column(frame, column: str, source: str) -> np.ndarray:
 def hdi(samples: np.ndarray, prob: float = HDI_PROB) -> np.ndarray:
     """Highest-density interval of ``samples[..., n]`` along the last axis -> ``[..., 2]``.
 
-    The narrowest window holding ``ceil(prob * n)`` sorted draws (ArviZ's ``hdi`` for unimodal
-    posteriors), vectorised over leading axes.
+    The narrowest window ``[x_(i), x_(i + k)]`` of the sorted draws with ``k = floor(prob * n)``,
+    i.e. spanning ``k + 1`` draws (ArviZ's ``hdi`` for unimodal posteriors, equal to it draw for
+    draw), vectorised over leading axes.
     """
     x = np.sort(np.asarray(samples, dtype=float), axis=-1)
     n = x.shape[-1]
@@ -247,6 +248,16 @@ def write_summary(run_dir: Path, cfg, results: Mapping[str, Any]) -> Path:
     return path
 
 
+def percent(prob: float) -> str:
+    """A probability as a percentage for labels, rounded (``0.57 -> "57%"``, ``0.945 -> "94.5%"``);
+    ``int(prob * 100)`` would truncate ``0.57`` to 56."""
+    return f"{round(100.0 * float(prob), 1):g}%"
+
+
+R_HAT_DIGITS = 4
+"""Decimals of R-hat in tables: 1.0105 fails ``< 1.01`` but prints as 1.010 with three."""
+
+
 def fmt(value, digits: int = 3) -> str:
     """Compact number formatting for tables."""
     if value is None:
@@ -266,13 +277,14 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A list of row dicts as a GitHub markdown table."""
+    """A list of row dicts as a GitHub markdown table (R-hat columns to :data:`R_HAT_DIGITS`)."""
     if not rows:
         return "_(no rows)_\n"
     columns = list(columns or rows[0].keys())
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(fmt(row.get(c), R_HAT_DIGITS if "r_hat" in c else 3)
+                                       for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

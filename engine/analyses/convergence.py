@@ -240,7 +240,7 @@ def run(cfg, run_dir: Path) -> Result:
     ], {k: v for k, v in outputs.items() if str(v).endswith(".png")})
     lines = [f"convergence: {source}", f"  {num_failed} of {len(problems)} problem(s) failed a check"]
     for p in [p for p in problems if not p["passed"]][:5]:
-        lines.append(f"  problem {p['problem']}: {p['failed']} (max R-hat {p['max_r_hat']:.3f}, "
+        lines.append(f"  problem {p['problem']}: {p['failed']} (max R-hat {p['max_r_hat']:.4f}, "
                      f"min ESS bulk {p['min_ess_bulk']:.0f}, divergences {p['divergences']})")
     summary = "\n".join(lines)
     if num_failed and bool(opt("strict", False)):

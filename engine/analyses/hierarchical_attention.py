@@ -359,7 +359,7 @@ def run(cfg, run_dir: Path) -> Result:
     outputs["report"] = C.write_report(run_dir, "Hierarchical attention entropies", [
         ("Setup", f"Entropies of shape {list(entropies.shape)} (checkpoints, layers, heads, samples); "
                   f"variant `{variant}`, `{parameterization}` parameterisation; one batched run over "
-                  f"checkpoints. {int(hdi_prob * 100)}% HDIs in the input's units.\n" + warn),
+                  f"checkpoints. {C.percent(hdi_prob)} HDIs in the input's units.\n" + warn),
         ("Checkpoints", C.markdown_table(checkpoints)),
         ("Heads (last checkpoint)", C.markdown_table([h for h in heads if h["checkpoint"] == labels[-1]])),
     ], {k: v for k, v in outputs.items() if str(v).endswith(".png")})
@@ -367,6 +367,6 @@ def run(cfg, run_dir: Path) -> Result:
     for r in checkpoints:
         extra = "".join(f", {n} {r[n]:.3f}" for n in ("tau_layer", "tau_head") if n in r)
         lines.append(f"  checkpoint {r['checkpoint']}: sigma {r['sigma']:.3f}{extra}, "
-                     f"max R-hat {r['max_r_hat']:.3f}, divergences {r['divergences']}")
+                     f"max R-hat {r['max_r_hat']:.4f}, divergences {r['divergences']}")
     return Result("\n".join(lines), outputs, data={"idata": idata, "draws": draws, "heads": heads,
                                                    "checkpoints": checkpoints})

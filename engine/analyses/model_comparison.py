@@ -308,7 +308,7 @@ def run(cfg, run_dir: Path) -> Result:
     outputs["report"] = C.write_report(run_dir, "BEST model comparison (Kruschke 2013)", [
         ("Setup", f"Group A = `{pairs.name_a}`, group B = `{pairs.name_b}`; likelihood `{likelihood}`; "
                   f"{direction} ({better} is better); ROPE {rope} on `{rope_on}`; "
-                  f"{int(hdi_prob * 100)}% HDIs. Decision: Kruschke's HDI+ROPE rule.\n"),
+                  f"{C.percent(hdi_prob)} HDIs. Decision: Kruschke's HDI+ROPE rule.\n"),
         ("Results", C.markdown_table(rows, cols)),
     ], {k: v for k, v in outputs.items() if str(v).endswith(".png")})
     lines = [f"BEST ({likelihood}), {len(rows)} metric pair(s), {pairs.name_a} vs {pairs.name_b}:"]

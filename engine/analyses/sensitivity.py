@@ -400,7 +400,7 @@ def run(cfg, run_dir: Path) -> Result:
     outputs["report"] = C.write_report(run_dir, "Hyperparameter sensitivity", [
         ("Setup", f"{y.shape[1]} runs from {source}; metric(s) {metrics}; {len(design.terms)} standardised "
                   f"terms (one-hot columns are vs the first level). Effects are in metric units per SD "
-                  f"and per unit of each predictor, with {int(hdi_prob * 100)}% HDIs; divergences "
+                  f"and per unit of each predictor, with {C.percent(hdi_prob)} HDIs; divergences "
                   f"{[int(d) for d in div]}.\n{note}"),
         ("Effects", C.markdown_table(rows, cols)),
     ], {k: v for k, v in outputs.items() if str(v).endswith(".png")})
