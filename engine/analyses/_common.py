@@ -64,6 +64,34 @@ def plain(value):
     return value
 
 
+DIRECTIONS = ("lower", "higher")
+
+
+def metric_directions(better, names: Sequence[str], option: str = "analysis.better") -> dict[str, str]:
+    """Which way is better for each metric: ``{name: "lower" | "higher"}``.
+
+    ``better`` is one direction for every metric, or a ``{metric: direction}`` map (perplexity
+    and calibration error: lower; accuracy: higher). A map must name every metric in ``names``;
+    :class:`InputError` names the first bad or missing entry.
+    """
+    better = plain(better)
+    if isinstance(better, Mapping):
+        unknown = [k for k in better if k not in names]
+        if unknown:
+            raise InputError(f"{option}: {unknown[0]!r} is not a metric; metrics are {list(names)}")
+        missing = [n for n in names if n not in better]
+        if missing:
+            raise InputError(f"{option}: no direction for metric {missing[0]!r}; give lower or higher")
+        out = {n: str(better[n]) for n in names}
+    else:
+        out = {n: str(better) for n in names}
+    for name, direction in out.items():
+        if direction not in DIRECTIONS:
+            raise InputError(f"{option} must be 'lower' or 'higher' (or a map of them), got {direction!r}"
+                             + (f" for {name!r}" if isinstance(better, Mapping) else ""))
+    return out
+
+
 # --------------------------------------------------------------------------- inputs
 def resolve_path(path) -> Path:
     """A user path (``~`` expanded); :class:`InputError` when it does not exist."""
