@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from engine.analyses import _common as C
 from engine.analyses import model_comparison as mc
 from engine.errors import InputError
 
@@ -127,3 +128,27 @@ def test_run_on_a_table_writes_outputs(tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| pair | better |" in report and "sigma_a | sigma_b |" in report
     assert "`ppl`: lower is better" in report and "pooled-SD units" in report
+
+
+def test_plots_state_mean_hdi_sides_units_rope_and_better_side():
+    rng = np.random.default_rng(0)
+    pairs = mc.PairData(["ppl", "acc"], [np.zeros(3)] * 2, [np.zeros(3)] * 2, "gauge", "std")
+    diff = rng.normal(-1.0, 1.0, (2, 2, 500))                          # 84% of the mass below 0
+    draws = {k: np.ones((2, 2, 500)) for k in ("mu_a", "mu_b", "sigma_a", "sigma_b")}
+    draws.update(diff=diff, effect_size=diff)
+    rows = mc.summarize(pairs, draws, better={"ppl": "lower", "acc": "higher"}, rope=[-0.2, 0.2],
+                        rope_on="diff")
+    fig = mc.posterior_figure(pairs, draws, rows, [-0.2, 0.2], "diff")
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    below = 100 * (diff[0] < 0).mean()
+    assert any(f"{below:.1f}% < 0 < {100 - below:.1f}%" in t and "mean" in t and "94% HDI" in t for t in texts)
+    assert C.fmt(rows[0]["diff_hdi_low"]) in texts and C.fmt(rows[0]["diff_hdi_high"]) in texts
+    assert fig.axes[0].get_xlabel() == "mean gauge - std (ppl units)"
+    assert "ROPE" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    fig = mc.forest_figure(pairs, rows, [-0.2, 0.2], "diff")
+    (ax,) = fig.axes
+    assert "each metric's own units" in ax.get_xlabel()
+    assert [t.get_text() for t in ax.texts] == ["<- gauge better (lower is better)",
+                                                "gauge better -> (higher is better)"]
+    assert ax.get_legend().get_texts()[0].get_text() == "ROPE [-0.2, 0.2]"
+    C.pyplot().close("all")

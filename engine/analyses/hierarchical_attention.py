@@ -265,6 +265,11 @@ def _layer_legend(fig, num_layers: int) -> None:
 def plot_forest(entropies, draws, labels, hdi_prob, path: Path, max_panels: int = 4, units: str = "nats") -> Path:
     """Forest plot of head means (posterior mean and HDI) per checkpoint, heads grouped by layer;
     the panels share their x axis so checkpoints compare by eye."""
+    return C.save_figure(forest_figure(entropies, draws, labels, hdi_prob, max_panels, units), path)
+
+
+def forest_figure(entropies, draws, labels, hdi_prob, max_panels: int = 4, units: str = "nats"):
+    """The figure of :func:`plot_forest` (last ``max_panels`` checkpoints, one panel each)."""
     plt = C.pyplot()
     stats = C.draw_summary(draws["theta"], hdi_prob)
     num_checkpoints, num_layers, num_heads = entropies.shape[:3]
@@ -284,7 +289,7 @@ def plot_forest(entropies, draws, labels, hdi_prob, path: Path, max_panels: int 
     axes[0, 0].set_yticklabels(names, fontsize=6)
     fig.tight_layout(rect=(0, 0.06 if num_layers <= 8 else 0.1, 1, 1))
     _layer_legend(fig, num_layers)
-    return C.save_figure(fig, path)
+    return fig
 
 
 def plot_shrinkage(entropies, draws, labels, path: Path, max_panels: int = 4, units: str = "nats") -> Path:

@@ -264,7 +264,8 @@ def _posterior_panel(ax, x: np.ndarray, low: float, high: float, hdi_prob: float
     top = ax.get_ylim()[1]
     ax.hlines(0.04 * top, low, high, color="C3", lw=4)
     for v, ha in ((low, "right"), (high, "left")):
-        ax.text(v, 0.09 * top, C.fmt(v), color="C3", ha=ha, va="bottom", fontsize=7)
+        ax.text(v, 0.09 * top, C.fmt(v), color="C3", ha=ha, va="bottom", fontsize=7,
+                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
     ax.text(0.02, 0.97, f"mean {C.fmt(mean)}\n{C.percent(hdi_prob)} HDI\n"
                         f"{100 * (x < 0).mean():.1f}% < 0 < {100 * (x > 0).mean():.1f}%",
             transform=ax.transAxes, ha="left", va="top", fontsize=7,
@@ -277,6 +278,12 @@ def plot_posteriors(pairs: PairData, draws: dict, rows: list[dict], rope, rope_o
                     hdi_prob: float = C.HDI_PROB, max_pairs: int = 6) -> Path:
     """Per pair: the posterior of the difference of means (metric units) and of the effect size
     (pooled-SD units), each with mean, HDI bounds, % on each side of 0; ROPE where it applies."""
+    return C.save_figure(posterior_figure(pairs, draws, rows, rope, rope_on, hdi_prob, max_pairs), path)
+
+
+def posterior_figure(pairs: PairData, draws: dict, rows: list[dict], rope, rope_on: str,
+                     hdi_prob: float = C.HDI_PROB, max_pairs: int = 6):
+    """The figure of :func:`plot_posteriors` (the first ``max_pairs`` pairs)."""
     plt = C.pyplot()
     n = min(len(pairs.labels), max_pairs)
     fig, axes = plt.subplots(2, n, figsize=(3.8 * n, 5.8), squeeze=False)
@@ -296,15 +303,22 @@ def plot_posteriors(pairs: PairData, draws: dict, rows: list[dict], rope, rope_o
                 ax.legend(fontsize=7, loc="upper right")
             ax.set_title(f"{pairs.labels[j]} ({row['better']} is better:\n{pairs.name_a} better {side} of 0)"
                          if r == 0 else f"{pairs.labels[j]}: effect size", fontsize=9)
-    fig.suptitle(f"BEST posteriors, {pairs.name_a} vs {pairs.name_b} (dashed: mean; red bar: HDI)", fontsize=10)
+    left = len(pairs.labels) - n
+    fig.suptitle(f"BEST posteriors, {pairs.name_a} vs {pairs.name_b} (dashed: mean; red bar: HDI)"
+                 + (f"; {left} more pair(s) in the table" if left else ""), fontsize=10)
     fig.tight_layout()
-    return C.save_figure(fig, path)
+    return fig
 
 
 def plot_forest(pairs: PairData, rows: list[dict], rope, rope_on: str, path: Path,
                 hdi_prob: float = C.HDI_PROB) -> Path:
     """The ROPE quantity (effect size, or the difference in each metric's units) with its HDI for
     every pair, the ROPE band, and on each row the side where A is better."""
+    return C.save_figure(forest_figure(pairs, rows, rope, rope_on, hdi_prob), path)
+
+
+def forest_figure(pairs: PairData, rows: list[dict], rope, rope_on: str, hdi_prob: float = C.HDI_PROB):
+    """The figure of :func:`plot_forest`."""
     plt = C.pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.5 * len(rows)))
     prefix = "es" if rope_on == "effect_size" else "diff"
@@ -321,7 +335,7 @@ def plot_forest(pairs: PairData, rows: list[dict], rope, rope_on: str, path: Pat
         ax.annotate(f"{text} ({r['better']} is better)", xy=(1.02, y), xycoords=("axes fraction", "data"),
                     va="center", fontsize=8)
     ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0))
-    return C.save_figure(fig, path)
+    return fig
 
 
 def posterior_predictive(pairs: PairData, idata, draws: dict, rng, max_draws: int = 500):
