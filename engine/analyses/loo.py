@@ -184,7 +184,7 @@ def plot_khat(loos: dict, label, path: Path) -> Path:
     import arviz as az
 
     plt = C.pyplot()
-    fig, axes = plt.subplots(1, len(loos), figsize=(4.0 * len(loos), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(loos), figsize=(4.0 * len(loos), 3.0), sharey=True, squeeze=False)
     for ax, (name, loo) in zip(axes[0], loos.items()):
         with C.quiet_plots():
             az.plot_khat(loo, ax=ax, show_hlines=True, markersize=8)
@@ -276,7 +276,9 @@ def run(cfg, run_dir: Path) -> Result:
                   f"fit: max R-hat over every posterior element and its divergences.\n"),
         ("Comparison", C.markdown_table(rows, cols)),
         ("Pareto k warnings", warn or "None: every observation's Pareto k is below ArviZ's threshold.\n"),
-        ("WAIC and LOO warnings (ArviZ)", caveats or "None.\n"),
+        ("WAIC and LOO warnings (ArviZ)", (caveats + "\nWhere WAIC warns, prefer PSIS-LOO, whose Pareto k "
+                                           "says when it is reliable (Vehtari, Gelman & Gabry 2017).\n")
+         if caveats else "None.\n"),
         ("Convergence of the fits", unconverged or "Every fit: R-hat < 1.01 and no divergences.\n"),
     ], {k: v for k, v in outputs.items() if str(v).endswith(".png")})
     lines = [f"loo: {source}, models {list(fitted)}, scale {scale} ({direction} is better)"]
