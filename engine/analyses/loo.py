@@ -212,6 +212,7 @@ def run(cfg, run_dir: Path) -> Result:
         first = next(iter(loaded.values())).posterior
         labels = list(first["problem"].values) if "problem" in first.dims else [0]
         source = f"saved traces {list(traces)}"
+        fitted_with = ""
     else:
         from engine.analyses import hierarchical_attention as ha
 
@@ -231,7 +232,9 @@ def run(cfg, run_dir: Path) -> Result:
             entropies = ha.load_entropies(path, str(opt("key", "entropies")))
             source = str(path)
         labels = list(range(entropies.shape[0]))
-        fitted = fit_variants(entropies, labels, variants, sample_kwargs(cfg))
+        kw = sample_kwargs(cfg)
+        fitted = fit_variants(entropies, labels, variants, kw)
+        fitted_with = f" Each variant fitted with target_accept {kw['target_accept']:g} (`analysis.target_accept`)."
     rows, compares, last_loos = [], {}, None
     for p, label in enumerate(labels):
         models = {name: per_problem_idata(idata, loglik, p) for name, (idata, loglik) in fitted.items()}
@@ -273,7 +276,7 @@ def run(cfg, run_dir: Path) -> Result:
         ("Setup", f"{source}; models {list(fitted)}; PSIS-LOO and WAIC from the pointwise "
                   f"log-likelihood (ArviZ, scale `{scale}`: {direction} is better; the `elpd_*` columns "
                   f"are on this scale), ranked by `az.compare` per problem (rank 0 best). Each variant's "
-                  f"fit: max R-hat over every posterior element and its divergences.\n"),
+                  f"fit: max R-hat over every posterior element and its divergences.{fitted_with}\n"),
         ("Comparison", C.markdown_table(rows, cols)),
         ("Pareto k warnings", warn or "None: every observation's Pareto k is below ArviZ's threshold.\n"),
         ("WAIC and LOO warnings (ArviZ)", (caveats + "\nWhere WAIC warns, prefer PSIS-LOO, whose Pareto k "
