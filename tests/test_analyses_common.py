@@ -59,3 +59,9 @@ def test_outputs_are_plain_json_and_markdown(tmp_path):
     assert payload["versions"]["arviz"] == az.__version__
     table = C.markdown_table([{"a": 1, "b": 0.123456, "c": True}])
     assert table.splitlines()[2] == "| 1 | 0.123 | yes |"
+
+
+def test_percent_rounds_and_r_hat_shows_four_decimals():
+    assert C.percent(0.57) == "57%" and C.percent(0.94) == "94%" and C.percent(0.945) == "94.5%"
+    table = C.markdown_table([{"max_r_hat": 1.0105, "mean": 1.0105}])
+    assert "| 1.0105 | 1.010 |" in table        # 1.0105 fails R-hat < 1.01; 1.010 would hide it

@@ -6,6 +6,7 @@ import arviz as az
 import numpy as np
 import pytest
 
+from engine.analyses import _common as C
 from engine.analyses import convergence as cv
 from engine.errors import CheckFailed, InputError
 
@@ -75,3 +76,22 @@ def test_run_writes_outputs_and_strict_fails(tmp_path):
     with pytest.raises(CheckFailed, match="1 of 2 problem"):
         cv.run(cfg, tmp_path / "out2")
     assert (tmp_path / "out2" / "report.md").exists()  # outputs written before failing
+
+
+def test_rank_plot_panels_do_not_overlap():
+    """Every element gets its own panel, titled ``name[index]``, and no title or axis label
+    overlaps another panel's (ArviZ's default figure stacked titles onto x labels)."""
+    rng = np.random.default_rng(0)
+    idata = az.from_dict(posterior={"a": rng.standard_normal((4, 200)), "b": rng.standard_normal((4, 200)),
+                                    "c": rng.standard_normal((4, 200)), "v": rng.standard_normal((4, 200, 2))})
+    fig = cv.rank_figure(idata, ["a", "b", "c", "v"])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["a", "b", "c", "v[0]", "v[1]"]
+    boxes = [box for ax in panels for box in (ax.title.get_window_extent(renderer),
+                                              ax.xaxis.label.get_window_extent(renderer))]
+    for i, first in enumerate(boxes):
+        for second in boxes[i + 1:]:
+            assert not first.overlaps(second), (first, second)
+    C.pyplot().close(fig)

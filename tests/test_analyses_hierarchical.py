@@ -60,3 +60,29 @@ def test_recovers_head_means_at_nominal_rate():
     sd = np.sqrt(n * 0.94 * 0.06)
     assert n * 0.94 - 3 * sd <= covered <= n, covered
     assert np.nanmax(stats["r_hat"]) < 1.05
+
+
+def test_divergence_advice_names_settings_that_act_and_are_not_set():
+    """The analysis overrides sampler.target_accept with analysis.target_accept, and a
+    non-centred run needs no advice to go non-centred."""
+    advice = ha.divergence_advice(12, "noncentered", 0.9)
+    assert "analysis.target_accept=0.95" in advice and "sampler.target_accept=" not in advice
+    assert "parameterization=noncentered" not in advice
+    centred = ha.divergence_advice(3, "centered", 0.95)
+    assert "analysis.parameterization=noncentered" in centred and "analysis.target_accept=0.99" in centred
+    assert "target_accept=" not in ha.divergence_advice(3, "noncentered", 0.99)
+    assert ha.divergence_advice(0, "centered", 0.8) == "No divergent transitions.\n"
+
+
+def test_forest_panels_share_x_in_nats_with_a_layer_legend():
+    rng = np.random.default_rng(0)
+    entropies = rng.standard_normal((2, 3, 2, 4))
+    draws = {"theta": rng.standard_normal((2, 3, 2, 2, 50)) + np.arange(2)[:, None, None, None, None]}
+    fig = ha.forest_figure(entropies, draws, [0, 1], 0.94)
+    first, second = fig.axes[:2]
+    assert first.get_shared_x_axes().joined(first, second)
+    assert first.get_xlim() == second.get_xlim()
+    assert "(nats)" in first.get_xlabel()
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["layer 0", "layer 1", "layer 2"]
+    C.pyplot().close(fig)

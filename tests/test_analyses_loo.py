@@ -95,6 +95,16 @@ def test_compare_and_errors(tmp_path):
     assert len(result.data["rows"]) == 4
     for name in ("summary.json", "report.md", "loo_compare.png", "loo_khat.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| max_r_hat | divergences |" in report and "## WAIC and LOO warnings (ArviZ)" in report
+    assert all(r["max_r_hat"] < 1.01 and r["divergences"] == 0 for r in result.data["rows"])
+    cfg.analysis.scale = "deviance"                       # -2 elpd: lower is better
+    result = loo.run(cfg, tmp_path / "dev")
+    assert "deviance is better" not in result.summary and "(lower is better)" in result.summary
+    first = result.summary.splitlines()[1]
+    assert first.index("a elpd_loo") < first.index("b elpd_loo"), first     # a is the better model
+    assert loo.compare_title(0, "deviance").endswith("(lower is better)")
+    assert loo.compare_title(0, "log").endswith("(higher is better)")
     path = tmp_path / "no_ll.nc"
     az.from_dict(posterior={"x": np.zeros((2, 10))}).to_netcdf(str(path))
     with pytest.raises(InputError, match="no log_likelihood group"):
@@ -110,6 +120,21 @@ def test_compare_and_errors(tmp_path):
     cfg = OmegaConf.create({"analysis": {"name": "loo", "variants": ["pooled"]}})
     with pytest.raises(InputError, match="at least two different variants"):
         loo.run(cfg, tmp_path)
+
+
+def test_waic_warning_is_reported_whole_and_the_fit_uses_the_analysis_target_accept(tmp_path):
+    """ArviZ's WAIC variance warning reaches the report in full, per variant; the variants are
+    fitted with analysis.target_accept (0.9), not sampler.target_accept."""
+    idata, ll = synthetic_trace()
+    wild = np.moveaxis(ll, 2, 0).copy()
+    wild[0, :, :5, 0] = -60.0                               # a few draws that fit obs 0 very badly
+    rows, _, _ = loo.information_criteria({"m": loo.per_problem_idata(idata, wild, 0)})
+    assert "exceeds 0.4" in rows[0]["warnings"] and "1507.04544" in rows[0]["warnings"]   # whole
+    cfg = OmegaConf.create({"analysis": OmegaConf.load("conf/analysis/loo.yaml"),
+                            "sampler": OmegaConf.load("conf/sampler/blackjax_nuts.yaml"),
+                            "runtime": OmegaConf.load("conf/runtime/cpu.yaml")})
+    assert cfg.sampler.target_accept == 0.8
+    assert loo.sample_kwargs(cfg)["target_accept"] == 0.9
 
 
 def test_padded_rows_of_ragged_traces_are_dropped():

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from engine.analyses import _common as C
 from engine.analyses import model_comparison as mc
 from engine.errors import InputError
 
@@ -48,6 +49,33 @@ def test_decision_rule_and_direction():
     lower = mc.summarize(pairs, draws, better="lower")[0]
     higher = mc.summarize(pairs, draws, better="higher")[0]
     assert lower["p_a_better"] == pytest.approx(0.75) and higher["p_a_better"] == pytest.approx(0.25)
+    assert (lower["better"], higher["better"]) == ("lower", "higher")
+
+
+def test_direction_per_metric():
+    """One ``better`` per metric: accuracy (higher is better) must not be read as lower-is-better
+    next to perplexity; the demo's null ``better`` means its own directions."""
+    from omegaconf import OmegaConf
+
+    pairs = mc.PairData(["ppl", "acc"], [np.zeros(3)] * 2, [np.zeros(3)] * 2)
+    diff = np.concatenate([np.full(300, -1.0), np.full(100, 1.0)]).reshape(1, 2, 200).repeat(2, 0)
+    draws = {k: np.ones((2, 2, 200)) for k in ("mu_a", "mu_b", "sigma_a", "sigma_b", "nu")}
+    draws.update(diff=diff, effect_size=diff)
+    rows = mc.summarize(pairs, draws, better={"ppl": "lower", "acc": "higher"})
+    assert [r["better"] for r in rows] == ["lower", "higher"]
+    assert [r["p_a_better"] for r in rows] == pytest.approx([0.75, 0.25])
+    assert rows[0]["nu"] == pytest.approx(1.0) and rows[0]["sigma_a"] == pytest.approx(1.0)
+    with pytest.raises(InputError, match="no direction for metric 'acc'"):
+        mc.summarize(pairs, draws, better={"ppl": "lower"})
+    with pytest.raises(InputError, match="'loss' is not a metric"):
+        mc.summarize(pairs, draws, better={"ppl": "lower", "acc": "higher", "loss": "lower"})
+    with pytest.raises(InputError, match="analysis.better"):
+        mc.check_options({"ppl": "smaller"}, [-0.1, 0.1], "effect_size")
+    demo = mc.demo_pairs()
+    cfg = OmegaConf.load("conf/analysis/model_comparison.yaml")
+    assert mc.resolve_better(OmegaConf.create({"analysis": cfg}), demo)["accuracy"] == "higher"
+    cfg.input = "runs.csv"
+    assert set(mc.resolve_better(OmegaConf.create({"analysis": cfg}), demo).values()) == {"lower"}
 
 
 @pytest.mark.slow
@@ -97,3 +125,30 @@ def test_run_on_a_table_writes_outputs(tmp_path):
     assert row["diff"] == pytest.approx(observed, abs=0.3)
     for name in ("summary.json", "report.md", "best_posterior.png", "best_forest.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| pair | better |" in report and "sigma_a | sigma_b |" in report
+    assert "`ppl`: lower is better" in report and "pooled-SD units" in report
+
+
+def test_plots_state_mean_hdi_sides_units_rope_and_better_side():
+    rng = np.random.default_rng(0)
+    pairs = mc.PairData(["ppl", "acc"], [np.zeros(3)] * 2, [np.zeros(3)] * 2, "gauge", "std")
+    diff = rng.normal(-1.0, 1.0, (2, 2, 500))                          # 84% of the mass below 0
+    draws = {k: np.ones((2, 2, 500)) for k in ("mu_a", "mu_b", "sigma_a", "sigma_b")}
+    draws.update(diff=diff, effect_size=diff)
+    rows = mc.summarize(pairs, draws, better={"ppl": "lower", "acc": "higher"}, rope=[-0.2, 0.2],
+                        rope_on="diff")
+    fig = mc.posterior_figure(pairs, draws, rows, [-0.2, 0.2], "diff")
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    below = 100 * (diff[0] < 0).mean()
+    assert any(f"{below:.1f}% < 0 < {100 - below:.1f}%" in t and "mean" in t and "94% HDI" in t for t in texts)
+    assert C.fmt(rows[0]["diff_hdi_low"]) in texts and C.fmt(rows[0]["diff_hdi_high"]) in texts
+    assert fig.axes[0].get_xlabel() == "mean gauge - std (ppl units)"
+    assert "ROPE" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    fig = mc.forest_figure(pairs, rows, [-0.2, 0.2], "diff")
+    (ax,) = fig.axes
+    assert "each metric's own units" in ax.get_xlabel()
+    assert [t.get_text() for t in ax.texts] == ["<- gauge better (lower is better)",
+                                                "gauge better -> (higher is better)"]
+    assert ax.get_legend().get_texts()[0].get_text() == "ROPE [-0.2, 0.2]"
+    C.pyplot().close("all")

@@ -59,3 +59,32 @@ def test_ppc_detects_a_wrong_scale(tmp_path):
             assert 0.05 < ppc.bayesian_p_value(y_obs, y_rep, stat) < 0.95
         wide = y_obs.mean() + 3.0 * (y_obs - y_obs.mean())
         assert ppc.bayesian_p_value(wide, y_rep, "sd") == 0.0
+
+
+def test_default_statistics_are_not_only_the_fitted_mean_and_heads_get_a_spread_statistic():
+    from pathlib import Path
+
+    defaults = OmegaConf.load(Path(__file__).parents[1] / "conf/analysis/ppc.yaml").statistics
+    assert {"min", "max", "skewness"} <= set(defaults) and "mean" in ppc.FITTED_DIRECTLY
+    assert ppc.statistics_for(["mean", "sd"], 4) == ["mean", "sd", "between_head_sd"]
+    assert ppc.statistics_for(["mean", "between_head_sd"], None) == ["mean"]
+    rng = np.random.default_rng(3)
+    y = rng.standard_normal(4000) ** 2
+    assert ppc.statistic("skewness", y) == pytest.approx(2 * np.sqrt(2), rel=0.15)      # chi2(1)
+    heads = np.repeat([0.0, 1.0, 2.0], 4) + 0.01 * rng.standard_normal(12)            # 3 heads x 4
+    assert ppc.statistic("between_head_sd", heads, 4) == pytest.approx(1.0, abs=0.02)
+    # pooled heads with the right overall spread but no between-head structure: flagged
+    y_rep = rng.permuted(np.broadcast_to(heads, (500, 12)), axis=1)
+    assert ppc.bayesian_p_value(heads, y_rep, "between_head_sd", 4) < 0.025
+
+
+def test_an_outlying_series_is_never_the_one_left_out(tmp_path):
+    rng = np.random.default_rng(4)
+    series = [(f"s{i}", rng.standard_normal(10), rng.standard_normal((200, 10))) for i in range(6)]
+    series[5] = ("outlier", np.append(rng.standard_normal(9), 8.0), series[5][2])
+    rows = ppc.p_value_table("m", series, ["mean", "max"])
+    shown, left_out = ppc.shown_series(series, rows, 4)
+    assert "outlier" in [s[0] for s in shown] and len(left_out) == 2
+    path, left = ppc.plot_ppc("m", series, ["mean", "max"], tmp_path / "p.png", rows=rows, max_series=4)
+    assert left == left_out and path.stat().st_size > 0
+    assert ppc.shown_series(series, rows, 8) == (series, [])

@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from engine.analyses import sensitivity as se
+from engine.analyses import sensitivity_report as ser
 from engine.errors import InputError
 
 APP = Path(__file__).parent / "hydra_app" / "sweep_app.py"
@@ -36,16 +37,63 @@ def sweep_dir(tmp_path_factory):
 def test_reads_real_multirun_directory(sweep_dir):
     frame = se.table_from_multirun(sweep_dir)
     assert len(frame) == 24
-    assert {"lr", "layers", "optimizer", "seed", "perplexity", "train.steps"} <= set(frame.columns)
+    assert {"lr", "layers", "optimizer", "seed", "perplexity", "loss", "train.steps"} <= set(frame.columns)
     assert sorted(frame["optimizer"].unique()) == ["adam", "sgd"]
-    design = se.build_design(frame, ["perplexity"], log10=["lr"], exclude=["seed"],
-                             interactions=["lr:layers"])
+    design = se.build_design(frame, ["perplexity"], log10=["lr"], interactions=["lr:layers"])
     assert design.terms == ["log10(lr)", "layers", "optimizer[sgd]", "log10(lr):layers"]
     assert design.kinds == ["numeric", "numeric", "one-hot", "interaction"]
-    assert design.dropped == ["train.steps (constant)"]
+    assert design.references[2] == "optimizer[adam]"
     np.testing.assert_allclose(design.x[:, :3].mean(0), 0, atol=1e-12)
     np.testing.assert_allclose(design.x[:, :3].std(0, ddof=1), 1, atol=1e-12)
     np.testing.assert_allclose(design.scale[0], np.log10(frame["lr"]).std(ddof=1))
+
+
+def test_multirun_predictors_are_the_swept_hyperparameters(sweep_dir):
+    """Metric-file keys (``loss`` = log perplexity, ``train.steps``) and ``seed`` are not
+    predictors unless named: ``loss`` would condition every real effect away."""
+    frame = se.table_from_multirun(sweep_dir)
+    design = se.build_design(frame, ["perplexity"])
+    assert design.terms == ["lr", "layers", "optimizer[sgd]"]
+    assert design.dropped == []
+    assert any("'loss'" in s and "'train.steps'" in s for s in design.left_out), design.left_out
+    assert any("'seed'" in s for s in design.left_out), design.left_out
+    named = se.build_design(frame, ["perplexity"], predictors=["lr", "seed", "loss"])
+    assert named.terms == ["lr", "seed", "loss"] and named.left_out == []
+    text = ser.design_text(design, "multirun x")
+    assert "| optimizer[sgd] | one-hot |" in text and "level vs `optimizer[adam]`" in text
+    assert "Not predictors" in text and "random seeds" in text
+
+
+def test_fit_table_r2_and_plotted_scales():
+    """Intercept and sigma in metric units and Bayesian R^2 (Gelman et al. 2019) from known draws;
+    one-hot effects are shown per unit (vs the reference), numeric ones per SD, labelled."""
+    import arviz as az
+
+    rng = np.random.default_rng(0)
+    n, draws = 40, 50
+    x = rng.standard_normal((n, 2))
+    x = (x - x.mean(0)) / x.std(0, ddof=1)
+    beta = np.broadcast_to([0.6, -0.3], (1, draws, 1, 2))              # [chain, draw, problem, p]
+    alpha = np.full((1, draws), 0.1)
+    sigma = np.full((1, draws), 0.5)
+    idata = az.from_dict(posterior={"alpha": alpha[..., None], "beta": beta,
+                                    "sigma": sigma[..., None]},
+                         dims={"alpha": ["problem"], "beta": ["problem", "term"], "sigma": ["problem"]})
+    y = 10.0 + 2.0 * rng.standard_normal((1, n))
+    rows = {r["quantity"]: r for r in ser.model_table(idata, y, x, ["ppl"], 0.94)}
+    fitted = x @ np.array([0.6, -0.3])
+    r2 = fitted.var(ddof=1) / (fitted.var(ddof=1) + 0.25)
+    assert rows["R^2"]["mean"] == pytest.approx(r2)
+    assert rows["sigma"]["mean"] == pytest.approx(0.5 * y.std(ddof=1))
+    assert rows["intercept"]["mean"] == pytest.approx(y.mean() + 0.1 * y.std(ddof=1))
+    row = {"term": "opt[sgd]", "kind": "one-hot", "reference": "opt[adam]", "predictor_sd": 0.5,
+           "per_unit_mean": 1.5, "per_unit_hdi_low": 1.0, "per_unit_hdi_high": 2.0,
+           "per_sd_mean": 0.75, "per_sd_hdi_low": 0.5, "per_sd_hdi_high": 1.0}
+    assert ser.shown_effect(row) == (1.5, 1.0, 2.0, "opt[sgd] vs opt[adam]")
+    assert ser.truth_on_shown_scale(row, {"opt[sgd]": 1.5}) == 1.5
+    row.update(term="layers", kind="numeric", reference=None, predictor_sd=2.0)
+    assert ser.shown_effect(row)[::3] == (0.75, "layers (per SD = 2.000)")
+    assert ser.truth_on_shown_scale(row, {"layers": -0.6}) == pytest.approx(-1.2)
 
 
 def test_bad_inputs(tmp_path, sweep_dir):
@@ -93,7 +141,7 @@ def test_recovers_true_effects_at_nominal_rate():
 @pytest.mark.slow
 def test_run_on_multirun_directory(sweep_dir, tmp_path):
     cfg = OmegaConf.create({
-        "analysis": {"name": "sensitivity", "input": str(sweep_dir), "log10": ["lr"], "exclude": ["seed"]},
+        "analysis": {"name": "sensitivity", "input": str(sweep_dir), "log10": ["lr"]},
         "sampler": {"name": "blackjax", "target_accept": 0.8, "max_tree_depth": 10, "dense_mass": False, **SMALL},
         "runtime": {"seed": 0, "batch_size": None, "precision": "float64"},
     })
@@ -102,5 +150,8 @@ def test_run_on_multirun_directory(sweep_dir, tmp_path):
     truth = {"log10(lr)": -2.0, "layers": -0.5, "optimizer[sgd]": 1.5}
     for term, value in truth.items():
         assert rows[term]["per_unit_hdi_low"] <= value <= rows[term]["per_unit_hdi_high"], rows[term]
+    assert list(rows) == list(truth)
     for name in ("summary.json", "report.md", "sensitivity_forest.png", "effects.csv"):
         assert (tmp_path / name).stat().st_size > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "## Design" in report and "| R^2 |" in report and "| intercept |" in report

@@ -65,6 +65,34 @@ def plain(value):
     return value
 
 
+DIRECTIONS = ("lower", "higher")
+
+
+def metric_directions(better, names: Sequence[str], option: str = "analysis.better") -> dict[str, str]:
+    """Which way is better for each metric: ``{name: "lower" | "higher"}``.
+
+    ``better`` is one direction for every metric, or a ``{metric: direction}`` map (perplexity
+    and calibration error: lower; accuracy: higher). A map must name every metric in ``names``;
+    :class:`InputError` names the first bad or missing entry.
+    """
+    better = plain(better)
+    if isinstance(better, Mapping):
+        unknown = [k for k in better if k not in names]
+        if unknown:
+            raise InputError(f"{option}: {unknown[0]!r} is not a metric; metrics are {list(names)}")
+        missing = [n for n in names if n not in better]
+        if missing:
+            raise InputError(f"{option}: no direction for metric {missing[0]!r}; give lower or higher")
+        out = {n: str(better[n]) for n in names}
+    else:
+        out = {n: str(better) for n in names}
+    for name, direction in out.items():
+        if direction not in DIRECTIONS:
+            raise InputError(f"{option} must be 'lower' or 'higher' (or a map of them), got {direction!r}"
+                             + (f" for {name!r}" if isinstance(better, Mapping) else ""))
+    return out
+
+
 # --------------------------------------------------------------------------- inputs
 def resolve_path(path) -> Path:
     """A user path (``~`` expanded); :class:`InputError` when it does not exist."""
@@ -126,8 +154,9 @@ def numeric_column(frame, column: str, source: str) -> np.ndarray:
 def hdi(samples: np.ndarray, prob: float = HDI_PROB) -> np.ndarray:
     """Highest-density interval of ``samples[..., n]`` along the last axis -> ``[..., 2]``.
 
-    The narrowest window holding ``ceil(prob * n)`` sorted draws (ArviZ's ``hdi`` for unimodal
-    posteriors), vectorised over leading axes.
+    The narrowest window ``[x_(i), x_(i + k)]`` of the sorted draws with ``k = floor(prob * n)``,
+    i.e. spanning ``k + 1`` draws (ArviZ's ``hdi`` for unimodal posteriors, equal to it draw for
+    draw), vectorised over leading axes.
     """
     x = np.sort(np.asarray(samples, dtype=float), axis=-1)
     n = x.shape[-1]
@@ -248,6 +277,16 @@ def write_summary(run_dir: Path, cfg, results: Mapping[str, Any]) -> Path:
     return path
 
 
+def percent(prob: float) -> str:
+    """A probability as a percentage for labels, rounded (``0.57 -> "57%"``, ``0.945 -> "94.5%"``);
+    ``int(prob * 100)`` would truncate ``0.57`` to 56."""
+    return f"{round(100.0 * float(prob), 1):g}%"
+
+
+R_HAT_DIGITS = 4
+"""Decimals of R-hat in tables: 1.0105 fails ``< 1.01`` but prints as 1.010 with three."""
+
+
 def fmt(value, digits: int = 3) -> str:
     """Compact number formatting for tables."""
     if value is None:
@@ -267,13 +306,14 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A list of row dicts as a GitHub markdown table."""
+    """A list of row dicts as a GitHub markdown table (R-hat columns to :data:`R_HAT_DIGITS`)."""
     if not rows:
         return "_(no rows)_\n"
     columns = list(columns or rows[0].keys())
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(fmt(row.get(c), R_HAT_DIGITS if "r_hat" in c else 3)
+                                       for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -168,6 +168,30 @@ def demo_trace(cfg, run_dir: Path):
     return idata, path
 
 
+def rank_figure(idata, var_names, ncols: int = 3):
+    """``az.plot_rank`` of every element of ``var_names`` on a grid sized for its panels, laid out
+    so that no title or axis label overlaps another panel (ArviZ's own figure stacks them)."""
+    import arviz as az
+
+    plt = C.pyplot()
+    post = idata.posterior[var_names]
+    num_panels = sum(int(np.prod([post[v].sizes[d] for d in post[v].dims if d not in ("chain", "draw")]))
+                     for v in var_names)
+    ncols = max(1, min(ncols, num_panels))
+    nrows = -(-num_panels // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
+    with C.quiet_plots():
+        az.plot_rank(idata, var_names=var_names, ax=axes.ravel()[:num_panels])
+    for ax in axes.ravel()[num_panels:]:
+        ax.set_visible(False)
+    for ax in axes.ravel()[:num_panels]:
+        ax.set_title(ax.get_title().replace("\n", "[", 1) + ("]" if "\n" in ax.get_title() else ""), fontsize=10)
+        ax.xaxis.label.set_fontsize(9)
+        ax.yaxis.label.set_fontsize(9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return fig
+
+
 def plot_worst(idata, problems, elements, run_dir: Path, max_vars: int = 4):
     """Trace and rank plots of the worst problem's worst variables (ArviZ)."""
     import arviz as az
@@ -193,9 +217,8 @@ def plot_worst(idata, problems, elements, run_dir: Path, max_vars: int = 4):
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.suptitle(f"problem {label}: {problems[worst]['failed'] or 'all checks passed'}", fontsize=10)
     out["trace plot"] = C.save_figure(fig, Path(run_dir) / "convergence_trace.png")
-    with C.quiet_plots():
-        axes = az.plot_rank(one, var_names=var_names)
-    fig = np.ravel(axes)[0].figure
+    fig = rank_figure(one, var_names)
+    fig.suptitle(f"problem {label}: rank plots (uniform in every chain when the chains agree)", fontsize=10)
     out["rank plot"] = C.save_figure(fig, Path(run_dir) / "convergence_rank.png")
     plt.close("all")
     return out
@@ -240,7 +263,7 @@ def run(cfg, run_dir: Path) -> Result:
     ], {k: v for k, v in outputs.items() if str(v).endswith(".png")})
     lines = [f"convergence: {source}", f"  {num_failed} of {len(problems)} problem(s) failed a check"]
     for p in [p for p in problems if not p["passed"]][:5]:
-        lines.append(f"  problem {p['problem']}: {p['failed']} (max R-hat {p['max_r_hat']:.3f}, "
+        lines.append(f"  problem {p['problem']}: {p['failed']} (max R-hat {p['max_r_hat']:.4f}, "
                      f"min ESS bulk {p['min_ess_bulk']:.0f}, divergences {p['divergences']})")
     summary = "\n".join(lines)
     if num_failed and bool(opt("strict", False)):

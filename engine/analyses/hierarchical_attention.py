@@ -254,14 +254,30 @@ def checkpoint_table(idata, draws: dict, labels, hdi_prob: float) -> list[dict]:
     return rows
 
 
-def plot_forest(entropies, draws, labels, hdi_prob, path: Path, max_panels: int = 4) -> Path:
-    """Forest plot of head means (posterior mean and HDI) per checkpoint, heads grouped by layer."""
+def _layer_legend(fig, num_layers: int) -> None:
+    """One legend entry per layer colour, below the panels."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=f"C{layer % 10}", marker="o", ms=4, label=f"layer {layer}")
+               for layer in range(num_layers)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(num_layers, 8), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+
+
+def plot_forest(entropies, draws, labels, hdi_prob, path: Path, max_panels: int = 4, units: str = "nats") -> Path:
+    """Forest plot of head means (posterior mean and HDI) per checkpoint, heads grouped by layer;
+    the panels share their x axis so checkpoints compare by eye."""
+    return C.save_figure(forest_figure(entropies, draws, labels, hdi_prob, max_panels, units), path)
+
+
+def forest_figure(entropies, draws, labels, hdi_prob, max_panels: int = 4, units: str = "nats"):
+    """The figure of :func:`plot_forest` (last ``max_panels`` checkpoints, one panel each)."""
     plt = C.pyplot()
     stats = C.draw_summary(draws["theta"], hdi_prob)
     num_checkpoints, num_layers, num_heads = entropies.shape[:3]
     panels = list(range(num_checkpoints))[-max_panels:]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 1.0 + 0.18 * num_layers * num_heads),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 1.6 + 0.18 * num_layers * num_heads),
+                             sharey=True, sharex=True, squeeze=False)
     names = [f"L{l}.H{h}" for l in range(num_layers) for h in range(num_heads)]
     for ax, c in zip(axes[0], panels):
         for layer in range(num_layers):
@@ -270,20 +286,21 @@ def plot_forest(entropies, draws, labels, hdi_prob, path: Path, max_panels: int 
             ax.hlines(idx, stats["hdi_low"][c, layer], stats["hdi_high"][c, layer], color=f"C{layer % 10}")
             ax.plot(stats["mean"][c, layer], idx, "o", ms=3, color=f"C{layer % 10}")
         ax.set_title(f"checkpoint {labels[c]}", fontsize=9)
-        ax.set_xlabel("head mean entropy")
+        ax.set_xlabel(f"head mean entropy ({units}), {C.percent(hdi_prob)} HDI", fontsize=8)
     axes[0, 0].set_yticks(np.arange(len(names))[::-1])
     axes[0, 0].set_yticklabels(names, fontsize=6)
-    fig.tight_layout()
-    return C.save_figure(fig, path)
+    fig.tight_layout(rect=(0, 0.06 if num_layers <= 8 else 0.1, 1, 1))
+    _layer_legend(fig, num_layers)
+    return fig
 
 
-def plot_shrinkage(entropies, draws, labels, path: Path, max_panels: int = 4) -> Path:
+def plot_shrinkage(entropies, draws, labels, path: Path, max_panels: int = 4, units: str = "nats") -> Path:
     """Raw per-head sample means vs posterior means: partial pooling pulls heads to their layer."""
     plt = C.pyplot()
     post = draws["theta"].mean((-2, -1))
     raw = entropies.mean(-1)
     panels = list(range(raw.shape[0]))[-max_panels:]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), sharey=True, squeeze=False)
     for ax, c in zip(axes[0], panels):
         for layer in range(raw.shape[1]):
             for h in range(raw.shape[2]):
@@ -291,8 +308,9 @@ def plot_shrinkage(entropies, draws, labels, path: Path, max_panels: int = 4) ->
         ax.set_xticks([0, 1])
         ax.set_xticklabels(["sample mean", "posterior mean"])
         ax.set_title(f"checkpoint {labels[c]}", fontsize=9)
-    axes[0, 0].set_ylabel("head entropy")
-    fig.tight_layout()
+    axes[0, 0].set_ylabel(f"head mean entropy ({units})")
+    fig.tight_layout(rect=(0, 0.1 if raw.shape[1] <= 8 else 0.16, 1, 1))
+    _layer_legend(fig, raw.shape[1])
     return C.save_figure(fig, path)
 
 
@@ -307,6 +325,27 @@ def posterior_predictive(entropies, draws, labels, rng, max_draws: int = 500):
         rep = mean + sigma[take, None, None, None] * rng.standard_normal((take.size,) + entropies.shape[1:])
         out.append((f"checkpoint {label}", entropies[c].ravel(), rep.reshape(take.size, -1)))
     return out
+
+
+def divergence_advice(num_divergences: int, parameterization: str, target_accept: float) -> str:
+    """What to change when the fit diverged, naming only settings that act in this analysis and
+    are not already set: ``analysis.parameterization`` (when centred) and
+    ``analysis.target_accept`` (it overrides ``sampler.target_accept`` here), else more tuning."""
+    if not num_divergences:
+        return "No divergent transitions.\n"
+    steps = []
+    if parameterization != "noncentered":
+        steps.append("`analysis.parameterization=noncentered` (removes the funnel)")
+    if target_accept < 0.99:
+        higher = 0.95 if target_accept < 0.95 else 0.99
+        steps.append(f"`analysis.target_accept={higher}` (now {target_accept:g}; this analysis' own setting "
+                     "overrides `sampler.target_accept`)")
+    steps.append("a longer warmup, `sampler.tune`")
+    if parameterization == "noncentered" and target_accept >= 0.99:
+        steps.append("a closer look at the data: divergences that survive both usually mean a model "
+                     "that does not fit them")
+    return (f"**{num_divergences} divergent transitions**: estimates may be biased; try "
+            + "; then ".join(steps) + ".\n")
 
 
 def sample_kwargs(cfg) -> dict:
@@ -336,6 +375,7 @@ def run(cfg, run_dir: Path) -> Result:
     variant = str(opt("variant", "hierarchical"))
     parameterization = str(opt("parameterization", "noncentered"))
     hdi_prob = float(opt("hdi_prob", C.HDI_PROB))
+    units = str(opt("units", "nats"))
     entropies, labels = load_input(cfg)
     build_model(*entropies.shape[1:], variant, parameterization)  # option errors before sampling
     idata, draws, _ = fit(entropies, sample_kwargs(cfg), variant=variant,
@@ -345,8 +385,10 @@ def run(cfg, run_dir: Path) -> Result:
     table_path = run_dir / "head_means.csv"
     pd.DataFrame(heads).to_csv(table_path, index=False)
     outputs = {
-        "forest plot": plot_forest(entropies, draws, labels, hdi_prob, run_dir / "attention_forest.png"),
-        "shrinkage plot": plot_shrinkage(entropies, draws, labels, run_dir / "attention_shrinkage.png"),
+        "forest plot": plot_forest(entropies, draws, labels, hdi_prob, run_dir / "attention_forest.png",
+                                   units=units),
+        "shrinkage plot": plot_shrinkage(entropies, draws, labels, run_dir / "attention_shrinkage.png",
+                                         units=units),
         "head table": table_path,
     }
     total_div = int(sum(r["divergences"] for r in checkpoints))
@@ -355,13 +397,12 @@ def run(cfg, run_dir: Path) -> Result:
         "variant": variant, "parameterization": parameterization, "divergences": total_div,
         "checkpoints": checkpoints, "heads": heads,
     })
-    warn = (f"\n**{total_div} divergent transitions**: estimates may be biased; try "
-            "`analysis.parameterization=noncentered` or a higher `sampler.target_accept`.\n"
-            if total_div else "\nNo divergent transitions.\n")
+    target_accept = float(sample_kwargs(cfg)["target_accept"])
+    warn = "\n" + divergence_advice(total_div, parameterization, target_accept)
     outputs["report"] = C.write_report(run_dir, "Hierarchical attention entropies", [
         ("Setup", f"Entropies of shape {list(entropies.shape)} (checkpoints, layers, heads, samples); "
                   f"variant `{variant}`, `{parameterization}` parameterisation; one batched run over "
-                  f"checkpoints. {int(hdi_prob * 100)}% HDIs in the input's units.\n" + warn),
+                  f"checkpoints. {C.percent(hdi_prob)} HDIs in the input's units ({units}).\n" + warn),
         ("Checkpoints", C.markdown_table(checkpoints)),
         ("Heads (last checkpoint)", C.markdown_table([h for h in heads if h["checkpoint"] == labels[-1]])),
     ], {k: v for k, v in outputs.items() if str(v).endswith(".png")})
@@ -369,6 +410,6 @@ def run(cfg, run_dir: Path) -> Result:
     for r in checkpoints:
         extra = "".join(f", {n} {r[n]:.3f}" for n in ("tau_layer", "tau_head") if n in r)
         lines.append(f"  checkpoint {r['checkpoint']}: sigma {r['sigma']:.3f}{extra}, "
-                     f"max R-hat {r['max_r_hat']:.3f}, divergences {r['divergences']}")
+                     f"max R-hat {r['max_r_hat']:.4f}, divergences {r['divergences']}")
     return Result("\n".join(lines), outputs, data={"idata": idata, "draws": draws, "heads": heads,
                                                    "checkpoints": checkpoints})

@@ -96,12 +96,45 @@ def information_criteria(models: dict, *, scale: str = "log"):
             "elpd_waic": float(waic.elpd_waic), "waic_se": float(waic.se), "p_waic": float(waic.p_waic),
             "n_obs": int(khat.size), "max_pareto_k": float(np.nanmax(khat)), "num_high_k": num_bad,
             "k_threshold": threshold,
-            "warnings": "; ".join(sorted({str(w.message).splitlines()[0] for w in caught}))[:300],
+            "warnings": "; ".join(sorted({" ".join(str(w.message).split()) for w in caught})),
         })
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compare = az.compare(loos, ic="loo", scale=scale) if len(loos) > 1 else None
     return rows, compare, loos
+
+
+def lower_is_better(scale: str) -> bool:
+    """ArviZ's ``log`` scale is an expected log density (higher is better); ``negative_log`` and
+    ``deviance`` (-2 x) flip it (lower is better)."""
+    return scale != "log"
+
+
+def compare_title(label, scale: str) -> str:
+    """The comparison panel's title, with the direction that holds on ``scale``."""
+    return f"problem {label}: PSIS-LOO, {scale} scale ({'lower' if lower_is_better(scale) else 'higher'} is better)"
+
+
+def sample_kwargs(cfg) -> dict:
+    """The sampler settings with this analysis' own ``analysis.target_accept`` (0.9 by default, as
+    ``analysis=hierarchical_attention``: the variants are the same hierarchical models)."""
+    from engine.analyses import hierarchical_attention as ha
+
+    return ha.sample_kwargs(cfg)
+
+
+def fit_diagnostics(idata, problem: int) -> dict:
+    """Problem ``problem``'s worst rank-normalised R-hat over every posterior element and its
+    divergent transitions, so a comparison of a fit that did not converge can be discounted."""
+    one = C.select_problem(idata, problem).posterior
+    worst = float("nan")
+    for name in one.data_vars:
+        draws = one[name].transpose("chain", "draw", ...).values
+        if draws.shape[1] < 4:
+            continue
+        r = C.draw_summary(np.moveaxis(draws.reshape(draws.shape[:2] + (-1,)), -1, 0))["r_hat"]
+        worst = float(np.nanmax([worst, *r])) if np.isfinite(r).any() else worst
+    return {"max_r_hat": worst, "divergences": int(C.divergences(idata)[problem])}
 
 
 def fit_variants(entropies, labels, variants, sample_kw):
@@ -131,7 +164,7 @@ def load_traces(traces: dict):
     return loaded
 
 
-def plot_compare(compares: dict, path: Path, max_panels: int = 4) -> Path:
+def plot_compare(compares: dict, path: Path, scale: str = "log", max_panels: int = 4) -> Path:
     """``az.plot_compare`` of each problem's comparison (the last ``max_panels`` problems)."""
     import arviz as az
 
@@ -141,7 +174,7 @@ def plot_compare(compares: dict, path: Path, max_panels: int = 4) -> Path:
     for ax, (label, frame) in zip(axes[:, 0], items):
         with C.quiet_plots():
             az.plot_compare(frame, ax=ax, insample_dev=False, legend=False)
-        ax.set_title(f"problem {label}: PSIS-LOO (higher is better)", fontsize=9)
+        ax.set_title(compare_title(label, scale), fontsize=9)
     fig.tight_layout()
     return C.save_figure(fig, path)
 
@@ -151,7 +184,7 @@ def plot_khat(loos: dict, label, path: Path) -> Path:
     import arviz as az
 
     plt = C.pyplot()
-    fig, axes = plt.subplots(1, len(loos), figsize=(4.0 * len(loos), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(loos), figsize=(4.0 * len(loos), 3.0), sharey=True, squeeze=False)
     for ax, (name, loo) in zip(axes[0], loos.items()):
         with C.quiet_plots():
             az.plot_khat(loo, ax=ax, show_hlines=True, markersize=8)
@@ -179,6 +212,7 @@ def run(cfg, run_dir: Path) -> Result:
         first = next(iter(loaded.values())).posterior
         labels = list(first["problem"].values) if "problem" in first.dims else [0]
         source = f"saved traces {list(traces)}"
+        fitted_with = ""
     else:
         from engine.analyses import hierarchical_attention as ha
 
@@ -198,13 +232,16 @@ def run(cfg, run_dir: Path) -> Result:
             entropies = ha.load_entropies(path, str(opt("key", "entropies")))
             source = str(path)
         labels = list(range(entropies.shape[0]))
-        fitted = fit_variants(entropies, labels, variants, C.sample_kwargs(cfg))
+        kw = sample_kwargs(cfg)
+        fitted = fit_variants(entropies, labels, variants, kw)
+        fitted_with = f" Each variant fitted with target_accept {kw['target_accept']:g} (`analysis.target_accept`)."
     rows, compares, last_loos = [], {}, None
     for p, label in enumerate(labels):
         models = {name: per_problem_idata(idata, loglik, p) for name, (idata, loglik) in fitted.items()}
         prow, compare, loos = information_criteria(models, scale=scale)
         for r in prow:
             r["problem"] = label
+            r.update(fit_diagnostics(fitted[r["model"]][0], p))
             if compare is not None:
                 r["rank"] = int(compare.loc[r["model"], "rank"])
                 r["weight"] = float(compare.loc[r["model"], "weight"])
@@ -217,7 +254,7 @@ def run(cfg, run_dir: Path) -> Result:
     pd.DataFrame(rows).to_csv(table_path, index=False)
     outputs = {"table": table_path}
     if all(c is not None for c in compares.values()):
-        outputs["compare plot"] = plot_compare(compares, run_dir / "loo_compare.png")
+        outputs["compare plot"] = plot_compare(compares, run_dir / "loo_compare.png", scale)
     outputs["pareto k plot"] = plot_khat(last_loos, labels[-1], run_dir / "loo_khat.png")
     high_k = [r for r in rows if r["num_high_k"]]
     best = {str(lbl): next((r["model"] for r in rows if r["problem"] == lbl and r.get("rank") == 0), None)
@@ -229,18 +266,34 @@ def run(cfg, run_dir: Path) -> Result:
                    f"with Pareto k > {r['k_threshold']:.2f} (max {r['max_pareto_k']:.2f}); its LOO is "
                    "unreliable (consider K-fold CV or moment matching).\n" for r in high_k)
     cols = ["problem", "model", "rank", "elpd_loo", "se", "p_loo", "elpd_diff", "dse", "weight",
-            "elpd_waic", "p_waic", "max_pareto_k", "num_high_k"]
+            "elpd_waic", "p_waic", "max_pareto_k", "num_high_k", "max_r_hat", "divergences"]
+    caveats = "".join(f"- problem {r['problem']}, `{r['model']}`: {r['warnings']}\n" for r in rows if r["warnings"])
+    unconverged = "".join(f"- problem {r['problem']}, `{r['model']}`: max R-hat {r['max_r_hat']:.4f}, "
+                          f"{r['divergences']} divergences; its LOO/WAIC describe a fit that may not have "
+                          "converged.\n" for r in rows if not r["max_r_hat"] < 1.01 or r["divergences"])
+    direction = "lower" if lower_is_better(scale) else "higher"
     outputs["report"] = C.write_report(run_dir, "LOO / WAIC model comparison", [
         ("Setup", f"{source}; models {list(fitted)}; PSIS-LOO and WAIC from the pointwise "
-                  f"log-likelihood (ArviZ, scale `{scale}`), ranked by `az.compare` per problem.\n"),
+                  f"log-likelihood (ArviZ, scale `{scale}`: {direction} is better; the `elpd_*` columns "
+                  f"are on this scale), ranked by `az.compare` per problem (rank 0 best). Each variant's "
+                  f"fit: max R-hat over every posterior element and its divergences.{fitted_with}\n"),
         ("Comparison", C.markdown_table(rows, cols)),
         ("Pareto k warnings", warn or "None: every observation's Pareto k is below ArviZ's threshold.\n"),
+        ("WAIC and LOO warnings (ArviZ)", (caveats + "\nWhere WAIC warns, prefer PSIS-LOO, whose Pareto k "
+                                           "says when it is reliable (Vehtari, Gelman & Gabry 2017).\n")
+         if caveats else "None.\n"),
+        ("Convergence of the fits", unconverged or "Every fit: R-hat < 1.01 and no divergences.\n"),
     ], {k: v for k, v in outputs.items() if str(v).endswith(".png")})
-    lines = [f"loo: {source}, models {list(fitted)}"]
+    lines = [f"loo: {source}, models {list(fitted)}, scale {scale} ({direction} is better)"]
     for lbl in labels:
-        sub = sorted((r for r in rows if r["problem"] == lbl), key=lambda r: -r["elpd_loo"])
+        sub = sorted((r for r in rows if r["problem"] == lbl),
+                     key=lambda r: r["elpd_loo"] if lower_is_better(scale) else -r["elpd_loo"])
         lines.append(f"  problem {lbl}: " + ", ".join(f"{r['model']} elpd_loo {r['elpd_loo']:.1f} "
                                                       f"(se {r['se']:.1f})" for r in sub))
     if high_k:
         lines.append(f"  warning: {len(high_k)} model fit(s) have observations with high Pareto k (see report)")
+    if caveats:
+        lines.append(f"  warning: ArviZ warned for {sum(bool(r['warnings']) for r in rows)} fit(s) (see report)")
+    if unconverged:
+        lines.append("  warning: some fits have R-hat >= 1.01 or divergences (see report)")
     return Result("\n".join(lines), outputs, data={"rows": rows, "compares": compares, "fitted": fitted})

@@ -73,6 +73,10 @@ def build_model(likelihood: str = "student_t", prior_width: float = 10.0):
     return model
 
 
+DEMO_BETTER = {"perplexity": "lower", "accuracy": "higher", "calibration_error": "lower"}
+"""Which way is better for each metric of :func:`demo_pairs` (used when ``analysis.better`` is null)."""
+
+
 def demo_pairs(seed: int = 0) -> PairData:
     """Deterministic demo: gauge vs standard transformer runs on three metrics.
 
@@ -184,10 +188,13 @@ def decide(low: float, high: float, rope: tuple[float, float]) -> str:
     return "undecided"
 
 
-def check_options(better: str, rope, rope_on: str) -> None:
-    """:class:`InputError` for a bad direction, ROPE or ROPE target (before any sampling)."""
-    if better not in ("lower", "higher"):
-        raise InputError(f"analysis.better must be 'lower' or 'higher', got {better!r}")
+def check_options(better, rope, rope_on: str) -> None:
+    """:class:`InputError` for a bad direction (``lower``/``higher`` or a map of them), ROPE or ROPE
+    target (before any sampling; a map's metric names are checked once the pairs are read)."""
+    better = C.plain(better)
+    for direction in (better.values() if isinstance(better, dict) else [better]):
+        if direction not in C.DIRECTIONS:
+            raise InputError(f"analysis.better must be 'lower' or 'higher' (or a map of them), got {direction!r}")
     if rope_on not in ("effect_size", "diff"):
         raise InputError(f"analysis.rope_on must be 'effect_size' or 'diff', got {rope_on!r}")
     try:
@@ -198,22 +205,41 @@ def check_options(better: str, rope, rope_on: str) -> None:
         raise InputError(f"analysis.rope must be [low, high] with low <= high, got {list(rope)}")
 
 
-def summarize(pairs: PairData, draws: dict, *, better: str = "lower", rope=(-0.1, 0.1),
+def resolve_better(cfg, pairs: PairData) -> dict[str, str]:
+    """``{pair: "lower" | "higher"}`` from ``analysis.better``; when it is null: the demo's own
+    directions (:data:`DEMO_BETTER`, accuracy higher) for the demo, else lower for every pair."""
+    better = C.plain(C.analysis_option(cfg, "better"))
+    if better is None:
+        better = DEMO_BETTER if C.analysis_option(cfg, "input") is None else "lower"
+    return C.metric_directions(better, pairs.labels)
+
+
+def summarize(pairs: PairData, draws: dict, *, better="lower", rope=(-0.1, 0.1),
               rope_on: str = "effect_size", hdi_prob: float = C.HDI_PROB) -> list[dict]:
-    """One row per pair: means, difference and effect size with HDIs, P(A better), ROPE mass."""
+    """One row per pair: which way is better, means, scales and (Student-t) normality ``nu``,
+    difference and effect size with HDIs, P(A better), ROPE mass.
+
+    ``better`` is ``"lower"``/``"higher"`` for every pair or a ``{pair: direction}`` map; P(A
+    better) is ``P(diff < 0)`` where lower is better and ``P(diff > 0)`` where higher is.
+    """
     check_options(better, rope, rope_on)
+    directions = C.metric_directions(better, pairs.labels)
     lo, hi = float(rope[0]), float(rope[1])
     stats = {k: C.draw_summary(v, hdi_prob) for k, v in draws.items()}
     diff_flat = draws["diff"].reshape(len(pairs.labels), -1)
     target = draws[rope_on].reshape(len(pairs.labels), -1)
-    p_better = (diff_flat < 0).mean(-1) if better == "lower" else (diff_flat > 0).mean(-1)
+    lower = np.array([directions[label] == "lower" for label in pairs.labels])
+    p_better = np.where(lower, (diff_flat < 0).mean(-1), (diff_flat > 0).mean(-1))
     p_rope = ((target >= lo) & (target <= hi)).mean(-1)
     rows = []
     for i, label in enumerate(pairs.labels):
         t = stats[rope_on]
+        nu = ({"nu": stats["nu"]["mean"][i], "nu_hdi_low": stats["nu"]["hdi_low"][i],
+               "nu_hdi_high": stats["nu"]["hdi_high"][i]} if "nu" in stats else {})
         rows.append({
-            "pair": label, "n_a": pairs.a[i].size, "n_b": pairs.b[i].size,
+            "pair": label, "better": directions[label], "n_a": pairs.a[i].size, "n_b": pairs.b[i].size,
             "mean_a": stats["mu_a"]["mean"][i], "mean_b": stats["mu_b"]["mean"][i],
+            "sigma_a": stats["sigma_a"]["mean"][i], "sigma_b": stats["sigma_b"]["mean"][i], **nu,
             "diff": stats["diff"]["mean"][i],
             "diff_hdi_low": stats["diff"]["hdi_low"][i], "diff_hdi_high": stats["diff"]["hdi_high"][i],
             "effect_size": stats["effect_size"]["mean"][i],
@@ -227,36 +253,89 @@ def summarize(pairs: PairData, draws: dict, *, better: str = "lower", rope=(-0.1
     return rows
 
 
+def _posterior_panel(ax, x: np.ndarray, low: float, high: float, hdi_prob: float, xlabel: str) -> None:
+    """Histogram of one pair's draws with its mean, the HDI and its bounds, 0, and the share of
+    the posterior on each side of 0 (Kruschke 2013, Fig. 3)."""
+    x = np.ravel(x)
+    ax.hist(x, bins=50, color="C0", alpha=0.6)
+    ax.axvline(0.0, color="k", lw=1)
+    mean = float(x.mean())
+    ax.axvline(mean, color="C1", lw=1.5, ls="--")
+    top = ax.get_ylim()[1]
+    ax.hlines(0.04 * top, low, high, color="C3", lw=4)
+    for v, ha in ((low, "right"), (high, "left")):
+        ax.text(v, 0.09 * top, C.fmt(v), color="C3", ha=ha, va="bottom", fontsize=7,
+                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85))
+    ax.text(0.02, 0.97, f"mean {C.fmt(mean)}\n{C.percent(hdi_prob)} HDI\n"
+                        f"{100 * (x < 0).mean():.1f}% < 0 < {100 * (x > 0).mean():.1f}%",
+            transform=ax.transAxes, ha="left", va="top", fontsize=7,
+            bbox=dict(boxstyle="round", fc="white", ec="0.7", alpha=0.9))
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_yticks([])
+
+
 def plot_posteriors(pairs: PairData, draws: dict, rows: list[dict], rope, rope_on: str, path: Path,
-                    max_pairs: int = 6) -> Path:
-    """Posterior of the difference of means and of the effect size per pair, 0 and ROPE marked."""
+                    hdi_prob: float = C.HDI_PROB, max_pairs: int = 6) -> Path:
+    """Per pair: the posterior of the difference of means (metric units) and of the effect size
+    (pooled-SD units), each with mean, HDI bounds, % on each side of 0; ROPE where it applies."""
+    return C.save_figure(posterior_figure(pairs, draws, rows, rope, rope_on, hdi_prob, max_pairs), path)
+
+
+def posterior_figure(pairs: PairData, draws: dict, rows: list[dict], rope, rope_on: str,
+                     hdi_prob: float = C.HDI_PROB, max_pairs: int = 6):
+    """The figure of :func:`plot_posteriors` (the first ``max_pairs`` pairs)."""
     plt = C.pyplot()
     n = min(len(pairs.labels), max_pairs)
-    fig, axes = plt.subplots(2, n, figsize=(3.4 * n, 5.0), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(3.8 * n, 5.8), squeeze=False)
+    a_minus_b = f"{pairs.name_a} - {pairs.name_b}"
     for j in range(n):
+        row = rows[j]
+        side = "left" if row["better"] == "lower" else "right"
         for r, key in enumerate(("diff", "effect_size")):
             ax = axes[r, j]
-            ax.hist(draws[key][j].ravel(), bins=50, color="C0", alpha=0.7)
-            ax.axvline(0.0, color="k", lw=1)
-            lo_key = "diff_hdi" if key == "diff" else "es_hdi"
-            ax.hlines(0, rows[j][f"{lo_key}_low"], rows[j][f"{lo_key}_high"], color="C3", lw=4)
+            prefix = "diff" if key == "diff" else "es"
+            xlabel = (f"mean {a_minus_b} ({pairs.labels[j]} units)" if key == "diff"
+                      else f"effect size {a_minus_b} (pooled-SD units)")
+            _posterior_panel(ax, draws[key][j], row[f"{prefix}_hdi_low"], row[f"{prefix}_hdi_high"],
+                             hdi_prob, xlabel)
             if key == rope_on:
-                ax.axvspan(float(rope[0]), float(rope[1]), color="C2", alpha=0.2, label="ROPE")
-                ax.legend(fontsize=7)
-            name = f"{pairs.name_a} - {pairs.name_b}" if key == "diff" else "effect size"
-            ax.set_title(f"{pairs.labels[j]}: {name}", fontsize=9)
-    fig.suptitle(f"BEST posteriors (P({pairs.name_a} better) in the table)", fontsize=10)
+                ax.axvspan(float(rope[0]), float(rope[1]), color="C2", alpha=0.25, label="ROPE")
+                ax.legend(fontsize=7, loc="upper right")
+            ax.set_title(f"{pairs.labels[j]} ({row['better']} is better:\n{pairs.name_a} better {side} of 0)"
+                         if r == 0 else f"{pairs.labels[j]}: effect size", fontsize=9)
+    left = len(pairs.labels) - n
+    fig.suptitle(f"BEST posteriors, {pairs.name_a} vs {pairs.name_b} (dashed: mean; red bar: HDI)"
+                 + (f"; {left} more pair(s) in the table" if left else ""), fontsize=10)
     fig.tight_layout()
-    return C.save_figure(fig, path)
+    return fig
 
 
-def plot_forest(pairs: PairData, rows: list[dict], path: Path) -> Path:
-    """Effect size with its HDI for every pair."""
+def plot_forest(pairs: PairData, rows: list[dict], rope, rope_on: str, path: Path,
+                hdi_prob: float = C.HDI_PROB) -> Path:
+    """The ROPE quantity (effect size, or the difference in each metric's units) with its HDI for
+    every pair, the ROPE band, and on each row the side where A is better."""
+    return C.save_figure(forest_figure(pairs, rows, rope, rope_on, hdi_prob), path)
+
+
+def forest_figure(pairs: PairData, rows: list[dict], rope, rope_on: str, hdi_prob: float = C.HDI_PROB):
+    """The figure of :func:`plot_forest`."""
     plt = C.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(rows)))
-    C.forest_plot(ax, pairs.labels, [r["effect_size"] for r in rows], [r["es_hdi_low"] for r in rows],
-                  [r["es_hdi_high"] for r in rows], xlabel=f"effect size ({pairs.name_a} - {pairs.name_b})")
-    return C.save_figure(fig, path)
+    fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.5 * len(rows)))
+    prefix = "es" if rope_on == "effect_size" else "diff"
+    key = "effect_size" if rope_on == "effect_size" else "diff"
+    ax.axvspan(float(rope[0]), float(rope[1]), color="C2", alpha=0.25, label=f"ROPE {list(rope)}")
+    C.forest_plot(ax, pairs.labels, [r[key] for r in rows], [r[f"{prefix}_hdi_low"] for r in rows],
+                  [r[f"{prefix}_hdi_high"] for r in rows],
+                  xlabel=(f"effect size {pairs.name_a} - {pairs.name_b} (pooled-SD units), {C.percent(hdi_prob)} HDI"
+                          if rope_on == "effect_size" else
+                          f"mean {pairs.name_a} - {pairs.name_b} (each metric's own units), {C.percent(hdi_prob)} HDI"))
+    ys = np.arange(len(rows))[::-1]
+    for y, r in zip(ys, rows):
+        text = f"<- {pairs.name_a} better" if r["better"] == "lower" else f"{pairs.name_a} better ->"
+        ax.annotate(f"{text} ({r['better']} is better)", xy=(1.02, y), xycoords=("axes fraction", "data"),
+                    va="center", fontsize=8)
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.0))
+    return fig
 
 
 def posterior_predictive(pairs: PairData, idata, draws: dict, rng, max_draws: int = 500):
@@ -280,41 +359,51 @@ def run(cfg, run_dir: Path) -> Result:
     run_dir = C.prepare_run_dir(run_dir)
     opt = functools.partial(C.analysis_option, cfg)
     likelihood = str(opt("likelihood", "student_t"))
-    better = str(opt("better", "lower"))
+    better = C.plain(opt("better", "lower"))
     rope = C.plain(opt("rope", [-0.1, 0.1]))
     rope_on = str(opt("rope_on", "effect_size"))
     hdi_prob = float(opt("hdi_prob", C.HDI_PROB))
     check_options(better, rope, rope_on)
     rope = [float(v) for v in rope]
     pairs = load_pairs(cfg)
+    directions = resolve_better(cfg, pairs)                                # before sampling
     idata, draws = fit(pairs, C.sample_kwargs(cfg), likelihood=likelihood,
                        prior_width=float(opt("prior_width", 10.0)))
-    rows = summarize(pairs, draws, better=better, rope=rope, rope_on=rope_on, hdi_prob=hdi_prob)
+    rows = summarize(pairs, draws, better=directions, rope=rope, rope_on=rope_on, hdi_prob=hdi_prob)
     div = C.divergences(idata)
     for row, d in zip(rows, div):
         row["divergences"] = int(d)
     outputs = {
-        "posterior plot": plot_posteriors(pairs, draws, rows, rope, rope_on, run_dir / "best_posterior.png"),
-        "forest plot": plot_forest(pairs, rows, run_dir / "best_forest.png"),
+        "posterior plot": plot_posteriors(pairs, draws, rows, rope, rope_on, run_dir / "best_posterior.png",
+                                          hdi_prob),
+        "forest plot": plot_forest(pairs, rows, rope, rope_on, run_dir / "best_forest.png", hdi_prob),
     }
-    direction = f"P({pairs.name_a} better) = P(mean_{pairs.name_a} {'<' if better == 'lower' else '>'} mean_{pairs.name_b})"
+    a, b = pairs.name_a, pairs.name_b
+    direction = "; ".join(f"`{m}`: {d} is better, P({a} better) = P(mean_{a} {'<' if d == 'lower' else '>'} "
+                          f"mean_{b})" for m, d in directions.items())
+    rope_units = ("in pooled-SD units (effect size = diff / sqrt((sigma_A^2 + sigma_B^2) / 2))"
+                  if rope_on == "effect_size" else
+                  "in each metric's own units (diff = mean_A - mean_B; one ROPE for every metric)")
     outputs["summary"] = C.write_summary(run_dir, cfg, {
-        "likelihood": likelihood, "better": better, "rope": rope, "rope_on": rope_on,
+        "likelihood": likelihood, "better": directions, "rope": rope, "rope_on": rope_on,
         "group_a": pairs.name_a, "group_b": pairs.name_b, "hdi_prob": hdi_prob, "pairs": rows,
     })
-    cols = ["pair", "n_a", "n_b", "mean_a", "mean_b", "diff", "diff_hdi_low", "diff_hdi_high",
-            "effect_size", "es_hdi_low", "es_hdi_high", "p_a_better", "p_rope", "decision",
-            "r_hat", "ess_bulk", "divergences"]
+    cols = ["pair", "better", "n_a", "n_b", "mean_a", "mean_b", "sigma_a", "sigma_b"] + (
+        ["nu", "nu_hdi_low", "nu_hdi_high"] if "nu" in draws else []) + [
+        "diff", "diff_hdi_low", "diff_hdi_high", "effect_size", "es_hdi_low", "es_hdi_high", "p_a_better",
+        "p_rope", "decision", "r_hat", "ess_bulk", "divergences"]
     outputs["report"] = C.write_report(run_dir, "BEST model comparison (Kruschke 2013)", [
-        ("Setup", f"Group A = `{pairs.name_a}`, group B = `{pairs.name_b}`; likelihood `{likelihood}`; "
-                  f"{direction} ({better} is better); ROPE {rope} on `{rope_on}`; "
-                  f"{int(hdi_prob * 100)}% HDIs. Decision: Kruschke's HDI+ROPE rule.\n"),
+        ("Setup", f"Group A = `{a}`, group B = `{b}`; likelihood `{likelihood}`. Direction per metric: "
+                  f"{direction}. ROPE {rope} on `{rope_on}`, {rope_units}; {C.percent(hdi_prob)} HDIs. "
+                  f"Decision: Kruschke's HDI+ROPE rule. `sigma_a`, `sigma_b`: each group's scale (metric "
+                  f"units)" + ("; `nu`: Student-t normality (large: near-Normal, below ~30: heavy tails)"
+                               if "nu" in draws else "") + ".\n"),
         ("Results", C.markdown_table(rows, cols)),
     ], {k: v for k, v in outputs.items() if str(v).endswith(".png")})
     lines = [f"BEST ({likelihood}), {len(rows)} metric pair(s), {pairs.name_a} vs {pairs.name_b}:"]
     for r in rows:
         lines.append(
-            f"  {r['pair']}: diff {r['diff']:.4g} [{r['diff_hdi_low']:.4g}, {r['diff_hdi_high']:.4g}], "
+            f"  {r['pair']} ({r['better']} is better): diff {r['diff']:.4g} [{r['diff_hdi_low']:.4g}, {r['diff_hdi_high']:.4g}], "
             f"effect size {r['effect_size']:.2f}, P({pairs.name_a} better) {r['p_a_better']:.3f}, "
             f"P(ROPE) {r['p_rope']:.3f} -> {r['decision']}"
         )

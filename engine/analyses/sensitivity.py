@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,11 @@ class Design:
         Per term: "numeric", "one-hot" or "interaction".
     dropped
         Predictors left out (constant over runs), with the reason.
+    references
+        Per term: the reference level of a one-hot term, else ``None``.
+    left_out
+        Columns not considered as predictors by default (metrics-file keys, seeds), with the
+        reason; naming them in ``analysis.predictors`` uses them.
     """
 
     terms: list[str]
@@ -52,6 +57,8 @@ class Design:
     scale: np.ndarray
     kinds: list[str]
     dropped: list[str]
+    left_out: list[str] = field(default_factory=list)
+    references: list[str | None] = field(default_factory=list)
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,6 +77,11 @@ def build_model(num_runs: int, num_terms: int, prior_sd: float = 1.0):
 
 
 # --------------------------------------------------------------------------- inputs
+DEMO_TRUTH = {"log10_lr": -2.0, "layers": -0.6, "dropout": 4.0, "optimizer[adamw]": -0.5,
+              "optimizer[sgd]": 1.5}
+"""True per-unit effects of :func:`demo_table` on perplexity (one-hot: vs ``adam``)."""
+
+
 def demo_table(seed: int = 0, num_runs: int = 48):
     """Deterministic demo sweep: perplexity vs learning rate, depth, dropout and optimizer.
 
@@ -129,6 +141,10 @@ def table_from_multirun(sweep_dir, metrics_file: str = "metrics.json"):
 
     A job is any directory below ``sweep_dir`` holding ``.hydra/overrides.yaml`` (or
     ``.hydra/config.yaml``, whose scalars are used when there is no overrides file).
+    ``frame.attrs["hyperparameters"]`` lists the override (config) keys and
+    ``frame.attrs["metric_keys"]`` the metrics-file keys: by default only the former are
+    predictors (:func:`default_predictors`), since a metric-file key such as ``loss`` when the
+    response is ``perplexity`` would condition every real effect away.
     """
     import pandas as pd
     import yaml
@@ -142,7 +158,7 @@ def table_from_multirun(sweep_dir, metrics_file: str = "metrics.json"):
         raise InputError(
             f"multirun {str(sweep_dir)!r}: no Hydra job directories (none holds .hydra/overrides.yaml)"
         )
-    rows = []
+    rows, hyper, metric_keys = [], {}, {}
     for job in jobs:
         row: dict = {}
         overrides = job / ".hydra" / "overrides.yaml"
@@ -155,14 +171,44 @@ def table_from_multirun(sweep_dir, metrics_file: str = "metrics.json"):
                 row[key] = yaml.safe_load(value) if value != "" else None
         else:
             _flatten("", yaml.safe_load((job / ".hydra" / "config.yaml").read_text()) or {}, row)
+        hyper.update(dict.fromkeys(row))
         metrics_path = job / metrics_file
         if not metrics_path.exists():
             raise InputError(f"multirun job {str(job)!r}: no metrics file {metrics_file!r}")
         for key, value in _read_metrics(metrics_path).items():
             row[key] = value
+            metric_keys[key] = None
         rows.append(row)
     frame = pd.DataFrame(rows)
+    frame.attrs["hyperparameters"] = [k for k in hyper if k not in metric_keys]
+    frame.attrs["metric_keys"] = list(metric_keys)
     return frame
+
+
+def is_seed(name: str) -> bool:
+    """``seed``, ``runtime.seed``, ``data.seed``...: a random seed, not a hyperparameter."""
+    return str(name).rsplit(".", 1)[-1] == "seed"
+
+
+def default_predictors(frame, metrics: list[str], exclude=()) -> tuple[list[str], list[str]]:
+    """The predictors when ``analysis.predictors`` is not given, and what was left out (reasons).
+
+    A Hydra multirun table (``frame.attrs["hyperparameters"]``): the swept hyperparameters only;
+    the metrics-file keys are outcomes, not settings. Any table: every other column but the
+    metrics, ``exclude`` and seeds (name them in ``analysis.predictors`` to use them).
+    """
+    excluded = set(exclude) | set(metrics)
+    hyper = frame.attrs.get("hyperparameters")
+    candidates = list(frame.columns) if hyper is None else list(hyper)
+    left_out = []
+    if hyper is not None:
+        others = [c for c in frame.attrs.get("metric_keys", []) if c not in metrics]
+        if others:
+            left_out.append(f"metrics-file keys {others} (outcomes, not hyperparameters)")
+    seeds = [c for c in candidates if is_seed(c) and c not in excluded]
+    if seeds:
+        left_out.append(f"{seeds} (random seeds)")
+    return [c for c in candidates if c not in excluded and not is_seed(c)], left_out
 
 
 def load_table(cfg):
@@ -198,7 +244,8 @@ def build_design(frame, metrics: list[str], *, predictors=None, categorical=None
     metrics
         Response columns (excluded from the predictors).
     predictors
-        Predictor columns; ``None``: every column but the metrics.
+        Predictor columns; ``None``: :func:`default_predictors` (the swept hyperparameters of a
+        multirun table, else every column but the metrics; never seeds).
     categorical
         Columns to one-hot code; non-numeric columns always are.
     interactions
@@ -213,9 +260,11 @@ def build_design(frame, metrics: list[str], *, predictors=None, categorical=None
     import pandas as pd
 
     C.require_columns(frame, metrics, source)
-    excluded = set(_as_list(exclude))
-    names = ([c for c in frame.columns if c not in metrics and c not in excluded] if predictors is None
-             else _as_list(predictors))
+    left_out: list[str] = []
+    if predictors is None:
+        names, left_out = default_predictors(frame, metrics, _as_list(exclude))
+    else:
+        names = _as_list(predictors)
     C.require_columns(frame, names, source)
     frame = frame.copy()
     for name in _as_list(log10):
@@ -231,6 +280,7 @@ def build_design(frame, metrics: list[str], *, predictors=None, categorical=None
         raise InputError(f"{source}: no predictor columns besides the metric(s) {metrics}")
     categorical = set(_as_list(categorical))
     columns: dict[str, tuple[np.ndarray, float, str, str]] = {}   # term -> (z, sd, kind, base)
+    references: dict[str, str] = {}
     dropped = []
     for name in names:
         col = frame[name]
@@ -247,6 +297,7 @@ def build_design(frame, metrics: list[str], *, predictors=None, categorical=None
                 dummy = (col.astype(str) == level).to_numpy(dtype=float)
                 columns[f"{name}[{level}]"] = ((dummy - dummy.mean()) / dummy.std(ddof=1), dummy.std(ddof=1),
                                                "one-hot", name)
+                references[f"{name}[{level}]"] = f"{name}[{levels[0]}]"
         else:
             values = numeric.to_numpy(dtype=float)
             sd = values.std(ddof=1) if values.size > 1 else 0.0
@@ -278,7 +329,8 @@ def build_design(frame, metrics: list[str], *, predictors=None, categorical=None
                 columns[f"{ta}:{tb}"] = (za * zb, sa * sb, "interaction", spec)
     terms = list(columns)
     x = np.stack([columns[t][0] for t in terms], axis=1)
-    return Design(terms, x, np.array([columns[t][1] for t in terms]), [columns[t][2] for t in terms], dropped)
+    return Design(terms, x, np.array([columns[t][1] for t in terms]), [columns[t][2] for t in terms], dropped,
+                  left_out, [references.get(t) for t in terms])
 
 
 # --------------------------------------------------------------------------- fit and report
@@ -302,39 +354,30 @@ def fit(design: Design, y: np.ndarray, sample_kw: dict, *, prior_sd: float = 1.0
     return idata, per_sd, per_unit
 
 
-def effect_table(design: Design, metrics: list[str], per_sd, per_unit, hdi_prob: float) -> list[dict]:
-    """One row per (metric, term): per-SD and per-unit effects, HDIs, diagnostics, P(effect < 0)."""
+def effect_table(design: Design, metrics: list[str], per_sd, per_unit, hdi_prob: float,
+                 directions: dict | None = None) -> list[dict]:
+    """One row per (metric, term): per-SD and per-unit effects, HDIs, diagnostics, P(effect < 0)
+    and P(improves) (P(effect < 0) where lower is better, per ``directions``; default lower)."""
     s_sd = C.draw_summary(per_sd, hdi_prob)
     s_unit = C.draw_summary(per_unit, hdi_prob)
     p_neg = (per_sd.reshape(per_sd.shape[:2] + (-1,)) < 0).mean(-1)
     rows = []
     for m, metric in enumerate(metrics):
         for j, term in enumerate(design.terms):
+            better = (directions or {}).get(metric, "lower")
             rows.append({
                 "metric": metric, "term": term, "kind": design.kinds[j],
+                "predictor_sd": design.scale[j],
+                "reference": design.references[j] if design.references else None,
                 "per_sd_mean": s_sd["mean"][m, j], "per_sd_sd": s_sd["sd"][m, j],
                 "per_sd_hdi_low": s_sd["hdi_low"][m, j], "per_sd_hdi_high": s_sd["hdi_high"][m, j],
                 "per_unit_mean": s_unit["mean"][m, j],
                 "per_unit_hdi_low": s_unit["hdi_low"][m, j], "per_unit_hdi_high": s_unit["hdi_high"][m, j],
                 "r_hat": s_sd["r_hat"][m, j], "ess_bulk": s_sd["ess_bulk"][m, j],
                 "ess_tail": s_sd["ess_tail"][m, j], "p_negative": p_neg[m, j],
+                "p_improves": p_neg[m, j] if better == "lower" else 1.0 - p_neg[m, j],
             })
     return rows
-
-
-def plot_forest(metrics: list[str], rows: list[dict], path: Path) -> Path:
-    """Per-SD effects with HDIs, one panel per metric."""
-    plt = C.pyplot()
-    n_terms = len(rows) // len(metrics)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 0.8 + 0.4 * n_terms), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        sub = [r for r in rows if r["metric"] == metric]
-        C.forest_plot(ax, [r["term"] for r in sub], [r["per_sd_mean"] for r in sub],
-                      [r["per_sd_hdi_low"] for r in sub], [r["per_sd_hdi_high"] for r in sub],
-                      xlabel=f"change in {metric} per SD of the predictor")
-        ax.set_title(metric, fontsize=10)
-    fig.tight_layout()
-    return C.save_figure(fig, path)
 
 
 def prepare(cfg):
@@ -378,34 +421,57 @@ def run(cfg, run_dir: Path) -> Result:
     ``effects.csv`` and ``sensitivity_forest.png``."""
     import pandas as pd
 
+    from engine.analyses import sensitivity_report as report
+
     run_dir = C.prepare_run_dir(run_dir)
     opt = functools.partial(C.analysis_option, cfg)
     hdi_prob = float(opt("hdi_prob", C.HDI_PROB))
     frame, source, metrics, design, y = prepare(cfg)
+    directions = C.metric_directions(opt("better", "lower"), metrics)
     idata, per_sd, per_unit = fit(design, y, C.sample_kwargs(cfg), prior_sd=float(opt("prior_sd", 1.0)),
                                   labels=metrics)
-    rows = effect_table(design, metrics, per_sd, per_unit, hdi_prob)
+    rows = effect_table(design, metrics, per_sd, per_unit, hdi_prob, directions)
+    truth = DEMO_TRUTH if opt("input") is None and metrics == ["perplexity"] else None
+    if truth:
+        for r in rows:
+            r["truth_per_unit"] = truth.get(r["term"])
+    fit_rows = report.model_table(idata, y, design.x, metrics, hdi_prob)
     div = C.divergences(idata)
     effects_path = run_dir / "effects.csv"
     pd.DataFrame(rows).to_csv(effects_path, index=False)
-    outputs = {"forest plot": plot_forest(metrics, rows, run_dir / "sensitivity_forest.png"),
+    outputs = {"forest plot": report.plot_forest(metrics, rows, directions, hdi_prob,
+                                                 run_dir / "sensitivity_forest.png", truth),
                "effects table": effects_path}
     outputs["summary"] = C.write_summary(run_dir, cfg, {
-        "source": source, "num_runs": int(y.shape[1]), "metrics": metrics, "terms": design.terms,
-        "dropped": design.dropped, "divergences": div, "effects": rows,
+        "source": source, "num_runs": int(y.shape[1]), "metrics": metrics, "better": directions,
+        "terms": design.terms, "kinds": design.kinds, "dropped": design.dropped, "left_out": design.left_out,
+        "divergences": div, "fit": fit_rows, "effects": rows,
     })
-    note = f"Dropped: {', '.join(design.dropped)}.\n" if design.dropped else ""
-    cols = ["metric", "term", "per_sd_mean", "per_sd_sd", "per_sd_hdi_low", "per_sd_hdi_high", "per_unit_mean",
-            "per_unit_hdi_low", "per_unit_hdi_high", "r_hat", "ess_bulk", "ess_tail", "p_negative"]
+    sense = "; ".join(f"`{m}`: {d} is better, so a {'negative' if d == 'lower' else 'positive'} effect is "
+                      f"an improvement (`p_improves`)" for m, d in directions.items())
+    cols = ["metric", "term", "per_sd_mean", "per_sd_hdi_low", "per_sd_hdi_high", "per_unit_mean",
+            "per_unit_hdi_low", "per_unit_hdi_high"] + (["truth_per_unit"] if truth else []) + [
+            "p_improves", "r_hat", "ess_bulk", "ess_tail"]
     outputs["report"] = C.write_report(run_dir, "Hyperparameter sensitivity", [
-        ("Setup", f"{y.shape[1]} runs from {source}; metric(s) {metrics}; {len(design.terms)} standardised "
-                  f"terms (one-hot columns are vs the first level). Effects are in metric units per SD "
-                  f"and per unit of each predictor, with {int(hdi_prob * 100)}% HDIs; divergences "
-                  f"{[int(d) for d in div]}.\n{note}"),
-        ("Effects", C.markdown_table(rows, cols)),
+        ("Setup", f"{y.shape[1]} runs from {source}; metric(s) {metrics}. {sense}. Predictors and the "
+                  f"metric are standardised for fitting; effects are reported in metric units per SD "
+                  f"of a numeric predictor and per unit (a one-hot level: vs the reference level), "
+                  f"with {C.percent(hdi_prob)} HDIs; divergences {[int(d) for d in div]}.\n"),
+        ("Design", report.design_text(design, source)),
+        ("Fit", "Intercept: the expected metric at the mean of every predictor; sigma: the residual SD "
+                "(metric units); R^2: Bayesian R^2 (Gelman et al. 2019).\n\n"
+                + C.markdown_table(fit_rows, ["metric", "quantity", "mean", "sd", "hdi_low", "hdi_high",
+                                              "r_hat", "ess_bulk"])),
+        ("Effects", (report.truth_note(rows, truth, hdi_prob) + "\n" if truth else "")
+         + C.markdown_table(rows, cols)),
     ], {k: v for k, v in outputs.items() if str(v).endswith(".png")})
-    lines = [f"sensitivity: {y.shape[1]} runs ({source}), {len(design.terms)} terms"]
+    lines = [f"sensitivity: {y.shape[1]} runs ({source}), {len(design.terms)} terms {design.terms}"]
+    if design.left_out:
+        lines.append(f"  not predictors: {'; '.join(design.left_out)}")
+    for r in (r for r in fit_rows if r["quantity"] == "R^2"):
+        lines.append(f"  {r['metric']}: R^2 {r['mean']:.2f} [{r['hdi_low']:.2f}, {r['hdi_high']:.2f}]")
     for r in sorted(rows, key=lambda r: -abs(r["per_sd_mean"]))[:8]:
         lines.append(f"  {r['metric']} ~ {r['term']}: {r['per_sd_mean']:+.3g} per SD "
-                     f"[{r['per_sd_hdi_low']:+.3g}, {r['per_sd_hdi_high']:+.3g}], P(<0) {r['p_negative']:.2f}")
-    return Result("\n".join(lines), outputs, data={"rows": rows, "idata": idata, "design": design})
+                     f"[{r['per_sd_hdi_low']:+.3g}, {r['per_sd_hdi_high']:+.3g}], P(improves) {r['p_improves']:.2f}")
+    return Result("\n".join(lines), outputs, data={"rows": rows, "fit": fit_rows, "idata": idata,
+                                                   "design": design})

@@ -1,7 +1,7 @@
 """A tiny Hydra app for the sensitivity test: ``python sweep_app.py -m lr=...,... layers=...``.
 
 Each job writes ``metrics.json`` (a deterministic perplexity of its hyperparameters plus seeded
-noise) into its Hydra output directory, as a real training sweep would.
+noise, its log as ``loss`` and a constant step count) into its Hydra output directory, as a real training sweep would.
 """
 
 import json
@@ -24,7 +24,8 @@ def main(cfg: DictConfig) -> None:
     ppl = (20.0 + EFFECTS["log10_lr"] * math.log10(cfg.lr) + EFFECTS["layers"] * cfg.layers
            + EFFECTS["sgd"] * (cfg.optimizer == "sgd") + noise)
     out = Path(HydraConfig.get().runtime.output_dir)
-    (out / "metrics.json").write_text(json.dumps({"perplexity": ppl, "train": {"steps": 100}}))
+    (out / "metrics.json").write_text(json.dumps({"perplexity": ppl, "loss": math.log(ppl),
+                                                        "train": {"steps": 100}}))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,20 @@ def problem_inputs(problem_data: ProblemData, index: int) -> dict[str, np.ndarra
     return out
 
 
+def pm_sample_settings(settings: KernelSettings) -> dict:
+    """``pm.sample`` keyword arguments that carry the engine's NUTS settings to PyMC's NUTS.
+
+    ``max_tree_depth`` -> ``max_treedepth`` (passed on to PyMC's ``NUTS`` step);
+    ``dense_mass`` -> ``init="jitter+adapt_full"`` (a dense mass matrix adapted in tuning), else
+    PyMC's default ``"jitter+adapt_diag"``.
+    """
+    return {
+        "target_accept": float(settings.target_accept),
+        "max_treedepth": int(settings.max_tree_depth),
+        "init": "jitter+adapt_full" if settings.dense_mass else "jitter+adapt_diag",
+    }
+
+
 def sample_loop(
     model,
     problem_data: ProblemData,
@@ -74,7 +88,7 @@ def sample_loop(
                     tune=tune,
                     chains=chains,
                     random_seed=seed * 1_000_003 + int(i),
-                    target_accept=settings.target_accept,
+                    **pm_sample_settings(settings),
                     progressbar=False,
                     compute_convergence_checks=False,
                 )
