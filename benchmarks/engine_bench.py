@@ -111,12 +111,12 @@ class EngineProgram:
         t0, c0 = time.perf_counter(), cpu_seconds()
         self.compiled = compile_model(model, problem_data)
         t1 = time.perf_counter()
-        self.summary_fn = make_summary_fn(self.compiled.free_var_names, config.draws)
-        with self._scope(config.precision):
-            fn = batch._build_chunk_fn(self.compiled, config, self.summary_fn)
-            arrays = batch._cast(problem_data.device_arrays(), config.precision)
+        self.summary_fn = make_summary_fn(self.compiled.free_var_names, config.sampler.draws)
+        with self._scope(config.runtime.precision):
+            fn = batch.build_chunk_program(self.compiled, config, self.summary_fn)
+            arrays = batch.cast_arrays(problem_data.device_arrays(), config.runtime.precision)
             size = batch.chunk_grid(problem_data.num_problems, config.batch_size)[0][1]
-            index, chunk = batch._chunk_inputs(arrays, 0, size, size)
+            index, chunk = batch.chunk_inputs(arrays, 0, size, size)
             root = jax.random.PRNGKey(config.seed)
             lowered = fn.lower(root, jnp.asarray(index), chunk)
             t2 = time.perf_counter()
@@ -140,14 +140,14 @@ class EngineProgram:
 
         from engine.sampling import batch
 
-        with self._scope(self.config.precision):
-            arrays = batch._cast(problem_data.device_arrays(), self.config.precision)
+        with self._scope(self.config.runtime.precision):
+            arrays = batch.cast_arrays(problem_data.device_arrays(), self.config.runtime.precision)
             root = jax.random.PRNGKey(self.config.seed)
             chunks = []
             grid = batch.chunk_grid(problem_data.num_problems, self.chunk_size)
             t0 = time.perf_counter()
             for start, stop in grid:
-                index, chunk = batch._chunk_inputs(arrays, start, stop, self.chunk_size)
+                index, chunk = batch.chunk_inputs(arrays, start, stop, self.chunk_size)
                 _, ok, summary = self.executable(root, jnp.asarray(index), chunk)
                 host = jax.tree.map(np.asarray, summary)
                 host["init_ok"] = np.asarray(ok)

@@ -15,7 +15,7 @@ import numpy as np
 from engine.audit.beliefs import BeliefSet
 from engine.errors import InputError
 
-__all__ = ["open_store", "run_chunks", "concat_chunks", "kept_problems", "kept_inference_data"]
+__all__ = ["open_store", "run_chunks", "host_summaries", "concat_chunks", "kept_problems", "kept_inference_data"]
 
 
 def open_store(store_dir, overwrite, full_data, config, extra):
@@ -148,3 +148,19 @@ def kept_inference_data(bs: BeliefSet, keep: np.ndarray, kept: dict, settings: d
     attrs = {"model": model_name, **{f"engine_{k}": str(v) for k, v in settings.items()}}
     return az.from_dict(posterior=posterior, sample_stats=stats, coords=coords, dims=dims,
                         posterior_attrs=attrs)
+
+
+def host_summaries(kernel, pm_model, model_data, full_data, summary_fn, config, progress):
+    """A host kernel (the ``pm.sample`` loop) over every problem, then the same on-device
+    summaries of its draws as the batched kernels' chunks produce."""
+    import jax
+
+    s = config.sampler
+    draws, stats = kernel.host_loop(
+        pm_model, model_data, chains=s.chains, draws=s.draws, tune=s.tune,
+        seed=config.seed, settings=s.kernel_settings, progress=progress,
+    )
+    arrays = full_data.device_arrays()
+    with jax.enable_x64(config.runtime.precision == "float64"):
+        fn = jax.jit(jax.vmap(summary_fn))
+        return jax.tree.map(np.asarray, fn({"theta": draws["theta"]}, stats, arrays))

@@ -1,5 +1,10 @@
 """``audit_vfe``: every token's Gaussian belief against its model's posterior, all at once.
 
+A pipeline of named stages: :func:`read_beliefs` (validate the input), :func:`build_problems`
+(fill, compile and check the template for every problem), :func:`sample_problems` (run the
+chunk grid, ``engine.audit.chunks``), :func:`audit_table` (``engine.audit.table``) and
+:func:`audit_summary` (``engine.audit.report`` writes the files).
+
 For each (checkpoint, token) problem the engine samples the posterior of the generative model
 the belief approximates (one compiled PyMC template, ``engine.sampling.batch.run_batched``), summarises
 the draws ON the device (``summary_fn``: moments, R-hat/ESS/MCSE, divergences, coverage of q's
@@ -15,8 +20,7 @@ Flat problem index ``p = checkpoint * T + token``; problem ``p``'s MCMC stream i
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,13 +31,12 @@ import numpy as np
 
 from engine.audit.beliefs import BeliefSet, array_namespace, beliefs_from_arrays
 from engine.audit.beliefs_files import load_beliefs
+from engine.audit.summary import Q_STREAM, problem_summary_fn
 from engine.caching import LRUCache
 from engine.errors import InputError
 
-__all__ = ["audit_vfe", "AuditResult", "Q_STREAM", "MODELS"]
-
-Q_STREAM = 0x51
-"""Extra ``fold_in`` tag of the random stream that draws from q (PSIS k-hat)."""
+__all__ = ["audit_vfe", "AuditResult", "AuditProblems", "read_beliefs", "build_problems", "sample_problems",
+           "audit_table", "audit_summary", "Q_STREAM", "MODELS", "cached_template"]
 
 MODELS = {"normal_normal": True, "student_t": False, "bernoulli_logit": False}
 """Built-in univariate templates (``engine.audit.vfe_models``) -> whether a closed form exists."""
@@ -66,16 +69,6 @@ class AuditResult:
         from engine.audit.report import write_outputs
 
         return write_outputs(self, Path(out_dir), plots=plots, worst_tokens=worst_tokens)
-
-
-def _as_beliefs(beliefs) -> BeliefSet:
-    if isinstance(beliefs, BeliefSet):
-        return beliefs
-    if isinstance(beliefs, (str, Path, list, tuple)):
-        return load_beliefs(beliefs)
-    if isinstance(beliefs, Mapping):
-        return beliefs_from_arrays(beliefs)
-    raise InputError(f"beliefs: expected a path, a mapping of arrays or a BeliefSet, got {type(beliefs).__name__}")
 
 
 def _resolve_model(model, kind: str, dim: int, closed_form):
@@ -177,67 +170,6 @@ def _problem_data(inputs: dict, num_obs: np.ndarray, extras: dict | None = None)
     )
 
 
-@functools.lru_cache(maxsize=32)
-def _summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: int, interval: float, psis: bool):
-    """ONE problem's on-device summary of ``values {name: [chain, draw, ...]}``; one function per
-    value of the arguments, so the chunk program that closes over it is compiled once."""
-    import jax
-    import jax.numpy as jnp
-    from jax.scipy.special import ndtri
-    from scipy.stats import chi2
-
-    from engine.sampling.diagnostics import summarize_draws
-    from engine.model.linalg import solve_triangular
-    from engine.audit.metrics import psis_tail_size
-
-    keep = psis_tail_size(num_q_draws)
-    z = float(ndtri(0.5 + interval / 2.0))
-    radius2 = float(chi2.ppf(interval, dim))
-    log2pi = math.log(2.0 * math.pi)
-
-    def summary_fn(values, stats, data):
-        theta = values["theta"]
-        out = {
-            "divergences": stats.diverging.sum(),
-            "mean_n_steps": stats.n_steps.mean(),
-        }
-        mu_q = data["mu_q"]
-        if kind == "univariate":
-            s = summarize_draws(theta)
-            out.update(s)
-            out["coverage"] = (jnp.abs(theta - mu_q) <= z * data["sigma_q"]).mean()
-        else:
-            s = summarize_draws(jnp.moveaxis(theta, -1, 0))  # each [K]
-            flat = theta.reshape((-1, dim))
-            centred = flat - flat.mean(0, keepdims=True)
-            out["mean"] = flat.mean(0)
-            out["cov"] = centred.T @ centred / (flat.shape[0] - 1)
-            out["mcse_mean"] = s["mcse_mean"].max()
-            out["r_hat"] = s["r_hat"].max()
-            out["ess_bulk"] = s["ess_bulk"].min()
-            out["ess_tail"] = s["ess_tail"].min()
-            chol_q = data["chol_q"]
-            white = solve_triangular(chol_q, (flat - mu_q[None, :]).T, lower=True)
-            out["coverage"] = ((white**2).sum(0) <= radius2).mean()
-        if psis:
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), data["__index__"]), Q_STREAM)
-            if kind == "univariate":
-                eps = jax.random.normal(key, (num_q_draws,), mu_q.dtype)
-                x = (mu_q + data["sigma_q"] * eps)[:, None]
-                log_q = -0.5 * eps**2 - jnp.log(data["sigma_q"]) - 0.5 * log2pi
-            else:
-                eps = jax.random.normal(key, (num_q_draws, dim), mu_q.dtype)
-                x = mu_q[None, :] + eps @ data["chol_q"].T
-                log_q = (-0.5 * (eps**2).sum(-1) - jnp.log(jnp.diagonal(data["chol_q"])).sum()
-                         - 0.5 * dim * log2pi)
-            log_p = jax.vmap(lambda v: compiled.logdensity_fn(v, data))(x)
-            log_w = jnp.where(jnp.isfinite(log_p), log_p - log_q, -jnp.inf)
-            out["top_log_weights"] = jax.lax.top_k(log_w, keep)[0]
-        return out
-
-    return summary_fn
-
-
 def audit_vfe(
     beliefs,
     *,
@@ -335,16 +267,84 @@ def audit_vfe(
     InputError
         Bad beliefs or a model whose log density is not finite for some token, before sampling.
     """
-    t_start = time.perf_counter()
-    bs = _as_beliefs(beliefs)  # validate before the heavy imports: bad input fails fast
-
-    import jax
-
-    from engine.sampling.api import compile_for
-    from engine.audit.chunks import kept_inference_data, kept_problems, open_store, run_chunks
-    from engine.sampling.batch import BatchConfig, check_init
-    from engine.sampling.kernels import get_kernel
+    from engine.audit.chunks import kept_inference_data
     from engine.settings import RuntimeConfig, SamplerConfig
+
+    t_start = time.perf_counter()
+    bs = read_beliefs(beliefs)  # validate before the heavy imports: bad input fails fast
+    sampler_config = SamplerConfig(name=sampler, chains=int(chains), draws=int(draws), tune=int(tune),
+                                   target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
+                                   dense_mass=bool(dense_mass))
+    runtime = RuntimeConfig(seed=int(seed), batch_size=batch_size, precision=precision, devices=devices,
+                            progress=progress, overwrite=bool(overwrite), isolate_failures=bool(isolate_failures))
+    problems = build_problems(bs, model=model, closed_form=closed_form, model_name=model_name,
+                              sampler=sampler_config, runtime=runtime, interval=interval, num_q_draws=num_q_draws)
+    t_compiled = time.perf_counter()
+    summaries, kept = sample_problems(problems, keep_draws=keep_draws, store_dir=store_dir, shard=shard,
+                                      log_file=log_file)
+    if summaries is None:
+        return None
+    t_sampled = time.perf_counter()
+    with np.errstate(divide="ignore", invalid="ignore"):  # failed tokens' rows become NaN
+        table, plot_arrays = audit_table(problems, summaries)
+    timings = {"prepare_compile": t_compiled - t_start, "sampling": t_sampled - t_compiled,
+               "metrics": time.perf_counter() - t_sampled}
+    summary = audit_summary(problems, table, timings)
+    draws = None if kept is None else kept_inference_data(bs, kept["problems"], kept, summary["settings"],
+                                                          problems.model_name)
+    audit = AuditResult(kind=bs.kind, table=table, summary=summary, extras=plot_arrays, draws=draws)
+    if out_dir is not None:
+        audit.summary["outputs"] = {k: str(v) for k, v in audit.write(out_dir).items()}
+    return audit
+
+
+@dataclass(frozen=True)
+class AuditProblems:
+    """Every (checkpoint, token) problem of an audit, compiled and checked (stage 2's output).
+
+    ``model_data`` holds the template's inputs, ``full_data`` those plus q's parameters for the
+    on-device summary (``[P, ...]`` with ``P = C * T``); ``init_ok [P]`` says which problems have
+    a finite jittered start; ``psis`` whether q's PSIS k-hat is computed (theta the only,
+    untransformed, latent).
+    """
+
+    beliefs: BeliefSet
+    model: Any
+    model_name: str
+    exact: bool
+    model_data: Any
+    full_data: Any
+    compiled: Any
+    config: Any
+    init_ok: np.ndarray
+    psis: bool
+    summary_fn: Callable
+    interval: float
+    num_q_draws: int
+
+
+def read_beliefs(beliefs) -> BeliefSet:
+    """Stage 1: a path, a list of paths, a mapping of arrays or a BeliefSet -> validated BeliefSet."""
+    if isinstance(beliefs, BeliefSet):
+        return beliefs
+    if isinstance(beliefs, (str, Path, list, tuple)):
+        return load_beliefs(beliefs)
+    if isinstance(beliefs, Mapping):
+        return beliefs_from_arrays(beliefs)
+    raise InputError(f"beliefs: expected a path, a mapping of arrays or a BeliefSet, got {type(beliefs).__name__}")
+
+
+def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, runtime, interval,
+                   num_q_draws) -> AuditProblems:
+    """Stage 2: the template filled from the beliefs, compiled once, every problem's start checked.
+
+    ``sampler`` and ``runtime`` are the :mod:`engine.settings` schema; a ``runtime.batch_size``
+    of None becomes equal chunks that fit ``CHUNK_MEMORY_BYTES``. Raises :class:`InputError`
+    naming the field for bad settings, a template that does not fit the beliefs, or (unless
+    ``runtime.isolate_failures``) a problem with no finite log density.
+    """
+    from engine.sampling.api import compile_for
+    from engine.sampling.batch import BatchConfig, check_init
 
     if not 0.0 < float(interval) < 1.0:
         raise InputError(f"field 'analysis.interval': must be in (0, 1), got {interval}")
@@ -352,28 +352,14 @@ def audit_vfe(
         raise InputError(f"field 'analysis.num_q_draws': need at least 25 draws, got {num_q_draws}")
     pm_model, default_name, exact = _resolve_model(model, bs.kind, bs.dim, closed_form)
     model_name = model_name or default_name
-    inputs = _model_inputs(pm_model, bs)
-    P = bs.num_problems
-    extras = {"mu_q": bs.flat("mu_q"), "__index__": np.arange(P, dtype=np.int32)}
-    if bs.kind == "univariate":
-        extras["sigma_q"] = bs.flat("sigma_q")
-    else:
-        extras["chol_q"] = _cholesky(bs.flat("cov_q"))
-    model_data = _problem_data(inputs, bs.num_obs.reshape(-1))
-    full_data = _problem_data(inputs, bs.num_obs.reshape(-1), extras)
-
-    batch_size = _chunk_size(P, int(chains), int(draws), bs.dim, int(num_q_draws), batch_size)
+    model_data, full_data = _audit_data(pm_model, bs)
+    batch_size = _chunk_size(bs.num_problems, int(sampler.chains), int(sampler.draws), bs.dim,
+                             int(num_q_draws), runtime.batch_size)
     try:
-        config = BatchConfig(
-            sampler=SamplerConfig(name=sampler, chains=int(chains), draws=int(draws), tune=int(tune),
-                                  target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
-                                  dense_mass=bool(dense_mass)),
-            runtime=RuntimeConfig(seed=int(seed), batch_size=batch_size, precision=precision, devices=devices),
-            keep_draws=False,
-        )
+        config = BatchConfig(sampler=sampler, runtime=dataclasses.replace(runtime, batch_size=batch_size),
+                             keep_draws=False)
     except ValueError as err:
         raise InputError(f"field 'sampler': {err}") from None
-    kernel = get_kernel(config.sampler.name)
     try:
         with _quiet_pytensor():
             compiled = compile_for(pm_model, model_data)
@@ -381,71 +367,101 @@ def audit_vfe(
         raise InputError(f"field 'model': {err}") from None
     psis = set(compiled.value_slices) == {"theta"}  # theta is the only, untransformed, latent
     ok = check_init(compiled, model_data, config)
-    if not ok.any() or (not isolate_failures and not ok.all()):
+    if not ok.any() or (not runtime.isolate_failures and not ok.all()):
         c, t = divmod(int(np.flatnonzero(~ok)[0]), bs.num_tokens)
         raise InputError(
             f"field 'observed': model {model_name!r} has no finite log density for these data, "
             f"first bad index [{c}, {t}] (checkpoint {bs.checkpoints[c]!r}, token {bs.tokens[t]!r})"
         )
-    summary_fn = _summary_fn(compiled, bs.kind, bs.dim, int(seed), int(num_q_draws), float(interval), psis)
-    keep = kept_problems(bs, keep_draws)
-    t_compiled = time.perf_counter()
+    summary_fn = problem_summary_fn(compiled, bs.kind, bs.dim, config.seed, int(num_q_draws), float(interval), psis)
+    return AuditProblems(bs, pm_model, model_name, exact, model_data, full_data, compiled, config, ok, psis,
+                         summary_fn, float(interval), int(num_q_draws))
+
+
+def _audit_data(pm_model, bs: BeliefSet):
+    """``(model_data, full_data)``: the template's inputs, and those plus q's parameters and each
+    problem's flat index (``__index__``, for q's random stream)."""
+    inputs = _model_inputs(pm_model, bs)
+    extras = {"mu_q": bs.flat("mu_q"), "__index__": np.arange(bs.num_problems, dtype=np.int32)}
+    if bs.kind == "univariate":
+        extras["sigma_q"] = bs.flat("sigma_q")
+    else:
+        extras["chol_q"] = _cholesky(bs.flat("cov_q"))
+    num_obs = bs.num_obs.reshape(-1)
+    return _problem_data(inputs, num_obs), _problem_data(inputs, num_obs, extras)
+
+
+def sample_problems(problems: AuditProblems, *, keep_draws=None, store_dir=None, shard=None, log_file=None):
+    """Stage 3: every problem's on-device summary -> ``(summaries, kept draws or None)``, or
+    ``(None, None)`` for one shard of several (see :func:`engine.audit.chunks.run_chunks`)."""
+    import jax
+
+    from engine.audit.chunks import host_summaries, kept_problems, open_store, run_chunks
+    from engine.sampling.kernels import get_kernel
+
+    config, runtime = problems.config, problems.config.runtime
+    kernel = get_kernel(config.sampler.name)
+    keep = kept_problems(problems.beliefs, keep_draws)
     kept = None
     if kernel.runs_on_host:
         if keep.size:
             raise InputError(f"field 'analysis.keep_draws': not available with sampler={kernel.name}")
-        summaries = _host_summaries(kernel, pm_model, model_data, full_data, summary_fn, config, progress)
+        summaries = host_summaries(kernel, problems.model, problems.model_data, problems.full_data,
+                                   problems.summary_fn, config, runtime.progress)
     else:
         store = None
         if store_dir is not None:
-            extra = {"model": model_name, "interval": float(interval), "num_q_draws": int(num_q_draws),
-                     "keep_draws": keep.tolist()}
-            store = open_store(store_dir, overwrite, full_data, config, extra)
+            extra = {"model": problems.model_name, "interval": problems.interval,
+                     "num_q_draws": problems.num_q_draws, "keep_draws": keep.tolist()}
+            store = open_store(store_dir, runtime.overwrite, problems.full_data, config, extra)
         summaries, kept = run_chunks(
-            compiled, full_data, config, summary_fn, progress, store=store, shard=shard, keep=keep,
-            log_file=log_file,
+            problems.compiled, problems.full_data, config, problems.summary_fn, runtime.progress,
+            store=store, shard=shard, keep=keep, log_file=log_file,
         )
         if summaries is None:
-            return None
+            return None, None
+        if kept is not None:
+            kept["problems"] = keep
     jax.block_until_ready(summaries)
-    t_sampled = time.perf_counter()
+    return summaries, kept
 
+
+def audit_table(problems: AuditProblems, summaries):
+    """Stage 4: the per-token table (``engine.audit.table``), failed problems flagged in their rows."""
+    from engine.audit.table import build_table, flag_failures
+
+    s = problems.config.sampler
+    table, plot_arrays = build_table(problems.beliefs, summaries, problems.model_name, problems.exact,
+                                     problems.interval, problems.num_q_draws, problems.psis)
+    return flag_failures(table, problems.init_ok, int(s.chains) * int(s.draws)), plot_arrays
+
+
+def audit_summary(problems: AuditProblems, table, timings: dict) -> dict:
+    """Stage 5: summary.json's content (per-checkpoint aggregates, settings, timings, notes)."""
     from engine.audit import report
-    from engine.audit.metrics import build_table
 
-    with np.errstate(divide="ignore", invalid="ignore"):  # failed tokens' rows become NaN below
-        table, plot_arrays = build_table(bs, summaries, model_name, exact, interval, num_q_draws, psis)
-    table = _flag_failures(table, ok, int(chains) * int(draws))
-    notes = report.notes(bs, table, model_name, exact, psis)
-    summary = {
+    bs, config = problems.beliefs, problems.config
+    s, r = config.sampler, config.runtime
+    return {
         "kind": bs.kind,
-        "model": model_name,
-        "closed_form": exact,
+        "model": problems.model_name,
+        "closed_form": problems.exact,
         "source": bs.source,
         "num_checkpoints": bs.num_checkpoints,
         "num_tokens": bs.num_tokens,
         "dim": bs.dim,
         "checkpoints": report.per_checkpoint(table, bs.kind),
         "settings": {
-            "sampler": config.sampler.name, "chains": int(chains), "draws": int(draws), "tune": int(tune),
-            "seed": int(seed), "batch_size": batch_size, "precision": precision,
-            "target_accept": float(target_accept), "max_tree_depth": int(max_tree_depth),
-            "dense_mass": bool(dense_mass), "devices": devices, "interval": float(interval),
-            "num_q_draws": int(num_q_draws),
+            "sampler": s.name, "chains": int(s.chains), "draws": int(s.draws), "tune": int(s.tune),
+            "seed": int(r.seed), "batch_size": r.batch_size, "precision": r.precision,
+            "target_accept": float(s.target_accept), "max_tree_depth": int(s.max_tree_depth),
+            "dense_mass": bool(s.dense_mass), "devices": r.devices, "interval": problems.interval,
+            "num_q_draws": problems.num_q_draws,
         },
-        "timings_s": {
-            "prepare_compile": round(t_compiled - t_start, 3),
-            "sampling": round(t_sampled - t_compiled, 3),
-            "metrics": round(time.perf_counter() - t_sampled, 3),
-        },
-        "notes": notes,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "notes": report.notes(bs, table, problems.model_name, problems.exact, problems.psis),
         "versions": report.versions(),
     }
-    draws = None if kept is None else kept_inference_data(bs, keep, kept, summary["settings"], model_name)
-    audit = AuditResult(kind=bs.kind, table=table, summary=summary, extras=plot_arrays, draws=draws)
-    if out_dir is not None:
-        audit.summary["outputs"] = {k: str(v) for k, v in audit.write(out_dir).items()}
-    return audit
 
 
 CHUNK_MEMORY_BYTES = 1 << 30
@@ -467,37 +483,3 @@ def _chunk_size(num_problems: int, chains: int, draws: int, dim: int, num_q_draw
     max_size = max(1, CHUNK_MEMORY_BYTES // per_problem)
     num_chunks = -(-num_problems // max_size)
     return -(-num_problems // num_chunks)
-
-
-MCMC_COLUMNS = ("mcmc_mean", "mcmc_std", "mean_diff", "std_ratio", "kl_q_mcmc", "mean_l2_error",
-                "r_hat", "ess_bulk", "ess_tail", "mcmc_mcse", "w2_mcmc")
-
-
-def _flag_failures(table, init_ok: np.ndarray, num_transitions: int):
-    """Isolate failed problems in their rows: ``status`` says why, ``converged`` is False, and
-    the MCMC columns of an unstartable problem are NaN. Other rows are untouched (each problem
-    samples in its own lanes and key stream)."""
-    table = table.copy()
-    bad_init = ~np.asarray(init_ok, bool)
-    all_divergent = table["divergences"].to_numpy() >= num_transitions
-    table.loc[all_divergent, "status"] = "every transition diverged"
-    table.loc[bad_init, "status"] = "no finite log density at any jittered start"
-    cols = [c for c in MCMC_COLUMNS if c in table.columns]
-    table.loc[bad_init, cols] = np.nan
-    table.loc[bad_init | all_divergent, "converged"] = False
-    return table
-
-
-def _host_summaries(kernel, pm_model, model_data, full_data, summary_fn: Callable, config, progress):
-    """A host kernel (the ``pm.sample`` loop), then the same on-device summaries of its draws."""
-    import jax
-
-    s = config.sampler
-    draws, stats = kernel.host_loop(
-        pm_model, model_data, chains=s.chains, draws=s.draws, tune=s.tune,
-        seed=config.seed, settings=s.kernel_settings, progress=progress,
-    )
-    arrays = full_data.device_arrays()
-    with jax.enable_x64(config.runtime.precision == "float64"):
-        fn = jax.jit(jax.vmap(summary_fn))
-        return jax.tree.map(np.asarray, fn({"theta": draws["theta"]}, stats, arrays))

@@ -33,6 +33,7 @@ from engine.sampling.kernels.base import SamplingAlgorithm, Schedule
 from engine.settings import RuntimeConfig, SamplerConfig
 
 __all__ = ["BatchConfig", "BatchResult", "init_positions", "run_batched", "chunk_grid", "check_init",
+           "build_chunk_program", "cast_arrays", "chunk_inputs",
            "local_devices", "precision_scope"]
 
 MAX_CACHED_PROGRAMS = 32
@@ -157,7 +158,7 @@ def local_devices(requested: int | None) -> list:
     return available[:count]
 
 
-def _build_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
+def build_chunk_program(compiled: CompiledModel, config: BatchConfig, summary_fn):
     def build():
         chunk_fn = _make_chunk_fn(compiled, config, summary_fn)
         devices = local_devices(config.runtime.devices)
@@ -274,7 +275,7 @@ def precision_scope(precision: str):
         yield
 
 
-def _cast(arrays: dict[str, np.ndarray], precision: str) -> dict[str, np.ndarray]:
+def cast_arrays(arrays: dict[str, np.ndarray], precision: str) -> dict[str, np.ndarray]:
     if precision == "float64":
         return arrays
     return {
@@ -282,7 +283,7 @@ def _cast(arrays: dict[str, np.ndarray], precision: str) -> dict[str, np.ndarray
     }
 
 
-def _chunk_inputs(device_arrays, start, stop, size):
+def chunk_inputs(device_arrays, start, stop, size):
     """Problems ``start:stop`` padded to ``size`` by repeating the last one."""
     index = np.arange(start, stop)
     if stop - start < size:
@@ -301,12 +302,12 @@ def check_init(compiled: CompiledModel, problem_data: ProblemData, config: Batch
     """``[problem]`` flags: every chain of the problem has a finite jittered start."""
     with precision_scope(config.runtime.precision):
         fn = _build_init_fn(compiled, config)
-        arrays = _cast(problem_data.device_arrays(), config.runtime.precision)
+        arrays = cast_arrays(problem_data.device_arrays(), config.runtime.precision)
         root = jax.random.PRNGKey(config.seed)
         out = []
         for start, stop in chunk_grid(problem_data.num_problems, config.batch_size):
             size = stop - start if config.batch_size is None else min(config.batch_size, problem_data.num_problems)
-            index, chunk = _chunk_inputs(arrays, start, stop, size)
+            index, chunk = chunk_inputs(arrays, start, stop, size)
             out.append(np.asarray(fn(root, jnp.asarray(index), chunk))[: stop - start])
     return np.concatenate(out)
 
@@ -354,16 +355,16 @@ def run_batched(
     size = -(-(grid[0][1] - grid[0][0]) // num_devices) * num_devices  # a multiple of devices
     results = []
     with precision_scope(config.runtime.precision):
-        fn = _build_chunk_fn(compiled, config, summary_fn)
+        fn = build_chunk_program(compiled, config, summary_fn)
         keep = {(int(a), int(b)) for a, b in keep_chunks}
         keep_config = dataclasses.replace(config, keep_draws=True)
-        fn_keep = _build_chunk_fn(compiled, keep_config, summary_fn) if keep and not config.keep_draws else fn
-        arrays = _cast(problem_data.device_arrays(), config.runtime.precision)
+        fn_keep = build_chunk_program(compiled, keep_config, summary_fn) if keep and not config.keep_draws else fn
+        arrays = cast_arrays(problem_data.device_arrays(), config.runtime.precision)
         root = jax.random.PRNGKey(config.seed)
         bar = _progress(sum(b - a for a, b in todo), progress, describe(config.sampler.name))
         try:
             for start, stop in todo:
-                index, chunk = _chunk_inputs(arrays, start, stop, size)
+                index, chunk = chunk_inputs(arrays, start, stop, size)
                 chunk_fn = fn_keep if (start, stop) in keep else fn
                 kept, ok, summary = chunk_fn(root, jnp.asarray(index), chunk)
                 n = stop - start

@@ -1,0 +1,179 @@
+"""The audit's per-token table: one row per (checkpoint, token) from the on-device summaries.
+
+Audit work, not a metric: it puts ``engine.audit.metrics``' comparisons (KL, W2, k-hat, ...)
+of q with the MCMC and exact posteriors side by side, decides ``converged``, and flags failed
+problems in their own rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.audit.metrics import (
+    coverage_normal, kl_mvnormal, kl_normal, pareto_khat_from_tail, std_ratio, w2_mvnormal, w2_normal, z_error,
+)
+
+__all__ = ["build_table", "flag_failures", "is_converged", "UNIVARIATE_COLUMNS", "MULTIVARIATE_COLUMNS",
+           "MCMC_COLUMNS"]
+
+UNIVARIATE_COLUMNS = (
+    "checkpoint", "token", "status", "n_obs", "vfe_mean", "vfe_std", "mcmc_mean", "mcmc_std",
+    "mcmc_mcse", "mean_diff", "z_error", "std_ratio", "kl_q_mcmc", "kl_mcmc_q", "w2", "coverage",
+    "exact_mean", "exact_std", "kl_q_exact", "kl_exact_q", "w2_exact", "coverage_exact",
+    "mcmc_exact_z", "pareto_k", "r_hat", "ess_bulk", "ess_tail", "divergences",
+    "mean_n_steps", "converged",
+)
+"""metrics.parquet columns of a univariate audit (contract 4 plus extras), in order."""
+
+MULTIVARIATE_COLUMNS = (
+    "checkpoint", "token", "status", "n_obs", "dim", "mean_l2_error", "mahalanobis",
+    "std_ratio_min", "std_ratio_max", "kl_q_mcmc", "kl_mcmc_q", "w2", "coverage",
+    "exact_l2_error", "kl_q_exact", "kl_exact_q", "w2_exact", "mcmc_exact_l2", "pareto_k",
+    "mcmc_mcse", "r_hat", "ess_bulk", "ess_tail", "divergences", "mean_n_steps", "converged",
+)
+"""metrics.parquet columns of a multivariate audit, in order."""
+
+
+MCMC_COLUMNS = ("mcmc_mean", "mcmc_std", "mean_diff", "std_ratio", "kl_q_mcmc", "mean_l2_error",
+                "r_hat", "ess_bulk", "ess_tail", "mcmc_mcse", "w2_mcmc")
+"""Columns computed from the draws: NaN in the row of a problem that could not start."""
+
+
+def is_converged(r_hat, ess_bulk, ess_tail, divergences):
+    from engine.sampling.diagnostics import CONVERGENCE_RULES
+
+    return (
+        (np.asarray(r_hat) < CONVERGENCE_RULES["r_hat_max"])
+        & (np.asarray(ess_bulk) >= CONVERGENCE_RULES["ess_min"])
+        & (np.asarray(ess_tail) >= CONVERGENCE_RULES["ess_min"])
+        & (np.asarray(divergences) == 0)
+    )
+
+
+def build_table(beliefs, summaries, model_name, exact: bool, interval: float, num_q_draws: int, psis: bool):
+    """Per-token metrics table from on-device summaries -> ``(DataFrame, plot arrays)``.
+
+    Parameters
+    ----------
+    beliefs
+        The audited :class:`engine.audit.beliefs.BeliefSet` (C checkpoints x T tokens).
+    summaries
+        ``engine.audit.summary.problem_summary_fn`` outputs stacked over the ``C*T`` problems (host arrays).
+    model_name
+        Template name (for messages only).
+    exact
+        Whether the model is conjugate, so ``references`` gives the exact posterior; else the
+        ``*_exact`` columns are NaN.
+    interval
+        Credible mass of q's interval (``coverage_exact``).
+    num_q_draws
+        Draws from q behind ``summaries["top_log_weights"]``.
+    psis
+        Whether k-hat was computed (``theta`` the model's only, untransformed, latent).
+    """
+    import pandas as pd
+
+    C, T = beliefs.num_checkpoints, beliefs.num_tokens
+    P = C * T
+    s = {k: np.asarray(v) for k, v in summaries.items()}
+    cols: dict[str, np.ndarray] = {
+        "checkpoint": np.repeat(beliefs.checkpoints, T),
+        "token": np.tile(beliefs.tokens, C),
+        "status": np.full(P, "ok", dtype=object),
+        "n_obs": beliefs.num_obs.reshape(-1),
+    }
+    pk = (pareto_khat_from_tail(s["top_log_weights"], num_q_draws) if psis else np.full(P, np.nan))
+    if beliefs.kind == "univariate":
+        cols.update(_univariate_columns(beliefs, s, exact, interval))
+        extras, names = {}, UNIVARIATE_COLUMNS
+    else:
+        more, extras = _multivariate_columns(beliefs, s)
+        cols.update(more)
+        names = MULTIVARIATE_COLUMNS
+    cols.update(
+        pareto_k=pk, r_hat=s["r_hat"], ess_bulk=s["ess_bulk"], ess_tail=s["ess_tail"],
+        divergences=s["divergences"].astype(np.int64), mean_n_steps=s["mean_n_steps"],
+    )
+    cols["converged"] = is_converged(cols["r_hat"], cols["ess_bulk"], cols["ess_tail"], cols["divergences"])
+    table = pd.DataFrame({name: cols[name] for name in names})
+    float_cols = [c for c in names if c not in ("checkpoint", "token", "status", "n_obs", "dim",
+                                                 "divergences", "converged")]
+    table[float_cols] = table[float_cols].astype(np.float64)
+    table["status"] = table["status"].astype(str)
+    return table, extras
+
+
+def _univariate_columns(beliefs, s: dict, exact: bool, interval: float) -> dict:
+    """q against the MCMC posterior and, for a conjugate model, the exact one (1-D)."""
+    from engine.audit import references
+
+    P = beliefs.num_problems
+    nan = np.full(P, np.nan)
+    mu_q, sd_q = beliefs.host("mu_q"), beliefs.host("sigma_q")
+    mean, sd = s["mean"], s["sd"]
+    cols = dict(
+        vfe_mean=mu_q, vfe_std=sd_q, mcmc_mean=mean, mcmc_std=sd, mcmc_mcse=s["mcse_mean"],
+        mean_diff=mu_q - mean, z_error=z_error(mu_q, mean, sd), std_ratio=std_ratio(sd_q, sd),
+        kl_q_mcmc=kl_normal(mu_q, sd_q, mean, sd), kl_mcmc_q=kl_normal(mean, sd, mu_q, sd_q),
+        w2=w2_normal(mu_q, sd_q, mean, sd), coverage=s["coverage"],
+    )
+    if not exact:
+        cols.update({k: nan for k in ("exact_mean", "exact_std", "kl_q_exact", "kl_exact_q",
+                                      "w2_exact", "coverage_exact", "mcmc_exact_z")})
+        return cols
+    em, es = references.normal_normal(
+        beliefs.host("prior_mu"), beliefs.host("prior_sigma"), beliefs.host("obs_sigma"),
+        beliefs.host("observed"), beliefs.num_obs.reshape(-1),
+    )
+    cols.update(
+        exact_mean=em, exact_std=es, kl_q_exact=kl_normal(mu_q, sd_q, em, es),
+        kl_exact_q=kl_normal(em, es, mu_q, sd_q), w2_exact=w2_normal(mu_q, sd_q, em, es),
+        coverage_exact=coverage_normal(mu_q, sd_q, em, es, interval),
+        mcmc_exact_z=(mean - em) / s["mcse_mean"],
+    )
+    return cols
+
+
+def _multivariate_columns(beliefs, s: dict) -> tuple[dict, dict]:
+    """q against the MCMC and exact posteriors (K-dimensional) -> ``(columns, plot arrays)``."""
+    from engine.audit import references
+
+    P = beliefs.num_problems
+    mu_q, cov_q = beliefs.host("mu_q"), beliefs.host("cov_q")
+    mean, cov = s["mean"], s["cov"]
+    diff = mu_q - mean
+    chol = np.linalg.cholesky(cov)
+    white = np.linalg.solve(chol, diff[..., None])[..., 0]
+    sd_ratio = np.sqrt(np.diagonal(cov_q, axis1=-2, axis2=-1) / np.diagonal(cov, axis1=-2, axis2=-1))
+    cols = dict(
+        dim=np.full(P, beliefs.dim), mean_l2_error=np.linalg.norm(diff, axis=-1),
+        mahalanobis=np.linalg.norm(white, axis=-1), std_ratio_min=sd_ratio.min(-1),
+        std_ratio_max=sd_ratio.max(-1), kl_q_mcmc=kl_mvnormal(mu_q, cov_q, mean, cov),
+        kl_mcmc_q=kl_mvnormal(mean, cov, mu_q, cov_q), w2=w2_mvnormal(mu_q, cov_q, mean, cov),
+        coverage=s["coverage"], mcmc_mcse=s["mcse_mean"],
+    )
+    em, ec = references.mvnormal_known_cov(
+        beliefs.host("prior_mu"), beliefs.host("prior_cov"), beliefs.host("obs_cov"),
+        beliefs.host("observed"), beliefs.num_obs.reshape(-1),
+    )
+    cols.update(
+        exact_l2_error=np.linalg.norm(mu_q - em, axis=-1),
+        kl_q_exact=kl_mvnormal(mu_q, cov_q, em, ec), kl_exact_q=kl_mvnormal(em, ec, mu_q, cov_q),
+        w2_exact=w2_mvnormal(mu_q, cov_q, em, ec), mcmc_exact_l2=np.linalg.norm(mean - em, axis=-1),
+    )
+    return cols, {"vfe_mean": mu_q, "mcmc_mean": mean, "std_ratio": sd_ratio}
+
+
+def flag_failures(table, init_ok: np.ndarray, num_transitions: int):
+    """Isolate failed problems in their rows: ``status`` says why, ``converged`` is False, and
+    the MCMC columns of an unstartable problem are NaN. Other rows are untouched (each problem
+    samples in its own lanes and key stream)."""
+    table = table.copy()
+    bad_init = ~np.asarray(init_ok, bool)
+    all_divergent = table["divergences"].to_numpy() >= num_transitions
+    table.loc[all_divergent, "status"] = "every transition diverged"
+    table.loc[bad_init, "status"] = "no finite log density at any jittered start"
+    cols = [c for c in MCMC_COLUMNS if c in table.columns]
+    table.loc[bad_init, cols] = np.nan
+    table.loc[bad_init | all_divergent, "converged"] = False
+    return table
