@@ -232,7 +232,7 @@ def test_bare_demo_runs_within_budget(analysis, tmp_path):
 def test_every_audit_config_option_composes():
     from hydra import compose, initialize_config_dir
 
-    from engine.analyses.vfe_univariate import model_from_config
+    from engine.analyses.vfe_audit import model_from_config
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for analysis in ("vfe_univariate", "vfe_multivariate"):

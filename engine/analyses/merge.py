@@ -1,23 +1,21 @@
 """``analysis=merge``: join the chunk stores of a sharded audit sweep into one table and report.
 
 Each shard job (``data.shard=i data.num_shards=k``) stored whole chunks of the single run's chunk
-grid under ``<job dir>/store``. The merge checks that every shard ran the same configuration
-(the stores' config hashes), copies the chunk files into this run's store, and reruns the audit
-from the first shard's config: nothing is left to sample, so the table is built from the stored
-summaries and equals a single run's bitwise. A missing chunk names the shard that should have
-written it; the shards' own results are never modified.
+grid under ``<job dir>/store``. Joining the stores is a store operation
+(:func:`engine.audit.store.merge_shard_stores`: same configuration hash, every chunk present,
+copied into this run's store); this module finds the jobs and reruns the audit from the first
+shard's config: nothing is left to sample, so the table is built from the stored summaries and
+equals a single run's bitwise. The shards' own results are never modified.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from engine.errors import InputError
-from engine.audit.store import CHUNK_DIR, MANIFEST, atomic_write_bytes
+from engine.audit.store import merge_shard_stores
 
 
 def _job_dirs(inputs: Path) -> list[Path]:
@@ -30,7 +28,7 @@ def _job_dirs(inputs: Path) -> list[Path]:
 
 
 def run(cfg, run_dir: Path):
-    from engine.analyses.vfe_univariate import run_from_config
+    from engine.analyses.vfe_audit import run_from_config
 
     if not cfg.analysis.get("inputs"):
         raise InputError("field 'analysis.inputs': give the sweep directory of the shard jobs")
@@ -40,33 +38,8 @@ def run(cfg, run_dir: Path):
     kind = {"vfe_univariate": "univariate", "vfe_multivariate": "multivariate"}.get(base.analysis.name)
     if kind is None:
         raise InputError(f"field 'analysis.inputs': {jobs[0]} ran {base.analysis.name!r}, not a VFE audit")
-    hashes, grid, owner = {}, None, {}
-    for job, jcfg in zip(jobs, configs):
-        manifest = job / "store" / MANIFEST
-        if not manifest.exists():
-            raise InputError(f"shard {job.name} (data.shard={jcfg.data.get('shard')}): no store; it did not start")
-        info = json.loads(manifest.read_text())
-        hashes[job.name] = info["config_hash"]
-        grid = grid or [tuple(c) for c in info["grid"]]
-        for c in (job / "store" / CHUNK_DIR).glob("*.npz"):
-            owner.setdefault(c.name, c)
-    if len(set(hashes.values())) > 1:
-        first = next(iter(hashes))
-        other = next(n for n, h in hashes.items() if h != hashes[first])
-        raise InputError(f"shard {other} ran another configuration than shard {first}; they cannot be merged")
-    num_shards = int(base.data.get("num_shards", 1))
-    for index, (start, stop) in enumerate(grid):
-        name = f"chunk_{start:010d}_{stop:010d}.npz"
-        if name not in owner:
-            raise InputError(
-                f"chunk {start}:{stop} is missing: shard data.shard={index % num_shards} did not "
-                "finish; rerun that job (its finished chunks are kept) and merge again"
-            )
-    store = Path(run_dir) / "store"
-    (store / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(store / MANIFEST, (jobs[0] / "store" / MANIFEST).read_bytes())
-    for name, path in owner.items():
-        shutil.copyfile(path, store / CHUNK_DIR / name)
+    shards = {job.name: (job / "store", jcfg.data.get("shard")) for job, jcfg in zip(jobs, configs)}
+    merge_shard_stores(shards, Path(run_dir) / "store", num_shards=int(base.data.get("num_shards", 1)))
     merged = OmegaConf.merge(base, {"data": {"shard": 0, "num_shards": 1}, "runtime": {"overwrite": False}})
     OmegaConf.set_struct(merged, False)
     merged.analysis.merged_from = str(cfg.analysis.inputs)

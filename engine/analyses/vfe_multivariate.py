@@ -11,6 +11,6 @@ from pathlib import Path
 
 
 def run(cfg, run_dir: Path):
-    from engine.analyses.vfe_univariate import run_from_config
+    from engine.analyses.vfe_audit import run_from_config
 
     return run_from_config(cfg, run_dir, "multivariate")

@@ -22,7 +22,7 @@ import numpy as np
 
 from engine.errors import InputError
 
-__all__ = ["ChunkStore", "fingerprint", "atomic_write_bytes", "versions"]
+__all__ = ["ChunkStore", "fingerprint", "atomic_write_bytes", "versions", "merge_shard_stores"]
 
 MANIFEST = "manifest.json"
 CHUNK_DIR = "chunks"
@@ -94,6 +94,11 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
+def chunk_file_name(start: int, stop: int, name: str = "chunk") -> str:
+    """The file of chunk ``start:stop`` (``name`` "chunk" for summaries, "draws" for kept draws)."""
+    return f"{name}_{start:010d}_{stop:010d}.npz"
+
+
 class ChunkStore:
     """Per-chunk result files of one run directory.
 
@@ -142,7 +147,7 @@ class ChunkStore:
         self.chunk_dir.mkdir(parents=True, exist_ok=True)
 
     def _path(self, start: int, stop: int, name: str = "chunk") -> Path:
-        return self.chunk_dir / f"{name}_{start:010d}_{stop:010d}.npz"
+        return self.chunk_dir / chunk_file_name(start, stop, name)
 
     def completed(self) -> list[tuple[int, int]]:
         """Chunks of the grid whose files are complete (atomic rename guarantees whole files)."""
@@ -192,3 +197,41 @@ class ChunkStore:
         if not parts:
             return {}
         return _unflatten({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+
+def merge_shard_stores(shards: Mapping[str, tuple[Path, Any]], store_dir: Path, *, num_shards: int) -> None:
+    """Join the stores of a sharded run into ``store_dir``.
+
+    ``shards`` maps a job's name to ``(its store directory, its data.shard)``. Every store must
+    hold the same configuration (manifest hash) and together every chunk of the grid; the
+    first store's manifest and every chunk file are copied. Raises :class:`InputError` naming the
+    job that did not start, ran another configuration, or (by ``chunk % num_shards``) the shard
+    that did not finish; the shards' stores are never modified.
+    """
+    hashes, grid, owner = {}, None, {}
+    for job, (store, shard) in shards.items():
+        manifest = Path(store) / MANIFEST
+        if not manifest.exists():
+            raise InputError(f"shard {job} (data.shard={shard}): no store; it did not start")
+        info = json.loads(manifest.read_text())
+        hashes[job] = info["config_hash"]
+        grid = grid or [tuple(c) for c in info["grid"]]
+        for c in (Path(store) / CHUNK_DIR).glob("*.npz"):
+            owner.setdefault(c.name, c)
+    if len(set(hashes.values())) > 1:
+        first = next(iter(hashes))
+        other = next(n for n, h in hashes.items() if h != hashes[first])
+        raise InputError(f"shard {other} ran another configuration than shard {first}; they cannot be merged")
+    for index, (start, stop) in enumerate(grid):
+        name = chunk_file_name(start, stop)
+        if name not in owner:
+            raise InputError(
+                f"chunk {start}:{stop} is missing: shard data.shard={index % num_shards} did not "
+                "finish; rerun that job (its finished chunks are kept) and merge again"
+            )
+    store_dir = Path(store_dir)
+    (store_dir / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+    first_store = next(iter(shards.values()))[0]
+    atomic_write_bytes(store_dir / MANIFEST, (Path(first_store) / MANIFEST).read_bytes())
+    for name, path in owner.items():
+        shutil.copyfile(path, store_dir / CHUNK_DIR / name)

@@ -1,0 +1,134 @@
+"""``analysis=vfe_univariate``: audit 1-D Gaussian beliefs N(mu_q, sigma_q) over tokens x checkpoints.
+
+The generative model is ``cfg.model`` (default Normal-Normal, closed form; ``student_t`` and
+``bernoulli_logit`` have none). See :func:`engine.audit.audit_vfe`. This module also holds the
+config plumbing both VFE analyses share (``vfe_multivariate`` calls :func:`run_from_config`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+from engine.audit.vfe import audit_vfe, cached_template
+from engine.audit.beliefs import BeliefSet
+from engine.audit.beliefs_files import load_beliefs
+from engine.errors import InputError
+
+
+def beliefs_from_config(cfg, run_dir: Path, kind: str) -> BeliefSet:
+    """The beliefs ``cfg.data`` names: the embedded demo (generated into ``run_dir/demo``) or files."""
+    data = cfg.data
+    shard, num_shards = int(data.get("shard", 0)), int(data.get("num_shards", 1))
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise InputError(f"field 'data.shard': need 0 <= shard < num_shards, got {shard}/{num_shards}")
+    if data.name == "demo":
+        from engine.audit import demo
+
+        where = Path(run_dir) / "demo"
+        if kind == "univariate":
+            paths = demo.univariate_demo(
+                where, num_tokens=int(data.num_tokens), max_obs=int(data.max_obs),
+                checkpoint_steps=list(data.checkpoint_steps), seed=int(data.seed),
+            )
+        else:
+            paths = demo.multivariate_demo(
+                where, num_tokens=int(data.num_tokens_multivariate), dim=int(data.dim),
+                max_obs=int(data.max_obs), seed=int(data.seed),
+            )
+        return load_beliefs(paths)
+    path = data.get("path")
+    if path is None or str(path) in ("", "???"):
+        raise InputError("field 'data.path': missing; run with data=file data.path=<beliefs file>")
+    from omegaconf import ListConfig
+
+    paths = [str(p) for p in path] if isinstance(path, (list, tuple, ListConfig)) else str(path)
+    bs = load_beliefs(paths)
+    if bs.kind != kind:
+        other = "vfe_multivariate" if bs.kind == "multivariate" else "vfe_univariate"
+        raise InputError(
+            f"field 'data.path': holds {bs.kind} beliefs but this analysis audits {kind} ones; "
+            f"use analysis={other}"
+        )
+    return bs
+
+
+def model_from_config(cfg):
+    """``cfg.model`` -> ``(pm.Model, closed_form, name)``: instantiate its ``_target_`` builder once."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") is not None else {}
+    if not spec:
+        return None, None, None
+    closed_form = bool(spec.pop("closed_form", False))
+    spec.pop("name", None)
+    if "_target_" not in spec:
+        raise InputError("field 'model._target_': missing; point it at a template builder")
+
+    def build():
+        from hydra.utils import instantiate
+
+        try:
+            model = instantiate(spec)
+        except Exception as err:  # noqa: BLE001 - Hydra wraps any import/call error
+            msg = " ".join(str(err).split())[:200]
+            raise InputError(f"field 'model._target_': could not build {spec['_target_']!r} ({msg})") from None
+        if not hasattr(model, "free_RVs"):
+            raise InputError(f"field 'model._target_': {spec['_target_']!r} did not return a pm.Model")
+        return model
+
+    model = cached_template(("config", json.dumps(spec, sort_keys=True, default=str)), build)
+    name = str(cfg.model.get("name") or spec["_target_"].rsplit(".", 1)[-1])
+    return model, closed_form, name
+
+
+def _keep_draws(value):
+    """``analysis.keep_draws`` (null, "all", a token label or a list of them) -> audit_vfe's argument."""
+    from omegaconf import ListConfig, OmegaConf
+
+    if isinstance(value, ListConfig):
+        return OmegaConf.to_container(value)
+    return value
+
+
+def run_from_config(cfg, run_dir: Path, kind: str):
+    """Body of the ``vfe_univariate``/``vfe_multivariate`` analyses -> ``engine.cli.Result``."""
+    from engine.audit.report import summary_text
+    from engine.cli import Result, sampling_kwargs, to_container
+
+    # arviz logs optional-package notices at INFO, which Hydra's job logging would print
+    logging.getLogger("arviz.preview").setLevel(logging.WARNING)
+    run_dir = Path(run_dir)
+    beliefs = beliefs_from_config(cfg, run_dir, kind)
+    model, closed_form, name = (None, None, None) if kind == "multivariate" else model_from_config(cfg)
+    opts = cfg.analysis
+    accepted = inspect.signature(audit_vfe).parameters
+    kw = sampling_kwargs(cfg)
+    unknown = sorted(set(kw) - set(accepted))
+    if unknown:
+        logging.getLogger("engine").warning("audit ignores sampling options %s", unknown)
+    audit = audit_vfe(
+        beliefs, model=model, closed_form=closed_form, model_name=name,
+        interval=float(opts.get("interval", 0.9)), num_q_draws=int(opts.get("num_q_draws", 1000)),
+        store_dir=run_dir / "store", overwrite=bool(cfg.runtime.get("overwrite", False)),
+        shard=(int(cfg.data.get("shard", 0)), int(cfg.data.get("num_shards", 1))),
+        isolate_failures=bool(cfg.runtime.get("isolate_failures", False)),
+        keep_draws=_keep_draws(opts.get("keep_draws")), log_file=run_dir / "progress.jsonl",
+        **{k: v for k, v in kw.items() if k in accepted},
+    )
+    if audit is None:
+        shard, num_shards = int(cfg.data.shard), int(cfg.data.num_shards)
+        return Result(
+            summary=f"shard {shard}/{num_shards}: its chunks are stored in {run_dir / 'store'}; "
+            f"join the shards with: python -m engine analysis=merge analysis.inputs=<sweep dir>",
+            outputs={"store": run_dir / "store"},
+        )
+    audit.summary["config"] = to_container(cfg)
+    paths = audit.write(run_dir, plots=bool(opts.get("plots", True)),
+                        worst_tokens=int(opts.get("worst_tokens", 10)))
+    outputs = {k: paths[k] for k in ("report", "metrics", "summary", "draws") if k in paths}
+    outputs["progress"] = run_dir / "progress.jsonl"
+    return Result(summary=summary_text(audit.summary), outputs=outputs, data=audit)
