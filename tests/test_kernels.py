@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,17 @@ def test_cli_refuses_a_config_outside_the_schema(override, key, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"'{key}'" in lines[0], proc.stderr
+
+
+def test_no_sampler_name_checks_outside_the_registry():
+    """Only the registry and each kernel's own module know sampler names; the engine reads Kernel
+    fields (benchmarks name their contestants, the pm.sample baseline among them)."""
+    pattern = re.compile(r"""[=!]= ?["'](?:%s)["']|in \(["'](?:%s)["']""" % (("|".join(REGISTRY),) * 2))
+    offenders = []
+    for path in (ROOT / "engine").rglob("*.py"):
+        if "kernels" in path.parts:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, offenders

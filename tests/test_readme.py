@@ -55,3 +55,16 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     z = (idata.posterior.theta.mean(("chain", "draw")).values - mean) / mcse
     assert np.all(np.abs(z) < 4.5), z
     sys.modules.pop("readme_rwm", None)
+
+
+def test_layout_lists_every_module():
+    """The README's Layout names every engine module (analyses as one folder) with its job."""
+    text = README.read_text()
+    layout = text[text.index("## Layout"):text.index("## Tests")]
+    root = README.parent
+    modules = [p.relative_to(root).as_posix() for p in (root / "engine").rglob("*.py")
+               if "analyses" not in p.parts or p.name == "vfe_audit.py"]
+    missing = [m for m in modules if m not in layout and not (m.endswith("__init__.py") and "model" in m or
+                                                                m.endswith("__init__.py") and "audit" in m or
+                                                                m.endswith("sampling/__init__.py"))]
+    assert not missing, missing
