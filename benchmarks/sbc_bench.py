@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
 
     import engine
     from benchmarks.measure import cpu_seconds
-    from engine.sbc import simulate
+    from engine.sbc_core import simulate
     from engine.sbc_models import eight_schools
 
     model = eight_schools()

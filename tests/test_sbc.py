@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from engine import sbc as sbc_core
+from engine import sbc_core
 from engine.sbc_models import normal_normal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,3 +162,13 @@ def test_bad_settings_raise_input_errors(tmp_path):
         pm.Normal("obs", theta, 1.0, observed=np.zeros(3))
     with pytest.raises(ValueError, match="observed variable 'obs': its data must be a pm.Data"):
         sbc_core.sbc(constant_data, 10)
+
+
+def test_engine_sbc_is_the_function_after_importing_the_modules():
+    """``engine.sbc`` stays the function once the SBC modules are imported (a submodule named
+    ``engine/sbc.py`` would replace it with itself)."""
+    import engine
+    import engine.analyses.sbc  # noqa: F401
+    import engine.sbc_report  # noqa: F401
+
+    assert engine.sbc is sbc_core.sbc

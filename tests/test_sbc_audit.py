@@ -52,3 +52,25 @@ def test_z_true_shape_and_values_are_checked():
     beliefs["z_true"] = np.array([0.0, 1.0, np.nan, 0.0, 0.0])
     with pytest.raises(InputError, match="field 'z_true': non-finite"):
         beliefs_from_arrays(beliefs)
+
+
+def test_multivariate_z_true_columns():
+    """K=2: per-dimension PITs under q from its marginal sds; coverage as the share of dims."""
+    from engine.calibration import calibration_summary, z_true_columns
+
+    cov = np.array([[4.0, 1.0], [1.0, 1.0]])
+    beliefs = beliefs_from_arrays({
+        "mu_q": np.zeros((1, 3, 2)), "cov_q": cov, "observed": np.zeros((1, 3, 2, 2)),
+        "prior_mu": np.zeros(2), "prior_cov": np.eye(2),
+        "z_true": np.array([[[0.0, 0.0], [2.0, 0.0], [4.0, 3.0]]]),
+    })
+    pit_mcmc = np.array([[0.5, 0.5], [0.8, 0.5], [0.99, 0.999]])
+    cols = z_true_columns(beliefs, {"z_pit_mcmc": pit_mcmc})
+    np.testing.assert_allclose(cols["z_pit_q_0"], [0.5, 0.8413447, 0.9772499], rtol=1e-6)  # sd 2
+    np.testing.assert_allclose(cols["z_pit_q_1"], [0.5, 0.5, 0.9986501], rtol=1e-6)        # sd 1
+    np.testing.assert_allclose(cols["z_in50_q"], [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(cols["z_in90_mcmc"], [1.0, 1.0, 0.0])
+    import pandas as pd
+
+    table = pd.DataFrame({"checkpoint": [0, 0, 0], **cols})
+    assert calibration_summary(table)["0"]["q"]["num_values"] == 6

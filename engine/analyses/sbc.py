@@ -1,4 +1,4 @@
-"""``analysis=sbc``: simulation-based calibration of a PyMC template (see :mod:`engine.sbc`).
+"""``analysis=sbc``: simulation-based calibration of a PyMC template (see :mod:`engine.sbc_core`).
 
 ``analysis.model`` names a builder (``_target_``) of the fitted template, bare: eight schools,
 non-centred (:func:`engine.sbc_models.eight_schools`); ``analysis.simulator`` optionally names a
@@ -49,7 +49,7 @@ def build_template(spec, field: str):
 
 def run(cfg, run_dir: Path) -> Result:
     """SBC of ``analysis.model`` against ``analysis.simulator``; writes the outputs in ``run_dir``."""
-    from engine.sbc import sbc
+    from engine.sbc_core import sbc
     from engine.sbc_report import write_outputs
 
     run_dir = common.prepare_run_dir(run_dir)
