@@ -120,7 +120,9 @@ def cli(*args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_runs_a_template_and_writes_the_outputs(tmp_path):
+    """End to end through Hydra (slow tier: a fresh process imports and compiles, ~45 s)."""
     proc = cli("analysis.model={_target_: engine.sbc_models.normal_normal, num_obs: 3}",
                "analysis.num_simulations=40", "analysis.chains=2", "analysis.draws=60",
                "analysis.tune=60", f"hydra.run.dir={tmp_path}")
