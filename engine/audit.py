@@ -208,6 +208,9 @@ def _summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: int, inte
             chol_q = data["chol_q"]
             white = solve_triangular(chol_q, (flat - mu_q[None, :]).T, lower=True)
             out["coverage"] = ((white**2).sum(0) <= radius2).mean()
+        if "z_true" in data:  # share of draws below the true latent (per dimension): its PIT
+            z_true = data["z_true"]
+            out["z_pit_mcmc"] = (theta < z_true.reshape((1, 1) + z_true.shape)).mean((0, 1))
         if psis:
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), data["__index__"]), Q_STREAM)
             if kind == "univariate":
@@ -348,6 +351,8 @@ def audit_vfe(
         extras["sigma_q"] = bs.flat("sigma_q")
     else:
         extras["chol_q"] = _cholesky(bs.flat("cov_q"))
+    if "z_true" in bs.fields:
+        extras["z_true"] = bs.flat("z_true")
     model_data = _problem_data(inputs, bs.num_obs.reshape(-1))
     full_data = _problem_data(inputs, bs.num_obs.reshape(-1), extras)
 
@@ -398,6 +403,7 @@ def audit_vfe(
     t_sampled = time.perf_counter()
 
     from engine import report
+    from engine.calibration import calibration_summary
     from engine.metrics import build_table
 
     with np.errstate(divide="ignore", invalid="ignore"):  # failed tokens' rows become NaN below
@@ -428,6 +434,8 @@ def audit_vfe(
         "notes": notes,
         "versions": report.versions(),
     }
+    if (calibration := calibration_summary(table)) is not None:
+        summary["z_true_calibration"] = calibration
     draws = None if kept is None else kept_inference_data(bs, keep, kept, summary["settings"], model_name)
     audit = AuditResult(kind=bs.kind, table=table, summary=summary, extras=plot_arrays, draws=draws)
     if out_dir is not None:
