@@ -113,6 +113,7 @@ def run_from_config(cfg, run_dir: Path, kind: str):
         logging.getLogger("engine").warning("audit ignores sampling options %s", unknown)
     audit = audit_vfe(
         beliefs, model=model, closed_form=closed_form, model_name=name,
+        model_config=to_container(cfg.model) if cfg.get("model") is not None else None,
         interval=float(opts.get("interval", 0.9)), num_q_draws=int(opts.get("num_q_draws", 1000)),
         store_dir=run_dir / "store", overwrite=bool(cfg.runtime.get("overwrite", False)),
         shard=(int(cfg.data.get("shard", 0)), int(cfg.data.get("num_shards", 1))),
