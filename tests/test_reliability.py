@@ -69,6 +69,7 @@ def test_changed_identity_component_is_named_and_chunks_untouched(tmp_path, chan
     assert len(aside) == 1 and aside[0].read_bytes() == before
 
 
+@pytest.mark.slow
 def test_cli_rerun_with_changed_model_parameter_exits_2_naming_it(tmp_path):
     beliefs = tmp_path / "beliefs.npz"
     rng = np.random.default_rng(1)
@@ -131,6 +132,7 @@ def test_chunk_without_checksum_is_not_a_result(tmp_path):
     assert ChunkStore(tmp_path, {"a": 1}, grid).pending() == grid
 
 
+@pytest.mark.slow
 def test_second_process_on_a_store_in_use_exits_2_and_first_is_unharmed(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
