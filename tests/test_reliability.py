@@ -421,3 +421,72 @@ def test_plain_list_of_per_problem_scalars_is_data():
     scalar = next(n for n in sorted(names) if np.ndim(model[n].get_value()) == 0)
     data = prepare_data(model, {scalar: [0.5, 1.0, 2.0]})
     assert data.arrays[scalar].shape == (3,) and data.num_rows is None
+
+
+# --------------------------------------------------------------------------- tune=0
+@pytest.mark.parametrize("sampler", [
+    "blackjax", "chees", *(pytest.param(s, marks=pytest.mark.slow) for s in ("numpyro", "stepwise", "pymc"))
+])
+def test_tune_zero_for_every_sampler(sampler):
+    """No warmup: the NUTS kernels and pm.sample start from the jittered point with the initial
+    step size and return every draw; ChEES, which adapts its trajectory length during warmup,
+    refuses with one line before sampling."""
+    from engine.api import sample_batched
+    from tests.models import normal_normal_data, normal_normal_model
+
+    data = normal_normal_data(2, num_obs=5, seed=9)
+    kw = dict(sampler=sampler, chains=2, draws=30, tune=0, seed=0, progress=False)
+    if sampler == "chees":
+        with pytest.raises(InputError, match="tune >= 50"):
+            sample_batched(normal_normal_model(5), data, **kw)
+        return
+    idata = sample_batched(normal_normal_model(5), data, **kw)
+    theta = idata.posterior.theta.values
+    assert theta.shape == (2, 30, 2) and np.isfinite(theta).all()
+    # the chains moved: no warmup is not no sampling
+    assert (np.ptp(theta, axis=1) > 0).all()
+
+
+# --------------------------------------------------------------------------- fault injection
+@pytest.mark.slow
+def test_audit_killed_at_five_random_moments_resumes_to_the_uninterrupted_table(tmp_path):
+    """SIGKILL a CLI audit at 5 random moments in a row (start-up, compile, sampling, chunk and
+    manifest writes), rerunning the same command each time; the last run finishes and its
+    metrics.parquet equals an uninterrupted run's."""
+    import signal
+
+    rng = np.random.default_rng(13)
+    beliefs = tmp_path / "beliefs.npz"
+    theta = rng.normal(size=(2, 30))
+    observed = theta[..., None] + rng.normal(size=(2, 30, 8))
+    np.savez(beliefs, mu_q=observed.mean(-1), sigma_q=np.full(theta.shape, 0.3), observed=observed,
+             prior_mu=np.zeros(theta.shape), prior_sigma=np.ones(theta.shape))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+
+    def cmd(run_dir):
+        return [sys.executable, "-m", "engine", "data=file", f"data.path={beliefs}",
+                "runtime.batch_size=4", "sampler.chains=2", "sampler.draws=150", "sampler.tune=150",
+                "analysis.plots=false", "analysis.num_q_draws=100", f"hydra.run.dir={run_dir}"]
+
+    start = time.time()
+    whole = subprocess.run(cmd(tmp_path / "whole"), cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    duration = time.time() - start
+    killed = tmp_path / "killed"
+    chunks_seen = []
+    for moment in np.sort(rng.uniform(0.2, 0.9, size=5)) * duration:
+        proc = subprocess.Popen(cmd(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=moment)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        chunk_dir = killed / "store" / "chunks"
+        chunks_seen.append(len(list(chunk_dir.glob("chunk_*.npz"))) if chunk_dir.exists() else 0)
+    final = subprocess.run(cmd(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert any(0 < c < 15 for c in chunks_seen), chunks_seen  # kills struck mid-sampling
+    pd.testing.assert_frame_equal(pd.read_parquet(killed / "metrics.parquet"),
+                                  pd.read_parquet(tmp_path / "whole" / "metrics.parquet"))
