@@ -30,7 +30,8 @@ import numpy as np
 
 from engine.errors import InputError, StorageError
 
-__all__ = ["ChunkStore", "fingerprint", "atomic_write_bytes", "versions", "sha256_bytes"]
+__all__ = ["ChunkStore", "fingerprint", "atomic_write_bytes", "versions", "sha256_bytes", "lock_directory",
+           "release_lock"]
 
 MANIFEST = "manifest.json"
 CHUNK_DIR = "chunks"
@@ -106,14 +107,19 @@ def _storage_message(path: Path, err: OSError) -> str:
             "free space or fix the folder, then rerun the same command to resume")
 
 
-def _acquire_lock(directory: Path) -> None:
+def lock_directory(directory: Path) -> None:
     """Hold ``directory/.lock`` (``fcntl.lockf``, released when the process ends) or raise
     :class:`InputError` when another process holds it."""
     import fcntl
 
+    directory = Path(directory)
     key = os.path.realpath(directory)
     if key in _HELD_LOCKS:
         return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StorageError(_storage_message(directory, err)) from err
     path = directory / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -204,7 +210,7 @@ class ChunkStore:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise StorageError(_storage_message(self.directory, err)) from err
-        _acquire_lock(self.directory)
+        lock_directory(self.directory)
         self.manifest = None
         if self.manifest_path.exists():
             try:

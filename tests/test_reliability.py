@@ -132,7 +132,6 @@ def test_chunk_without_checksum_is_not_a_result(tmp_path):
     assert ChunkStore(tmp_path, {"a": 1}, grid).pending() == grid
 
 
-@pytest.mark.slow
 def test_second_process_on_a_store_in_use_exits_2_and_first_is_unharmed(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(

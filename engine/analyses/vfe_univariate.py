@@ -103,6 +103,9 @@ def run_from_config(cfg, run_dir: Path, kind: str):
     # arviz logs optional-package notices at INFO, which Hydra's job logging would print
     logging.getLogger("arviz.preview").setLevel(logging.WARNING)
     run_dir = Path(run_dir)
+    from engine.store import lock_directory
+
+    lock_directory(run_dir / "store")  # before anything is written: a run directory in use exits 2
     beliefs = beliefs_from_config(cfg, run_dir, kind)
     model, closed_form, name = (None, None, None) if kind == "multivariate" else model_from_config(cfg)
     opts = cfg.analysis
