@@ -95,13 +95,20 @@ def run_chunks(compiled, full_data, config, summary_fn, progress, *, store=None,
             )
     except BaseException as err:
         run_log.fail(err)
+        if store is not None:
+            store.close()
         raise
     run_log.finish()
     if num_shards > 1:
+        if store is not None:
+            store.close()
         return None, None
     if store is not None:
-        summaries = store.gather()
-        parts = [store.read(*c, name="draws") for c in keep_chunks]
+        try:
+            summaries = store.gather()
+            parts = [store.read(*c, name="draws") for c in keep_chunks]
+        finally:
+            store.close()  # results are in memory: another process may use the directory now
     else:
         summaries = concat_chunks([memory[c][0] for c in grid])
         parts = [memory[c][1] for c in keep_chunks]

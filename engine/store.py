@@ -254,6 +254,10 @@ class ChunkStore:
             raise StorageError(_storage_message(self.chunk_dir, err)) from err
         self._verified: set[str] = set()
 
+    def close(self) -> None:
+        """Release the directory's lock (also released when the process ends)."""
+        release_lock(self.directory)
+
     def _changed(self, old: Mapping[str, Any]) -> list[str]:
         """Names of the identity components that differ from ``old``'s manifest."""
         before = old.get("identity")

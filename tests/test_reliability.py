@@ -505,3 +505,20 @@ def test_audit_killed_at_five_random_moments_resumes_to_the_uninterrupted_table(
     assert final.returncode == 0, final.stderr[-2000:]
     pd.testing.assert_frame_equal(pd.read_parquet(killed / "metrics.parquet"),
                                   pd.read_parquet(tmp_path / "whole" / "metrics.parquet"))
+
+
+@pytest.mark.slow
+def test_a_finished_audit_releases_its_run_directory(tmp_path):
+    """The lock lives as long as the chunks are being written: after audit_vfe returns, another
+    process may open the same store (e.g. a notebook's audit, then a CLI rerun)."""
+    from engine import audit_vfe
+
+    arrays = {"mu_q": np.zeros(2), "sigma_q": np.ones(2), "observed": np.zeros((2, 3)),
+              "prior_mu": 0.0, "prior_sigma": 1.0}
+    audit_vfe(arrays, chains=2, draws=20, tune=20, num_q_draws=50, store_dir=tmp_path)
+    other = subprocess.run(
+        [sys.executable, "-c", "from engine.store import lock_directory; import sys; "
+         f"lock_directory({str(tmp_path)!r}); print('locked')"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120,
+    )
+    assert other.returncode == 0 and other.stdout.strip() == "locked", other.stderr[-2000:]
