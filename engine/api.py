@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from engine.batch import BatchConfig, check_init, run_batched
+from engine.errors import InputError
 from engine.compile import CompiledModel, ProblemData, compile_model, prepare_data
 from engine.samplers import NUTSSettings
 
@@ -93,7 +94,7 @@ def sample_batched(
 
     Raises
     ------
-    ValueError
+    InputError (a ValueError)
         Bad data (names, shapes, non-finite values) or a problem whose log density is not finite
         at any jittered initial point; raised before sampling starts.
     """
@@ -105,7 +106,7 @@ def sample_batched(
         from engine.samplers.pymc_default import sample_loop
 
         if kw.pop("precision", "float64") != "float64":
-            raise ValueError("sampler='pymc' runs in PyMC's own precision; drop precision=")
+            raise InputError("sampler='pymc' runs in PyMC's own precision; drop precision=")
         problem_data = prepare_data(model, data)
         kw.pop("init_tries", None)
         kw.pop("jitter", None)
@@ -129,19 +130,25 @@ def sample_batched(
     ok = check_init(compiled, problem_data, config)
     if not ok.all():
         bad = int(np.flatnonzero(~ok)[0])
-        raise ValueError(
+        raise InputError(
             f"problem {bad}: the log density is not finite at any of {config.init_tries} jittered "
             "initial points; check its data and priors"
         )
     result = run_batched(compiled, problem_data, config, progress=progress)
-    loglik = _mask_padded_rows(result.log_likelihood, problem_data) if log_likelihood else None
+    loglik = _mask_padded_rows(result.log_likelihood, problem_data, compiled.row_indexed_names) if (
+        log_likelihood) else None
     return to_inference_data(
         result.draws, result.stats, problem_coords=problem_coords, log_likelihood=loglik,
     )
 
 
-def _mask_padded_rows(loglik, problem_data: ProblemData):
-    """Set the log-likelihood of padded rows to NaN (they are not data)."""
+def _mask_padded_rows(loglik, problem_data: ProblemData, row_indexed_names):
+    """Set the log-likelihood of padded rows to NaN (they are not data).
+
+    ``loglik`` maps observed names to ``[problem, chain, draw, row, ...]``; only the observed
+    variables indexed by the ragged row axis (``row_indexed_names``) are masked, whatever the
+    lengths of the others' axes.
+    """
     if problem_data.num_rows is None or not loglik:
         return loglik
     n_pad = problem_data.arrays[problem_data.ragged_names[0]].shape[1]
@@ -149,7 +156,7 @@ def _mask_padded_rows(loglik, problem_data: ProblemData):
     out = {}
     for name, arr in loglik.items():
         arr = np.array(arr, dtype=float)
-        if arr.ndim >= 4 and arr.shape[3] == n_pad:
+        if name in row_indexed_names:
             pad = np.arange(n_pad)[None, :] >= rows[:, None]  # [problem, row]
             arr[np.broadcast_to(pad[:, None, None, :], arr.shape[:4])] = np.nan
         out[name] = arr

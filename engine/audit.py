@@ -236,6 +236,7 @@ def audit_vfe(
     model=None,
     closed_form: bool | None = None,
     model_name: str | None = None,
+    model_config=None,
     sampler: str = "blackjax",
     chains: int = 4,
     draws: int = 1000,
@@ -276,6 +277,9 @@ def audit_vfe(
         the conjugate built-ins, False for anything else, which leaves ``kl_q_exact`` NaN).
     model_name
         Label of the model in outputs (default: the built-in's or builder's name).
+    model_config
+        The resolved model config the template was built from (JSON-ready), part of the stored
+        results' identity together with the template's graph (``store_dir``).
     sampler, chains, draws, tune, seed, batch_size, precision, target_accept, max_tree_depth, dense_mass
         As in :func:`engine.sample_batched`; ``sampler="pymc"`` loops ``pm.sample`` (baseline).
         ``batch_size=None`` picks equal chunks whose in-program draws fit ``CHUNK_MEMORY_BYTES``.
@@ -294,7 +298,8 @@ def audit_vfe(
         (``engine.store.ChunkStore``) and a rerun with the same inputs and settings skips them:
         a killed audit resumes, losing at most the chunk in flight, with the same final table.
     overwrite
-        With ``store_dir``: discard a different configuration's chunks instead of refusing.
+        With ``store_dir``: recompute instead of refusing when the data, model config, template
+        graph, sampler settings or precision changed (the old chunks are moved aside).
     isolate_failures
         A token whose log density is not finite at any jittered start is flagged in its row
         (``status``, ``converged=False``, NaN MCMC columns) instead of failing the whole audit
@@ -329,6 +334,8 @@ def audit_vfe(
         Bad beliefs or a model whose log density is not finite for some token, before sampling.
     """
     t_start = time.perf_counter()
+    if shard is not None and int(shard[1]) > 1 and store_dir is None and sampler != "pymc":
+        raise InputError("field 'shard': a shard's results live only in its store; give store_dir")
     bs = _as_beliefs(beliefs)  # validate before the heavy imports: bad input fails fast
 
     import jax
@@ -364,12 +371,12 @@ def audit_vfe(
         config = BatchConfig(sampler=jax_sampler, chains=int(chains), draws=int(draws), tune=int(tune),
                              seed=int(seed), batch_size=batch_size, settings=settings,
                              precision=precision, keep_draws=False, devices=devices)
-    except ValueError as err:
+    except InputError as err:
         raise InputError(f"field 'sampler': {err}") from None
     try:
         with _quiet_pytensor():
             compiled = compile_for(pm_model, model_data)
-    except ValueError as err:
+    except InputError as err:
         raise InputError(f"field 'model': {err}") from None
     psis = set(compiled.value_slices) == {"theta"}  # theta is the only, untransformed, latent
     ok = check_init(compiled, model_data, config)
@@ -390,9 +397,10 @@ def audit_vfe(
     else:
         store = None
         if store_dir is not None:
-            extra = {"model": model_name, "interval": float(interval), "num_q_draws": int(num_q_draws),
-                     "keep_draws": keep.tolist()}
-            store = open_store(store_dir, overwrite, full_data, config, extra)
+            extra = {"model": {"name": model_name, "config": model_config},
+                     "analysis": {"interval": float(interval), "num_q_draws": int(num_q_draws),
+                                  "keep_draws": keep.tolist()}}
+            store = open_store(store_dir, overwrite, full_data, config, pm_model, extra)
         summaries, kept = run_chunks(
             compiled, full_data, config, summary_fn, progress, store=store, shard=shard, keep=keep,
             log_file=log_file,

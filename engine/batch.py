@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine.errors import InputError
 from engine.compile import CompiledModel, ProblemData
 from engine.samplers import NUTSSettings, SampleStats, describe, get_kernel, is_multi_chain
 
@@ -75,27 +76,27 @@ class BatchConfig:
 
     def __post_init__(self):
         if self.sampler not in ("blackjax", "numpyro", "stepwise", "chees"):
-            raise ValueError(
+            raise InputError(
                 f"sampler must be 'blackjax', 'numpyro', 'stepwise', 'chees' or 'pymc', got {self.sampler!r}"
             )
         if self.sampler == "chees":
             from engine.samplers.chees_hmc import MIN_CHAINS, MIN_TUNE
 
             if int(self.chains) < MIN_CHAINS:
-                raise ValueError(f"sampler 'chees' adapts across chains: needs chains >= {MIN_CHAINS}, got {self.chains}")
+                raise InputError(f"sampler 'chees' adapts across chains: needs chains >= {MIN_CHAINS}, got {self.chains}")
             if int(self.tune) < MIN_TUNE:
-                raise ValueError(f"sampler 'chees' needs tune >= {MIN_TUNE} warmup steps, got {self.tune}")
+                raise InputError(f"sampler 'chees' needs tune >= {MIN_TUNE} warmup steps, got {self.tune}")
             if self.settings.dense_mass:
-                raise ValueError("sampler 'chees' adapts a diagonal mass matrix; dense_mass is not available")
+                raise InputError("sampler 'chees' adapts a diagonal mass matrix; dense_mass is not available")
         for name in ("chains", "draws"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if int(self.tune) < 0:
-            raise ValueError(f"tune must be >= 0, got {self.tune}")
+            raise InputError(f"tune must be >= 0, got {self.tune}")
         if self.batch_size is not None and int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+            raise InputError(f"batch_size must be >= 1 or None, got {self.batch_size}")
         if self.precision not in ("float32", "float64"):
-            raise ValueError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
+            raise InputError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
 
 
 class BatchResult(NamedTuple):
@@ -168,7 +169,7 @@ def local_devices(requested: int | None) -> list:
         return available[:1]
     count = len(available) if requested == -1 else int(requested)
     if count < 1 or count > len(available):
-        raise ValueError(
+        raise InputError(
             f"runtime asks for {requested} devices but JAX sees {len(available)} "
             f"({available[0].platform}); on CPU set "
             "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts"

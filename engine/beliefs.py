@@ -173,7 +173,8 @@ def _broadcast(arr, shape: tuple[int, ...], name: str, spec: str):
         target = None
     if target != tuple(shape):
         raise InputError(
-            f"field {name!r}: shape {tuple(arr.shape)} does not broadcast to {spec} = {tuple(shape)}"
+            f"field {name!r} has shape {tuple(arr.shape)} but mu_q sets {spec} = {tuple(shape)} "
+            "(it must broadcast to that)"
         )
     return _xp(arr).broadcast_to(arr, shape)
 

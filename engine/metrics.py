@@ -182,6 +182,18 @@ def pareto_khat_from_tail(top_log_weights, num_samples: int, reff: float = 1.0):
     return np.where(flat, -np.inf, k)
 
 
+def _is_positive_definite(mean, cov):
+    """``[P]`` flags: row ``p``'s ``mean [P, K]`` and ``cov [P, K, K]`` are finite and ``cov`` is
+    positive definite (smallest eigenvalue above K * eps * the largest, so that a Cholesky
+    factorisation succeeds), checked row by row so one bad row raises nothing."""
+    ok = np.isfinite(mean).all(-1) & np.isfinite(cov).all((-2, -1))
+    if ok.any():
+        sym = 0.5 * (cov[ok] + np.swapaxes(cov[ok], -1, -2))
+        eig = np.linalg.eigvalsh(sym)
+        ok[ok] = eig[..., 0] > cov.shape[-1] * np.finfo(float).eps * np.abs(eig[..., -1])
+    return ok
+
+
 def _converged(r_hat, ess_bulk, ess_tail, divergences):
     from engine.diagnostics import CONVERGENCE_RULES
 
@@ -256,7 +268,12 @@ def build_table(beliefs, summaries, model_name, exact: bool, interval: float, nu
         names = UNIVARIATE_COLUMNS
     else:
         mu_q, cov_q = beliefs.host("mu_q"), beliefs.host("cov_q")
-        mean, cov = s["mean"], s["cov"]
+        bad_cov = ~_is_positive_definite(s["mean"], s["cov"])
+        # a failed token's moments are replaced by q's (always positive definite) so that every
+        # batched factorisation below succeeds; its MCMC columns become NaN and its status says why
+        mean = np.where(bad_cov[:, None], mu_q, s["mean"])
+        cov = np.where(bad_cov[:, None, None], cov_q, s["cov"])
+        cols["status"][bad_cov] = "MCMC covariance not finite or not positive definite"
         diff = mu_q - mean
         chol = np.linalg.cholesky(cov)
         white = np.linalg.solve(chol, diff[..., None])[..., 0]
@@ -277,6 +294,10 @@ def build_table(beliefs, summaries, model_name, exact: bool, interval: float, nu
             kl_q_exact=kl_mvnormal(mu_q, cov_q, em, ec), kl_exact_q=kl_mvnormal(em, ec, mu_q, cov_q),
             w2_exact=w2_mvnormal(mu_q, cov_q, em, ec), mcmc_exact_l2=np.linalg.norm(mean - em, axis=-1),
         )
+        for name in ("mean_l2_error", "mahalanobis", "std_ratio_min", "std_ratio_max", "kl_q_mcmc",
+                     "kl_mcmc_q", "w2", "mcmc_exact_l2"):
+            cols[name] = np.where(bad_cov, np.nan, cols[name])
+        mean, sd_ratio = np.where(bad_cov[:, None], np.nan, mean), np.where(bad_cov[:, None], np.nan, sd_ratio)
         extras = {"vfe_mean": mu_q, "mcmc_mean": mean, "std_ratio": sd_ratio}
         names = MULTIVARIATE_COLUMNS
     cols.update(
@@ -284,6 +305,7 @@ def build_table(beliefs, summaries, model_name, exact: bool, interval: float, nu
         divergences=s["divergences"].astype(np.int64), mean_n_steps=s["mean_n_steps"],
     )
     cols["converged"] = _converged(cols["r_hat"], cols["ess_bulk"], cols["ess_tail"], cols["divergences"])
+    cols["converged"] &= cols["status"] == "ok"
     table = pd.DataFrame({name: cols[name] for name in names})
     float_cols = [c for c in names if c not in ("checkpoint", "token", "status", "n_obs", "dim",
                                                  "divergences", "converged")]

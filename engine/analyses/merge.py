@@ -40,7 +40,7 @@ def run(cfg, run_dir: Path):
     kind = {"vfe_univariate": "univariate", "vfe_multivariate": "multivariate"}.get(base.analysis.name)
     if kind is None:
         raise InputError(f"field 'analysis.inputs': {jobs[0]} ran {base.analysis.name!r}, not a VFE audit")
-    hashes, grid, owner = {}, None, {}
+    hashes, grid, owner, checksums = {}, None, {}, {}
     for job, jcfg in zip(jobs, configs):
         manifest = job / "store" / MANIFEST
         if not manifest.exists():
@@ -48,8 +48,10 @@ def run(cfg, run_dir: Path):
         info = json.loads(manifest.read_text())
         hashes[job.name] = info["config_hash"]
         grid = grid or [tuple(c) for c in info["grid"]]
+        stored = info.get("checksums", {})
         for c in (job / "store" / CHUNK_DIR).glob("*.npz"):
-            owner.setdefault(c.name, c)
+            if c.name not in owner and c.name in stored:  # unconfirmed files are not results
+                owner[c.name], checksums[c.name] = c, stored[c.name]
     if len(set(hashes.values())) > 1:
         first = next(iter(hashes))
         other = next(n for n, h in hashes.items() if h != hashes[first])
@@ -64,7 +66,9 @@ def run(cfg, run_dir: Path):
             )
     store = Path(run_dir) / "store"
     (store / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(store / MANIFEST, (jobs[0] / "store" / MANIFEST).read_bytes())
+    manifest = json.loads((jobs[0] / "store" / MANIFEST).read_text())
+    manifest["checksums"] = checksums  # each shard's chunk files are verified again on reading
+    atomic_write_bytes(store / MANIFEST, json.dumps(manifest, indent=2).encode())
     for name, path in owner.items():
         shutil.copyfile(path, store / CHUNK_DIR / name)
     merged = OmegaConf.merge(base, {"data": {"shard": 0, "num_shards": 1}, "runtime": {"overwrite": False}})

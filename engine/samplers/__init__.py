@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import jax
 
+from engine.errors import InputError
+
 
 class NUTSSettings(NamedTuple):
     """Settings shared by the NUTS kernels.
@@ -77,7 +79,7 @@ def get_kernel(name: str):
 
         return run_chains
     else:
-        raise ValueError(
+        raise InputError(
             f"unknown JAX sampler {name!r}; choose one of 'blackjax', 'numpyro', 'stepwise', 'chees'"
         )
     return run_chain
