@@ -42,9 +42,37 @@ def run_analysis(cfg: DictConfig, run_dir: Path) -> Result:
     return module.run(cfg, Path(run_dir))
 
 
+def _log_traceback(err: BaseException, run_dir: Path) -> str:
+    """Write ``err``'s traceback to the job's log file(s) only (not the terminal) -> where.
+
+    Hydra's job logging has a file handler (``<run dir>/<job name>.log``); without one (a
+    composed config run from Python) the traceback goes to ``<run dir>/engine_error.log``.
+    """
+    import traceback
+
+    files = [h for h in logging.getLogger().handlers
+             if isinstance(h, logging.FileHandler) and h.baseFilename != os.devnull]
+    record = logging.LogRecord("engine", logging.ERROR, __file__, 0, "internal error:\n%s", (
+        "".join(traceback.format_exception(err)),), None)
+    for handler in files:
+        handler.handle(record)
+    if files:
+        return ", ".join(h.baseFilename for h in files)
+    path = Path(run_dir) / "engine_error.log"
+    with open(path, "a") as handle:
+        handle.write("".join(traceback.format_exception(err)))
+    return str(path)
+
+
 def run_cli(cfg: DictConfig) -> int:
-    """Run the configured analysis; bad input -> one line on stderr, status 2."""
-    from engine.errors import CheckFailed, InputError
+    """Run the configured analysis.
+
+    Bad input (the engine's own :class:`InputError`) -> one line on stderr, status 2. A failed
+    write of the run directory (:class:`StorageError`, e.g. a full disk) or a failed strict
+    check -> one line, status 1. Anything else is an internal error: status 1, the traceback in
+    the job log, and one line on the terminal pointing at it.
+    """
+    from engine.errors import CheckFailed, InputError, StorageError
 
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -60,6 +88,14 @@ def run_cli(cfg: DictConfig) -> int:
         return 2
     except CheckFailed as err:
         print(f"check failed: {err}", file=sys.stderr)
+        return 1
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - internal: traceback to the log, one line here
+        where = _log_traceback(err, run_dir)
+        first = (str(err).splitlines() or [""])[0][:200]
+        print(f"internal error: {type(err).__name__}: {first} (traceback in {where})", file=sys.stderr)
         return 1
     print(result.summary)
     if result.outputs:

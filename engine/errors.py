@@ -10,3 +10,8 @@ class InputError(ValueError):
 
 class CheckFailed(RuntimeError):
     """A strict check failed (e.g. ``analysis=convergence analysis.strict=true``): exit status 1."""
+
+
+class StorageError(RuntimeError):
+    """The run directory could not be written (e.g. no space left on device). One line at the
+    CLI, exit status 1; finished chunks are kept and a rerun resumes."""

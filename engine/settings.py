@@ -10,6 +10,8 @@ so a misspelt key or a value of the wrong type is refused when the config is com
 
 from __future__ import annotations
 
+from engine.errors import InputError
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -64,15 +66,15 @@ class SamplerConfig:
         config = dataclasses.replace(self, name=canonical_name(self.name))
         for field in ("chains", "draws"):
             if int(getattr(config, field)) < 1:
-                raise ValueError(f"{field} must be >= 1, got {getattr(config, field)}")
+                raise InputError(f"{field} must be >= 1, got {getattr(config, field)}")
         if int(config.tune) < 0:
-            raise ValueError(f"tune must be >= 0, got {config.tune}")
+            raise InputError(f"tune must be >= 0, got {config.tune}")
         if not 0.0 < float(config.target_accept) < 1.0:
-            raise ValueError(f"target_accept must be in (0, 1), got {config.target_accept}")
+            raise InputError(f"target_accept must be in (0, 1), got {config.target_accept}")
         if int(config.max_tree_depth) < 1:
-            raise ValueError(f"max_tree_depth must be >= 1, got {config.max_tree_depth}")
+            raise InputError(f"max_tree_depth must be >= 1, got {config.max_tree_depth}")
         if int(config.init_tries) < 1:
-            raise ValueError(f"init_tries must be >= 1, got {config.init_tries}")
+            raise InputError(f"init_tries must be >= 1, got {config.init_tries}")
         kernel = get_kernel(config.name)
         if kernel.check is not None:
             kernel.check(int(config.chains), int(config.tune), config.kernel_settings)
@@ -113,11 +115,11 @@ class RuntimeConfig:
     def checked(self) -> "RuntimeConfig":
         """``ValueError`` naming the field of a value that cannot run."""
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
+            raise InputError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
         if self.batch_size is not None and int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size}")
+            raise InputError(f"batch_size must be >= 1 or None, got {self.batch_size}")
         if self.platform not in ("cpu", "gpu"):
-            raise ValueError(f"platform must be 'cpu' or 'gpu', got {self.platform!r}")
+            raise InputError(f"platform must be 'cpu' or 'gpu', got {self.platform!r}")
         return self
 
 

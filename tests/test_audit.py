@@ -102,9 +102,13 @@ def test_univariate_coverage_and_pareto_k(univariate_case):
     t = result.table
     same, off = t[t.checkpoint == "exact"], t[t.checkpoint == "off"]
     # q = p: MCMC coverage of q's 90 % interval is 0.9 up to MC error; k-hat at its best
-    assert abs(same.coverage.mean() - 0.9) < 0.03
+    # ess_tail is the ESS of the 5% / 95% quantile indicators, i.e. of the interval's endpoints
+    se_coverage = np.sqrt((0.9 * 0.1 / same.ess_tail).sum()) / len(same)
+    assert abs(same.coverage.mean() - 0.9) < 4 * se_coverage, (same.coverage.mean(), se_coverage)
     np.testing.assert_allclose(same.coverage_exact, 0.9, atol=1e-12)
-    assert (same.pareto_k < 0.5).all()
+    # q = p: the log weights log p - log q are one constant, which k-hat reports as -inf (flat)
+    assert np.isneginf(same.pareto_k).all(), same.pareto_k
+    assert np.isfinite(off.pareto_k).all() and (off.pareto_k > 0.5).any()
     # over-confident, shifted q: under-covers and is a worse proposal
     assert (off.coverage_exact < 0.9).all() and off.coverage.mean() < 0.85
     assert off.pareto_k.median() > same.pareto_k.clip(lower=-1).median()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
 
 from engine.cli import sampling_kwargs
@@ -24,7 +25,10 @@ def test_every_option_of_every_group_composes(group):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for option in options:
             cfg = compose("config", overrides=[f"{group}={option}"])
-            assert cfg[group] is not None
+            chosen = OmegaConf.load(CONF / group / f"{option}.yaml")
+            for key, value in chosen.items():  # the option's own values, not just any node
+                if key != "defaults" and not OmegaConf.is_interpolation(chosen, key):
+                    assert cfg[group][key] == value, (group, option, key)
             if group == "analysis":
                 assert cfg.analysis.name == option
 

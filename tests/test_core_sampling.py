@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 import engine
-from engine.sampling.diagnostics import summarize_draws
+from engine.sampling.diagnostics import mcse_mean, summarize_draws
 from tests.models import normal_normal_data, normal_normal_model, normal_normal_posterior
 
 
@@ -34,7 +34,11 @@ def test_normal_normal_400_problems_match_closed_form(sampler):
     assert np.all(np.abs(z) < _bonferroni_z(400)), np.abs(z).max()
     # the z-scores are standard normal if the MCSE is honest: their spread is about 1
     assert 0.8 < np.std(z) < 1.25
-    assert np.mean(np.abs(s["sd"] / sd - 1) < 0.10) >= 0.99
+    # posterior variance vs exact, in units of its MCSE (the MCSE of the mean of (x - mean)^2)
+    x = idata.posterior.theta.transpose("problem", "chain", "draw").values
+    se_var = np.asarray(mcse_mean((x - x.mean((1, 2), keepdims=True)) ** 2))
+    z_var = (s["sd"] ** 2 - sd**2) / se_var
+    assert np.all(np.abs(z_var) < _bonferroni_z(400)), np.abs(z_var).max()
     assert int(idata.sample_stats.diverging.sum()) == 0
 
 
@@ -92,7 +96,10 @@ def test_constrained_noise_scale_agrees_with_pm_sample(sampler):
         pm.Normal("obs", mu, sigma, observed=y_d)
     ours = engine.sample_batched(model, {"y": y}, sampler=sampler, seed=1, progress=False)
     theirs = engine.sample_batched(model, {"y": y}, sampler="pymc", seed=1, progress=False)
-    assert float(ours.posterior.sigma.min()) > 0
+    # sigma comes back on its constrained scale: near each problem's sample sd (unconstrained
+    # log-scale values would be near log(sd), negative for problem 0)
+    ratio = ours.posterior.sigma.mean(("chain", "draw")).values / y.std(axis=1, ddof=1)
+    assert np.all(np.abs(np.log(ratio)) < 0.3), ratio
     for name in ("mu", "sigma"):
         a = _theta_summary(ours, name)
         b = _theta_summary(theirs, name)

@@ -40,14 +40,11 @@ def sample_kwargs(cfg, **overrides) -> dict:
 
 
 def sample(model, data, **kw):
-    """``engine.sample_batched``; its one-line ``ValueError`` for bad data or settings becomes an
-    :class:`InputError` (exit status 2 at the CLI, no traceback)."""
+    """``engine.sample_batched``: its :class:`InputError` for bad data or settings is exit status
+    2 at the CLI; any other error is internal (exit status 1, traceback in the job log)."""
     from engine.sampling.api import sample_batched
 
-    try:
-        return sample_batched(model, data, **kw)
-    except ValueError as err:
-        raise InputError(str(err).splitlines()[0] if str(err) else type(err).__name__) from err
+    return sample_batched(model, data, **kw)
 
 
 def analysis_option(cfg, key: str, default=None):

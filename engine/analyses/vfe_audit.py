@@ -102,6 +102,9 @@ def run_from_config(cfg, run_dir: Path, kind: str):
     # arviz logs optional-package notices at INFO, which Hydra's job logging would print
     logging.getLogger("arviz.preview").setLevel(logging.WARNING)
     run_dir = Path(run_dir)
+    from engine.audit.store import lock_directory
+
+    lock_directory(run_dir / "store")  # before anything is written: a run directory in use exits 2
     beliefs = beliefs_from_config(cfg, run_dir, kind)
     model, closed_form, name = (None, None, None) if kind == "multivariate" else model_from_config(cfg)
     opts = cfg.analysis
@@ -112,6 +115,7 @@ def run_from_config(cfg, run_dir: Path, kind: str):
         logging.getLogger("engine").warning("audit ignores sampling options %s", unknown)
     audit = audit_vfe(
         beliefs, model=model, closed_form=closed_form, model_name=name,
+        model_config=to_container(cfg.model) if cfg.get("model") is not None else None,
         interval=float(opts.get("interval", 0.9)), num_q_draws=int(opts.get("num_q_draws", 1000)),
         store_dir=run_dir / "store", overwrite=bool(cfg.runtime.get("overwrite", False)),
         shard=(int(cfg.data.get("shard", 0)), int(cfg.data.get("num_shards", 1))),

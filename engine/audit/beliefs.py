@@ -32,7 +32,7 @@ __all__ = ["BeliefSet", "beliefs_from_arrays", "load_beliefs", "concat_checkpoin
 
 UNIVARIATE = ("mu_q", "sigma_q", "observed", "prior_mu", "prior_sigma", "obs_sigma")
 MULTIVARIATE = ("mu_q", "cov_q", "observed", "prior_mu", "prior_cov", "obs_cov")
-OPTIONAL = ("obs_sigma", "obs_cov", "n_obs", "mask", "checkpoint", "token")
+OPTIONAL = ("obs_sigma", "obs_cov", "n_obs", "mask", "checkpoint", "token", "z_true")
 LABELS = ("checkpoint", "token")
 
 
@@ -174,7 +174,8 @@ def _broadcast(arr, shape: tuple[int, ...], name: str, spec: str):
         target = None
     if target != tuple(shape):
         raise InputError(
-            f"field {name!r}: shape {tuple(arr.shape)} does not broadcast to {spec} = {tuple(shape)}"
+            f"field {name!r} has shape {tuple(arr.shape)} but mu_q sets {spec} = {tuple(shape)} "
+            "(it must broadcast to that)"
         )
     return array_namespace(arr).broadcast_to(arr, shape)
 
@@ -319,6 +320,8 @@ def _univariate(raw, C, T):
     if obs.ndim != 3:
         raise InputError(f"field 'observed': expected shape [C,T,n], got {tuple(obs.shape)}")
     out["observed"] = _float(_broadcast(obs, ct + (int(obs.shape[2]),), "observed", "[C,T,n]"))
+    if "z_true" in raw:  # optional: the latent that generated each token's data (calibration)
+        out["z_true"] = _float(_broadcast(raw["z_true"], ct, "z_true", "[C,T]"))
     return out
 
 
@@ -339,6 +342,8 @@ def _multivariate(raw, C, T):
     out["observed"] = _float(
         _broadcast(obs, (C, T, int(obs.shape[2]), K), "observed", "[C,T,n,K]")
     )
+    if "z_true" in raw:  # optional: the latent that generated each token's data (calibration)
+        out["z_true"] = _float(_broadcast(raw["z_true"], ctk, "z_true", "[C,T,K]"))
     return out
 
 

@@ -18,10 +18,15 @@ from engine.errors import InputError
 __all__ = ["open_store", "run_chunks", "host_summaries", "concat_chunks", "kept_problems", "kept_inference_data"]
 
 
-def open_store(store_dir, overwrite, full_data, config, extra):
-    """The run directory's ChunkStore, keyed by a hash of the data and every setting."""
-    import dataclasses
+def open_store(store_dir, overwrite, full_data, config, model, extra):
+    """The run directory's ChunkStore, keyed by one hash per component of the run's identity:
+    ``data`` (every array, ragged row counts), ``graph`` (the template's log density graph,
+    :func:`engine.model.compile.graph_fingerprint`), ``sampler`` (``BatchConfig.identity``),
+    ``precision``, and ``extra``'s entries (e.g. the resolved model config, the summaries'
+    settings)."""
     import hashlib
+
+    from engine.model.compile import graph_fingerprint
 
     from engine.sampling.batch import chunk_grid
     from engine.audit.store import ChunkStore
@@ -33,7 +38,8 @@ def open_store(store_dir, overwrite, full_data, config, extra):
         digest.update(arr.tobytes())
     if full_data.num_rows is not None:
         digest.update(np.ascontiguousarray(full_data.num_rows).tobytes())
-    settings = {"data": digest.hexdigest(), "config": dataclasses.asdict(config), **extra}
+    settings = {"data": digest.hexdigest(), "graph": graph_fingerprint(model), "sampler": config.identity(),
+                "precision": config.runtime.precision, **extra}
     grid = chunk_grid(full_data.num_problems, config.batch_size)
     return ChunkStore(Path(store_dir), settings, grid, overwrite=overwrite)
 
@@ -86,13 +92,20 @@ def run_chunks(compiled, full_data, config, summary_fn, progress, *, store=None,
             )
     except BaseException as err:
         run_log.fail(err)
+        if store is not None:
+            store.close()
         raise
     run_log.finish()
     if num_shards > 1:
+        if store is not None:
+            store.close()
         return None, None
     if store is not None:
-        summaries = store.gather()
-        parts = [store.read(*c, name="draws") for c in keep_chunks]
+        try:
+            summaries = store.gather()
+            parts = [store.read(*c, name="draws") for c in keep_chunks]
+        finally:
+            store.close()  # results are in memory: another process may use the directory now
     else:
         summaries = concat_chunks([memory[c][0] for c in grid])
         parts = [memory[c][1] for c in keep_chunks]

@@ -125,8 +125,12 @@ class RunLog:
         self._emit("finish", **fields)
 
     def fail(self, error: BaseException) -> None:
-        """The session stopped on an exception (the finished chunks are kept)."""
-        self._emit("error", error=f"{type(error).__name__}: {error}")
+        """The session stopped on an exception (the finished chunks are kept). Best effort: on a
+        full disk this line cannot be written either, and the original error matters more."""
+        try:
+            self._emit("error", error=f"{type(error).__name__}: {error}")
+        except OSError:
+            pass
 
 
 def read_events(path: Path) -> list[dict]:

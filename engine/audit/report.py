@@ -290,6 +290,14 @@ def _plots(audit, out_dir: Path) -> dict[str, Path]:
     a2.legend()
     fig.suptitle(f"Convergence: {int(table.converged.sum())}/{len(table)} tokens converged")
     save(fig, "diagnostics")
+    if "z_true_calibration" in audit.summary:
+        from engine.calibration import plot_pit_histograms
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+        plot_pit_histograms(table, axes)
+        fig.suptitle("Calibration: PIT of the true latent (uniform if calibrated; grey: 99% band per bin)")
+        fig.tight_layout()
+        save(fig, "z_true_pit")
     return paths
 
 
@@ -323,6 +331,15 @@ def _report_md(audit, plot_paths: dict[str, Path], worst_tokens: int) -> str:
         _markdown(header, rows),
         "",
     ]
+    if s.get("z_true_calibration"):
+        cal = s["z_true_calibration"]
+        lines += ["## Calibration against z_true", "",
+                  "PIT (normalised rank) of the true latent under q and under the MCMC posterior, "
+                  "over each checkpoint's tokens; calibrated: coverage 50% / 90%, uniform PITs.", "",
+                  _markdown(["checkpoint", "posterior", "coverage 50%", "coverage 90%", "PIT uniformity p"],
+                            [[c, who, v[who]["coverage_50"], v[who]["coverage_90"],
+                              v[who]["pit_uniformity_p_value"]] for c, v in cal.items()
+                             for who in ("q", "mcmc")]), ""]
     if s.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in s["notes"]] + [""]
     captions = {
@@ -330,6 +347,7 @@ def _report_md(audit, plot_paths: dict[str, Path], worst_tokens: int) -> str:
         "mean_vs_mcmc": "Belief mean vs MCMC posterior mean",
         "std_ratio_hist": "Std ratio: over- vs under-confident tokens",
         "diagnostics": "R-hat and ESS overview",
+        "z_true_pit": "Calibration: PIT of z_true under q and MCMC",
     }
     if plot_paths:
         lines += ["## Plots", ""]

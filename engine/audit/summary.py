@@ -59,6 +59,9 @@ def problem_summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: in
             chol_q = data["chol_q"]
             white = solve_triangular(chol_q, (flat - mu_q[None, :]).T, lower=True)
             out["coverage"] = ((white**2).sum(0) <= radius2).mean()
+        if "z_true" in data:  # share of draws below the true latent (per dimension): its PIT
+            z_true = data["z_true"]
+            out["z_pit_mcmc"] = (theta < z_true.reshape((1, 1) + z_true.shape)).mean((0, 1))
         if psis:
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), data["__index__"]), Q_STREAM)
             if kind == "univariate":

@@ -40,6 +40,7 @@ MCMC_COLUMNS = ("mcmc_mean", "mcmc_std", "mean_diff", "std_ratio", "kl_q_mcmc", 
 
 
 def is_converged(r_hat, ess_bulk, ess_tail, divergences):
+    """``converged``: R-hat, bulk and tail ESS within ``CONVERGENCE_RULES``, no divergences."""
     from engine.sampling.diagnostics import CONVERGENCE_RULES
 
     return (
@@ -48,6 +49,18 @@ def is_converged(r_hat, ess_bulk, ess_tail, divergences):
         & (np.asarray(ess_tail) >= CONVERGENCE_RULES["ess_min"])
         & (np.asarray(divergences) == 0)
     )
+
+
+def _is_positive_definite(mean, cov):
+    """``[P]`` flags: row ``p``'s ``mean [P, K]`` and ``cov [P, K, K]`` are finite and ``cov`` is
+    positive definite (smallest eigenvalue above K * eps * the largest, so that a Cholesky
+    factorisation succeeds), checked row by row so one bad row raises nothing."""
+    ok = np.isfinite(mean).all(-1) & np.isfinite(cov).all((-2, -1))
+    if ok.any():
+        sym = 0.5 * (cov[ok] + np.swapaxes(cov[ok], -1, -2))
+        eig = np.linalg.eigvalsh(sym)
+        ok[ok] = eig[..., 0] > cov.shape[-1] * np.finfo(float).eps * np.abs(eig[..., -1])
+    return ok
 
 
 def build_table(beliefs, summaries, model_name, exact: bool, interval: float, num_q_draws: int, psis: bool):
@@ -87,19 +100,25 @@ def build_table(beliefs, summaries, model_name, exact: bool, interval: float, nu
         cols.update(_univariate_columns(beliefs, s, exact, interval))
         extras, names = {}, UNIVARIATE_COLUMNS
     else:
-        more, extras = _multivariate_columns(beliefs, s)
+        more, extras, bad_cov = _multivariate_columns(beliefs, s)
         cols.update(more)
+        cols["status"][bad_cov] = "MCMC covariance not finite or not positive definite"
         names = MULTIVARIATE_COLUMNS
     cols.update(
         pareto_k=pk, r_hat=s["r_hat"], ess_bulk=s["ess_bulk"], ess_tail=s["ess_tail"],
         divergences=s["divergences"].astype(np.int64), mean_n_steps=s["mean_n_steps"],
     )
     cols["converged"] = is_converged(cols["r_hat"], cols["ess_bulk"], cols["ess_tail"], cols["divergences"])
+    cols["converged"] &= cols["status"] == "ok"
     table = pd.DataFrame({name: cols[name] for name in names})
     float_cols = [c for c in names if c not in ("checkpoint", "token", "status", "n_obs", "dim",
                                                  "divergences", "converged")]
     table[float_cols] = table[float_cols].astype(np.float64)
     table["status"] = table["status"].astype(str)
+    from engine.calibration import z_true_columns
+
+    for name, values in z_true_columns(beliefs, s).items():  # only when beliefs carry z_true
+        table[name] = values
     return table, extras
 
 
@@ -134,13 +153,18 @@ def _univariate_columns(beliefs, s: dict, exact: bool, interval: float) -> dict:
     return cols
 
 
-def _multivariate_columns(beliefs, s: dict) -> tuple[dict, dict]:
-    """q against the MCMC and exact posteriors (K-dimensional) -> ``(columns, plot arrays)``."""
+def _multivariate_columns(beliefs, s: dict) -> tuple[dict, dict, np.ndarray]:
+    """q against the MCMC and exact posteriors (K-dimensional) -> ``(columns, plot arrays,
+    [P] flags of tokens whose MCMC covariance is unusable)``."""
     from engine.audit import references
 
     P = beliefs.num_problems
     mu_q, cov_q = beliefs.host("mu_q"), beliefs.host("cov_q")
-    mean, cov = s["mean"], s["cov"]
+    bad_cov = ~_is_positive_definite(s["mean"], s["cov"])
+    # a failed token's moments are replaced by q's (always positive definite) so that every
+    # batched factorisation below succeeds; its MCMC columns become NaN and its status says why
+    mean = np.where(bad_cov[:, None], mu_q, s["mean"])
+    cov = np.where(bad_cov[:, None, None], cov_q, s["cov"])
     diff = mu_q - mean
     chol = np.linalg.cholesky(cov)
     white = np.linalg.solve(chol, diff[..., None])[..., 0]
@@ -161,7 +185,11 @@ def _multivariate_columns(beliefs, s: dict) -> tuple[dict, dict]:
         kl_q_exact=kl_mvnormal(mu_q, cov_q, em, ec), kl_exact_q=kl_mvnormal(em, ec, mu_q, cov_q),
         w2_exact=w2_mvnormal(mu_q, cov_q, em, ec), mcmc_exact_l2=np.linalg.norm(mean - em, axis=-1),
     )
-    return cols, {"vfe_mean": mu_q, "mcmc_mean": mean, "std_ratio": sd_ratio}
+    for name in ("mean_l2_error", "mahalanobis", "std_ratio_min", "std_ratio_max", "kl_q_mcmc",
+                 "kl_mcmc_q", "w2", "mcmc_exact_l2"):
+        cols[name] = np.where(bad_cov, np.nan, cols[name])
+    mean, sd_ratio = np.where(bad_cov[:, None], np.nan, mean), np.where(bad_cov[:, None], np.nan, sd_ratio)
+    return cols, {"vfe_mean": mu_q, "mcmc_mean": mean, "std_ratio": sd_ratio}, bad_cov
 
 
 def flag_failures(table, init_ok: np.ndarray, num_transitions: int):

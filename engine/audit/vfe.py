@@ -176,6 +176,7 @@ def audit_vfe(
     model=None,
     closed_form: bool | None = None,
     model_name: str | None = None,
+    model_config=None,
     sampler: str = "blackjax",
     chains: int = 4,
     draws: int = 1000,
@@ -216,6 +217,9 @@ def audit_vfe(
         the conjugate built-ins, False for anything else, which leaves ``kl_q_exact`` NaN).
     model_name
         Label of the model in outputs (default: the built-in's or builder's name).
+    model_config
+        The resolved model config the template was built from (JSON-ready), part of the stored
+        results' identity together with the template's graph (``store_dir``).
     sampler, chains, draws, tune, seed, batch_size, precision, target_accept, max_tree_depth, dense_mass
         As in :func:`engine.sample_batched`; ``sampler="pymc"`` loops ``pm.sample`` (baseline).
         ``batch_size=None`` picks equal chunks whose in-program draws fit ``CHUNK_MEMORY_BYTES``.
@@ -234,7 +238,8 @@ def audit_vfe(
         (``engine.audit.store.ChunkStore``) and a rerun with the same inputs and settings skips them:
         a killed audit resumes, losing at most the chunk in flight, with the same final table.
     overwrite
-        With ``store_dir``: discard a different configuration's chunks instead of refusing.
+        With ``store_dir``: recompute instead of refusing when the data, model config, template
+        graph, sampler settings or precision changed (the old chunks are moved aside).
     isolate_failures
         A token whose log density is not finite at any jittered start is flagged in its row
         (``status``, ``converged=False``, NaN MCMC columns) instead of failing the whole audit
@@ -271,6 +276,10 @@ def audit_vfe(
     from engine.settings import RuntimeConfig, SamplerConfig
 
     t_start = time.perf_counter()
+    from engine.sampling.kernels import get_kernel
+
+    if shard is not None and int(shard[1]) > 1 and store_dir is None and not get_kernel(sampler).runs_on_host:
+        raise InputError("field 'shard': a shard's results live only in its store; give store_dir")
     bs = read_beliefs(beliefs)  # validate before the heavy imports: bad input fails fast
     sampler_config = SamplerConfig(name=sampler, chains=int(chains), draws=int(draws), tune=int(tune),
                                    target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
@@ -281,7 +290,7 @@ def audit_vfe(
                               sampler=sampler_config, runtime=runtime, interval=interval, num_q_draws=num_q_draws)
     t_compiled = time.perf_counter()
     summaries, kept = sample_problems(problems, keep_draws=keep_draws, store_dir=store_dir, shard=shard,
-                                      log_file=log_file)
+                                      log_file=log_file, model_config=model_config)
     if summaries is None:
         return None
     t_sampled = time.perf_counter()
@@ -290,6 +299,10 @@ def audit_vfe(
     timings = {"prepare_compile": t_compiled - t_start, "sampling": t_sampled - t_compiled,
                "metrics": time.perf_counter() - t_sampled}
     summary = audit_summary(problems, table, timings)
+    from engine.calibration import calibration_summary
+
+    if (calibration := calibration_summary(table)) is not None:
+        summary["z_true_calibration"] = calibration
     draws = None if kept is None else kept_inference_data(bs, kept["problems"], kept, summary["settings"],
                                                           problems.model_name)
     audit = AuditResult(kind=bs.kind, table=table, summary=summary, extras=plot_arrays, draws=draws)
@@ -363,7 +376,7 @@ def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, ru
     try:
         with _quiet_pytensor():
             compiled = compile_for(pm_model, model_data)
-    except ValueError as err:
+    except InputError as err:
         raise InputError(f"field 'model': {err}") from None
     psis = set(compiled.value_slices) == {"theta"}  # theta is the only, untransformed, latent
     ok = check_init(compiled, model_data, config)
@@ -387,13 +400,17 @@ def _audit_data(pm_model, bs: BeliefSet):
         extras["sigma_q"] = bs.flat("sigma_q")
     else:
         extras["chol_q"] = _cholesky(bs.flat("cov_q"))
+    if "z_true" in bs.fields:
+        extras["z_true"] = bs.flat("z_true")
     num_obs = bs.num_obs.reshape(-1)
     return _problem_data(inputs, num_obs), _problem_data(inputs, num_obs, extras)
 
 
-def sample_problems(problems: AuditProblems, *, keep_draws=None, store_dir=None, shard=None, log_file=None):
+def sample_problems(problems: AuditProblems, *, keep_draws=None, store_dir=None, shard=None, log_file=None,
+                    model_config=None):
     """Stage 3: every problem's on-device summary -> ``(summaries, kept draws or None)``, or
-    ``(None, None)`` for one shard of several (see :func:`engine.audit.chunks.run_chunks`)."""
+    ``(None, None)`` for one shard of several (see :func:`engine.audit.chunks.run_chunks`).
+    ``model_config`` (the resolved model config, JSON-ready) is part of the store's identity."""
     import jax
 
     from engine.audit.chunks import host_summaries, kept_problems, open_store, run_chunks
@@ -411,9 +428,10 @@ def sample_problems(problems: AuditProblems, *, keep_draws=None, store_dir=None,
     else:
         store = None
         if store_dir is not None:
-            extra = {"model": problems.model_name, "interval": problems.interval,
-                     "num_q_draws": problems.num_q_draws, "keep_draws": keep.tolist()}
-            store = open_store(store_dir, runtime.overwrite, problems.full_data, config, extra)
+            extra = {"model": {"name": problems.model_name, "config": model_config},
+                     "analysis": {"interval": problems.interval, "num_q_draws": problems.num_q_draws,
+                                  "keep_draws": keep.tolist()}}
+            store = open_store(store_dir, runtime.overwrite, problems.full_data, config, problems.model, extra)
         summaries, kept = run_chunks(
             problems.compiled, problems.full_data, config, problems.summary_fn, runtime.progress,
             store=store, shard=shard, keep=keep, log_file=log_file,

@@ -24,11 +24,12 @@ from pytensor.graph.replace import clone_replace
 from pytensor.graph.traversal import ancestors
 
 from engine.model._pymc_jax import get_jaxified_graph
+from engine.errors import InputError
 
 ROW_MASK = "__row_mask__"
 """Key of the boolean row mask ``[n_rows_padded]`` inside a problem's data dict."""
 
-__all__ = ["ROW_MASK", "ProblemData", "CompiledModel", "prepare_data", "compile_model"]
+__all__ = ["ROW_MASK", "ProblemData", "CompiledModel", "prepare_data", "compile_model", "graph_fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -91,17 +92,17 @@ def prepare_data(model, data: Mapping[str, Any]) -> ProblemData:
 
     Raises
     ------
-    ValueError
+    InputError (a ValueError)
         Unknown container names, no data, mismatched numbers of problems, ragged containers of
         different row counts, or per-problem shapes that disagree beyond axis 0; the message
         names the container and the first offending problem index.
     """
     containers = _container_map(model)
     if not data:
-        raise ValueError("data is empty: give at least one pm.Data container's per-problem values")
+        raise InputError("data is empty: give at least one pm.Data container's per-problem values")
     unknown = sorted(set(data) - set(containers))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"data container {unknown[0]!r} is not in the model; its pm.Data containers are "
             f"{sorted(containers)}"
         )
@@ -110,24 +111,26 @@ def prepare_data(model, data: Mapping[str, Any]) -> ProblemData:
     counts: dict[str, int] = {}
     for name, value in data.items():
         dtype = containers[name].dtype
+        if isinstance(value, (list, tuple)) and len(value) and all(np.ndim(v) == 0 for v in value):
+            value = np.asarray(value, dtype=dtype)  # one scalar per problem
         if isinstance(value, (list, tuple)):
             items = [np.asarray(v, dtype=dtype) for v in value]
             if not items:
-                raise ValueError(f"data container {name!r}: empty list of problems")
+                raise InputError(f"data container {name!r}: empty list of problems")
             tail = items[0].shape[1:]
             for i, item in enumerate(items):
                 if item.ndim == 0:
-                    raise ValueError(
+                    raise InputError(
                         f"data container {name!r}: problem {i} is a scalar; ragged problems need "
                         "a leading row axis"
                     )
                 if item.shape[1:] != tail:
-                    raise ValueError(
+                    raise InputError(
                         f"data container {name!r}: problem {i} has shape {item.shape}, expected "
                         f"(rows, {', '.join(map(str, tail))}) like problem 0"
                     )
                 if item.shape[0] == 0:
-                    raise ValueError(f"data container {name!r}: problem {i} has no rows")
+                    raise InputError(f"data container {name!r}: problem {i} has no rows")
             rows = np.array([it.shape[0] for it in items])
             counts[name] = len(items)
             if np.all(rows == rows[0]):
@@ -143,7 +146,7 @@ def prepare_data(model, data: Mapping[str, Any]) -> ProblemData:
         else:
             arr = np.asarray(value, dtype=dtype)
             if arr.ndim == 0:
-                raise ValueError(
+                raise InputError(
                     f"data container {name!r} is a scalar; its leading axis must index problems"
                 )
             arrays[name] = arr
@@ -151,7 +154,7 @@ def prepare_data(model, data: Mapping[str, Any]) -> ProblemData:
     first_name = next(iter(counts))
     for name, count in counts.items():
         if count != counts[first_name]:
-            raise ValueError(
+            raise InputError(
                 f"data container {name!r} has {count} problems but {first_name!r} has "
                 f"{counts[first_name]}; leading axes must match"
             )
@@ -162,7 +165,7 @@ def prepare_data(model, data: Mapping[str, Any]) -> ProblemData:
         for name, rows in lengths.items():
             bad = np.flatnonzero(rows != ref)
             if bad.size:
-                raise ValueError(
+                raise InputError(
                     f"ragged data container {name!r}: problem {bad[0]} has {rows[bad[0]]} rows "
                     f"but {ref_name!r} has {ref[bad[0]]}"
                 )
@@ -172,7 +175,7 @@ def prepare_data(model, data: Mapping[str, Any]) -> ProblemData:
             np.issubdtype(arr.dtype, np.floating)
         ) else np.array([], dtype=int)
         if bad.size:
-            raise ValueError(f"data container {name!r}: non-finite value in problem {bad[0]}")
+            raise InputError(f"data container {name!r}: non-finite value in problem {bad[0]}")
     return ProblemData(arrays=arrays, num_rows=num_rows, ragged_names=tuple(lengths))
 
 
@@ -202,6 +205,8 @@ class CompiledModel:
         Names of the free random variables (constrained), a subset of ``var_shapes``.
     observed_shapes
         Observed variable name -> padded elementwise shape.
+    row_indexed_names
+        Observed variables indexed by the ragged row axis (their padded rows are masked).
     """
 
     logdensity_fn: Callable
@@ -213,6 +218,7 @@ class CompiledModel:
     free_var_names: tuple[str, ...]
     observed_shapes: dict[str, tuple[int, ...]]
     value_slices: dict[str, tuple[slice, tuple[int, ...]]] = field(default_factory=dict)
+    row_indexed_names: tuple[str, ...] = ()
 
     @property
     def dim(self) -> int:
@@ -220,32 +226,63 @@ class CompiledModel:
 
 
 def _row_indexed_observed(model, ragged: set[str]) -> set[str]:
-    """Observed variable names whose rows follow the ragged containers.
+    """Observed variable names whose rows follow the ragged containers; refuse what cannot be masked.
 
-    An observed variable is row-indexed when its observed value IS a ragged container. An
-    observed variable whose graph reads a ragged container but whose value is not one cannot be
-    masked row by row, and is refused.
+    Padding is exact only where every padded row's log density term can be zeroed: an observed
+    variable whose observed value IS a ragged container and whose log density is elementwise
+    along its rows. Refused, each with one line naming the variable and why:
+
+    - an observed variable that reads a ragged container but whose value is not one;
+    - an observed variable whose rows form ONE joint draw (the row axis is part of its support,
+      e.g. MvNormal over rows, GaussianRandomWalk, AR): its log density is one term for all rows;
+    - a Potential or a free variable whose graph reads a ragged container (an unmaskable term).
+
+    Raises
+    ------
+    InputError
     """
     if not ragged:
         return set()
     containers = _container_map(model)
     ragged_vars = {containers[n] for n in ragged}
+
+    def first_ragged(graph_vars):
+        used = ragged_vars.intersection(ancestors(graph_vars))
+        return sorted(v.name for v in used)[0] if used else None
+
     row_indexed = set()
     for rv in model.observed_RVs:
         value = model.rvs_to_values[rv]
         if value in ragged_vars:
+            ndim_supp = int(getattr(rv.owner.op, "ndim_supp", 0) or 0)
+            if ndim_supp >= value.ndim:
+                raise InputError(
+                    f"observed variable {rv.name!r} ({type(rv.owner.op).__name__}) treats the rows "
+                    f"of ragged data {value.name!r} as one joint draw; the engine cannot mask its "
+                    "padded rows (give every problem the same number of rows)"
+                )
             row_indexed.add(rv.name)
             continue
-        used = ragged_vars.intersection(ancestors([rv]))
+        used = first_ragged([rv])
         if used:
-            raise ValueError(
-                f"observed variable {rv.name!r} reads ragged container "
-                f"{sorted(v.name for v in used)[0]!r} but its observed value is not a ragged "
-                "container, so its rows cannot be masked; pass its observed data as a pm.Data "
-                "container with one row per data row"
+            raise InputError(
+                f"observed variable {rv.name!r} reads ragged container {used!r} but its observed "
+                "value is not a ragged container, so its rows cannot be masked; pass its observed "
+                "data as a pm.Data container with one row per data row"
+            )
+    for pot in model.potentials:
+        used = first_ragged([pot])
+        if used:
+            raise InputError(f"Potential {pot.name!r} reads ragged data {used!r}; the engine cannot mask it")
+    for rv in model.free_RVs:
+        used = first_ragged([rv])
+        if used:
+            raise InputError(
+                f"free variable {rv.name!r} depends on ragged data {used!r} (its size or parameters); "
+                "the engine cannot mask its padded part"
             )
     if not row_indexed:
-        raise ValueError(
+        raise InputError(
             f"ragged containers {sorted(ragged)} are not the observed value of any variable; "
             "ragged data must be observed row by row"
         )
@@ -279,9 +316,9 @@ def compile_model(model, problem_data: ProblemData) -> CompiledModel:
         offset += size
     dim = offset
     if dim == 0:
-        raise ValueError("the model has no free random variables to sample")
+        raise InputError("the model has no free random variables to sample")
     if model.discrete_value_vars:
-        raise ValueError(
+        raise InputError(
             f"discrete free variable {model.discrete_value_vars[0].name!r}: NUTS needs "
             "continuous parameters; marginalise it or make it observed"
         )
@@ -337,8 +374,9 @@ def compile_model(model, problem_data: ProblemData) -> CompiledModel:
             if masked_obs
             else None
         )
-    except (TypeError, ValueError, NotImplementedError) as err:
-        raise ValueError(f"the model could not be compiled to JAX for these data shapes: {err}") from err
+    except NotImplementedError as err:  # an operation without a JAX implementation
+        msg = " ".join(str(err).split())[:200]
+        raise InputError(f"the model could not be compiled to JAX: {msg}") from err
 
     arg_names = list(input_names) + ([ROW_MASK] if mask_sym is not None else [])
 
@@ -369,6 +407,7 @@ def compile_model(model, problem_data: ProblemData) -> CompiledModel:
         free_var_names=tuple(free_names),
         observed_shapes=dict(zip(obs_names, shapes[1])),
         value_slices=slices,
+        row_indexed_names=tuple(sorted(row_indexed)),
     )
     return compiled
 
@@ -400,3 +439,31 @@ def unravel(compiled: CompiledModel, position) -> dict[str, Any]:
 def container_names(model) -> Sequence[str]:
     """Names of the model's ``pm.Data`` containers."""
     return list(_container_map(model))
+
+
+def graph_fingerprint(model) -> str:
+    """SHA-256 of a canonical text of ``model``'s log density and Deterministics graphs.
+
+    The text is PyTensor's ``debugprint`` (operations, types and names, with ids assigned in
+    order of appearance, so never object ids), followed by the bytes of every constant and the
+    value of every shared variable in the graph (``debugprint`` abbreviates arrays). Two builds
+    of the same template give the same hash; a changed parameter (e.g. Student-t's ``nu``), an
+    added term or an edited custom template gives another. Used to key stored results.
+    """
+    import hashlib
+
+    from pytensor.graph.basic import Constant
+    from pytensor.printing import debugprint
+
+    outputs = [model.logp(), *model.deterministics]
+    digest = hashlib.sha256(debugprint(outputs, file="str", print_type=True).encode())
+    for var in ancestors(outputs):
+        if isinstance(var, Constant):
+            value = np.asarray(var.data)
+        elif isinstance(var, SharedVariable):
+            value = np.asarray(var.get_value(borrow=True))
+        else:
+            continue
+        digest.update(f"{var.name}|{value.dtype}|{value.shape}|".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()[:16]

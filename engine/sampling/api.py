@@ -8,6 +8,7 @@ import numpy as np
 
 from engine import settings as settings_schema
 from engine.caching import LRUCache
+from engine.errors import InputError
 from engine.sampling.batch import BatchConfig, check_init, run_batched
 from engine.model.compile import CompiledModel, ProblemData, compile_model, prepare_data
 from engine.sampling.kernels import get_kernel
@@ -89,7 +90,7 @@ def sample_batched(
 
     Raises
     ------
-    ValueError
+    InputError (a ValueError)
         Bad data (names, shapes, non-finite values) or a problem whose log density is not finite
         at any jittered initial point; raised before sampling starts.
     """
@@ -105,7 +106,7 @@ def sample_batched(
     kernel = get_kernel(sampler_config.name)
     if kernel.runs_on_host:
         if runtime.precision != "float64":
-            raise ValueError(f"sampler={kernel.name!r} runs in PyMC's own precision; drop precision=")
+            raise InputError(f"sampler={kernel.name!r} runs in PyMC's own precision; drop precision=")
         problem_data = prepare_data(model, data)
         draws_, stats = kernel.host_loop(
             model, problem_data, chains=chains, draws=draws, tune=tune, seed=seed,
@@ -118,19 +119,25 @@ def sample_batched(
     ok = check_init(compiled, problem_data, config)
     if not ok.all():
         bad = int(np.flatnonzero(~ok)[0])
-        raise ValueError(
+        raise InputError(
             f"problem {bad}: the log density is not finite at any of {sampler_config.init_tries} jittered "
             "initial points; check its data and priors"
         )
     result = run_batched(compiled, problem_data, config, progress=progress)
-    loglik = _mask_padded_rows(result.log_likelihood, problem_data) if log_likelihood else None
+    loglik = _mask_padded_rows(result.log_likelihood, problem_data, compiled.row_indexed_names) if (
+        log_likelihood) else None
     return to_inference_data(
         result.draws, result.stats, problem_coords=problem_coords, log_likelihood=loglik,
     )
 
 
-def _mask_padded_rows(loglik, problem_data: ProblemData):
-    """Set the log-likelihood of padded rows to NaN (they are not data)."""
+def _mask_padded_rows(loglik, problem_data: ProblemData, row_indexed_names):
+    """Set the log-likelihood of padded rows to NaN (they are not data).
+
+    ``loglik`` maps observed names to ``[problem, chain, draw, row, ...]``; only the observed
+    variables indexed by the ragged row axis (``row_indexed_names``) are masked, whatever the
+    lengths of the others' axes.
+    """
     if problem_data.num_rows is None or not loglik:
         return loglik
     n_pad = problem_data.arrays[problem_data.ragged_names[0]].shape[1]
@@ -138,7 +145,7 @@ def _mask_padded_rows(loglik, problem_data: ProblemData):
     out = {}
     for name, arr in loglik.items():
         arr = np.array(arr, dtype=float)
-        if arr.ndim >= 4 and arr.shape[3] == n_pad:
+        if name in row_indexed_names:
             pad = np.arange(n_pad)[None, :] >= rows[:, None]  # [problem, row]
             arr[np.broadcast_to(pad[:, None, None, :], arr.shape[:4])] = np.nan
         out[name] = arr

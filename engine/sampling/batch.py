@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.caching import LRUCache
+from engine.errors import InputError
 from engine.model.compile import CompiledModel, ProblemData
 from engine.sampling.kernels import SampleStats, describe, get_kernel
 from engine.sampling.kernels.base import SamplingAlgorithm, Schedule
@@ -46,7 +47,7 @@ class BatchConfig:
 
     sampler
         :class:`~engine.settings.SamplerConfig`: kernel, chains, draws, tune and its settings
-        (validated here: ``ValueError`` naming the field).
+        (validated here: ``InputError``, a ``ValueError``, naming the field).
     runtime
         :class:`~engine.settings.RuntimeConfig`: seed, chunk size (``batch_size``), precision,
         devices. On CPU, several host devices need
@@ -73,6 +74,14 @@ class BatchConfig:
     @property
     def batch_size(self) -> int | None:
         return None if self.runtime.batch_size is None else int(self.runtime.batch_size)
+
+    def identity(self) -> dict:
+        """What determines a run's results apart from precision (a stored run's identity): the
+        sampler settings, seed, chunk grid and devices, and what comes back; not progress bars,
+        overwrite or failure isolation, which change no number."""
+        r = self.runtime
+        return {**dataclasses.asdict(self.sampler), "seed": r.seed, "batch_size": r.batch_size,
+                "devices": r.devices, "keep_draws": self.keep_draws, "log_likelihood": self.log_likelihood}
 
     def program_key(self) -> tuple:
         """What a chunk program depends on: everything but the seed and the chunk grid."""
@@ -150,7 +159,7 @@ def local_devices(requested: int | None) -> list:
         return available[:1]
     count = len(available) if requested == -1 else int(requested)
     if count < 1 or count > len(available):
-        raise ValueError(
+        raise InputError(
             f"runtime asks for {requested} devices but JAX sees {len(available)} "
             f"({available[0].platform}); on CPU set "
             "XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts"

@@ -85,6 +85,10 @@ def rhat(x):
     folded = jnp.abs(split - median[..., None, None])
     tail = _rhat_basic(z_scale(folded))
     out = jnp.maximum(bulk, tail)
+    # constant draws: R-hat is 0/0 (ArviZ returns NaN); rounding in the variances would give
+    # sqrt((n - 1) / n) < 1, which would pass as converged
+    is_constant = jnp.all(x == x[..., :1, :1], axis=(-2, -1))
+    out = jnp.where(is_constant, jnp.nan, out)
     if x.shape[-2] < 2 or x.shape[-1] < 4:
         return jnp.full(out.shape, jnp.nan, out.dtype)
     return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 
+from engine.errors import InputError
+
 from engine.sampling.kernels.base import Kernel, KernelSettings, SampleStats
 
 __all__ = ["REGISTRY", "ALIASES", "Kernel", "KernelSettings", "SampleStats", "get_kernel", "canonical_name",
@@ -39,7 +41,7 @@ def canonical_name(name: str) -> str:
     name = ALIASES.get(str(name), str(name))
     if name not in REGISTRY:
         choices = ", ".join(repr(n) for n in REGISTRY)
-        raise ValueError(f"unknown sampler {name!r}; choose one of {choices}")
+        raise InputError(f"unknown sampler {name!r}; choose one of {choices}")
     return name
 
 

@@ -31,6 +31,7 @@ import optax
 from blackjax.adaptation.base import get_filter_adapt_info_fn
 from blackjax.mcmc.dynamic_hmc import DynamicHMCState, halton_sequence
 
+from engine.errors import InputError
 from engine.sampling.kernels.base import (
     OPTIMAL_HMC_TARGET_ACCEPT, Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
 )
@@ -77,11 +78,11 @@ class ChEESState(NamedTuple):
 def check(chains: int, tune: int, settings: KernelSettings) -> None:
     """ChEES adapts across chains, needs a warmup and adapts a diagonal mass matrix."""
     if int(chains) < MIN_CHAINS:
-        raise ValueError(f"sampler 'chees' adapts across chains: needs chains >= {MIN_CHAINS}, got {chains}")
+        raise InputError(f"sampler 'chees' adapts across chains: needs chains >= {MIN_CHAINS}, got {chains}")
     if int(tune) < MIN_TUNE:
-        raise ValueError(f"sampler 'chees' needs tune >= {MIN_TUNE} warmup steps, got {tune}")
+        raise InputError(f"sampler 'chees' needs tune >= {MIN_TUNE} warmup steps, got {tune}")
     if settings.dense_mass:
-        raise ValueError("sampler 'chees' adapts a diagonal mass matrix; dense_mass is not available")
+        raise InputError("sampler 'chees' adapts a diagonal mass matrix; dense_mass is not available")
 
 
 def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Schedule) -> SamplingAlgorithm:
