@@ -54,8 +54,8 @@ def main(argv=None) -> dict:
 
     import engine
     from benchmarks.measure import cpu_seconds
-    from engine.sbc_core import simulate
-    from engine.sbc_models import eight_schools
+    from engine.calibration.sbc import simulate
+    from engine.calibration.models import eight_schools
 
     model = eight_schools()
     load_before = os.getloadavg()

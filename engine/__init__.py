@@ -28,7 +28,7 @@ def __getattr__(name):
 
         return audit_vfe
     if name == "sbc":
-        from engine.sbc_core import sbc
+        from engine.calibration.sbc import sbc
 
         return sbc
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -131,15 +131,15 @@ def test_problem_keeps_its_stream_across_chunking():
     """Problem i's first draws depend only on (seed, i): equal whatever the chunk grid."""
     import jax
 
-    from engine.batch import _problem_starts
+    from engine.sampling.batch import problem_starts
 
     data = normal_normal_data(6, seed=4)
     model = normal_normal_model()
     problem_data = prepare_data(model, data)
     compiled = compile_for(model, problem_data)
-    config = BatchConfig(chains=4)
+    config = BatchConfig(sampler=SamplerConfig(chains=4))
     arrays = problem_data.device_arrays()
-    starts = jax.jit(jax.vmap(lambda i, d: _problem_starts(compiled, config, jax.random.PRNGKey(0), i, d)[0]))
+    starts = jax.jit(jax.vmap(lambda i, d: problem_starts(compiled, config, jax.random.PRNGKey(0), i, d)[0]))
     with jax.enable_x64(True):
         def chunked(size):  # problem i's jittered starts [chains, dim] when run in chunks of `size`
             return np.concatenate([

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from engine.diagnostics import summarize_draws
+from engine.sampling.diagnostics import summarize_draws
 
 
 def _cases():

@@ -16,24 +16,24 @@ import pandas as pd
 import pytest
 
 from engine.errors import InputError, StorageError
-from engine.store import ChunkStore
+from engine.audit.store import ChunkStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- store identity
 def _identity_inputs(nu=4.0, precision="float64", target_accept=0.8, shift=0.0):
-    from engine import vfe_models
-    from engine.audit import _problem_data
-    from engine.batch import BatchConfig
-    from engine.samplers import NUTSSettings
+    from engine.audit import vfe_models
+    from engine.audit.vfe import make_problem_data
+    from engine.sampling.batch import BatchConfig
+    from engine.settings import RuntimeConfig, SamplerConfig
 
     rng = np.random.default_rng(0)
     inputs = {"observed": rng.normal(size=(6, 5)) + shift, "prior_mu": np.zeros(6),
               "prior_sigma": np.ones(6), "obs_sigma": np.ones(6)}
-    data = _problem_data(inputs, np.full(6, 5))
-    config = BatchConfig(chains=2, draws=10, tune=10, batch_size=3, precision=precision,
-                         settings=NUTSSettings(target_accept=target_accept), keep_draws=False)
+    data = make_problem_data(inputs, np.full(6, 5))
+    config = BatchConfig(sampler=SamplerConfig(chains=2, draws=10, tune=10, target_accept=target_accept),
+                         runtime=RuntimeConfig(batch_size=3, precision=precision), keep_draws=False)
     return data, config, vfe_models.student_t(nu)
 
 
@@ -48,7 +48,7 @@ def _identity_inputs(nu=4.0, precision="float64", target_accept=0.8, shift=0.0):
     ],
 )
 def test_changed_identity_component_is_named_and_chunks_untouched(tmp_path, change, named):
-    from engine.audit_chunks import open_store
+    from engine.audit.chunks import open_store
 
     def store(overwrite=False, model_config=None, **kw):
         data, config, model = _identity_inputs(**kw)
@@ -126,7 +126,7 @@ def test_chunk_without_checksum_is_not_a_result(tmp_path):
     info = json.loads(manifest.read_text())
     info["checksums"] = {}
     manifest.write_text(json.dumps(info))
-    from engine.store import release_lock
+    from engine.audit.store import release_lock
 
     release_lock(tmp_path)
     assert ChunkStore(tmp_path, {"a": 1}, grid).pending() == grid
@@ -136,7 +136,7 @@ def test_second_process_on_a_store_in_use_exits_2_and_first_is_unharmed(tmp_path
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", (
-            "import sys, time; from engine.store import ChunkStore; import numpy as np\n"
+            "import sys, time; from engine.audit.store import ChunkStore; import numpy as np\n"
             f"s = ChunkStore({str(run_dir / 'store')!r}, {{'a': 1}}, [(0, 2)])\n"
             "print('ready', flush=True); sys.stdin.readline()\n"
             "s.write(0, 2, {'x': np.ones(2)}); print(s.gather()['x'].sum(), flush=True)\n")],
@@ -165,7 +165,7 @@ def test_second_process_on_a_store_in_use_exits_2_and_first_is_unharmed(tmp_path
 
 def _fill_disk_at_chunk_write(monkeypatch, which: int):
     """Make the ``which``-th chunk file write hit ENOSPC half way (a full disk)."""
-    import engine.store as store_module
+    import engine.audit.store as store_module
 
     real_fdopen = os.fdopen
     writes = {"chunks": 0}
@@ -233,8 +233,8 @@ def test_full_disk_during_an_audit_then_resume_equals_a_clean_run(tmp_path, monk
 
 # --------------------------------------------------------------------------- failure isolation
 def test_multivariate_bad_covariance_rows_are_flagged_others_identical():
-    from engine.beliefs import beliefs_from_arrays
-    from engine.metrics import build_table
+    from engine.audit.beliefs import beliefs_from_arrays
+    from engine.audit.metrics import build_table
 
     rng = np.random.default_rng(3)
     P, K = 5, 2
@@ -267,7 +267,7 @@ def _ragged_rows(seed=0):
 
 
 def _refusal(build) -> str:
-    from engine.api import sample_batched
+    from engine.sampling.api import sample_batched
 
     with pytest.raises(InputError) as info:
         sample_batched(build(), {"y": _ragged_rows()}, chains=1, draws=5, tune=5)
@@ -323,8 +323,8 @@ def test_ragged_elementwise_template_matches_pymc_on_unpadded_rows():
     import jax
     import pymc as pm
 
-    from engine.api import compile_for
-    from engine.compile import prepare_data
+    from engine.sampling.api import compile_for
+    from engine.model.compile import prepare_data
 
     rng = np.random.default_rng(4)
     rows = (3, 7, 5)
@@ -363,7 +363,7 @@ def test_pointwise_loglik_masks_only_row_indexed_observed():
     padded rows keeps all of its log-likelihood."""
     import pymc as pm
 
-    from engine.api import sample_batched
+    from engine.sampling.api import sample_batched
 
     with pm.Model() as model:
         y = pm.Data("y", np.zeros(3))
@@ -384,7 +384,7 @@ def test_pointwise_loglik_masks_only_row_indexed_observed():
 def test_internal_error_exits_1_with_a_pointer_and_the_traceback_in_the_log(tmp_path, monkeypatch, capsys):
     from hydra import compose, initialize_config_dir
 
-    import engine.run as run_module
+    import engine.cli as run_module
 
     def broken(cfg, run_dir):
         raise ValueError("shapes (3,) and (4,) not aligned")  # e.g. a JAX/PyTensor failure
@@ -413,7 +413,7 @@ def test_shard_without_store_raises():
 def test_plain_list_of_per_problem_scalars_is_data():
     from tests.models import normal_normal_model
 
-    from engine.compile import prepare_data
+    from engine.model.compile import prepare_data
 
     model = normal_normal_model(num_obs=3)
     names = {v.name for v in model.data_vars}
@@ -430,7 +430,7 @@ def test_tune_zero_for_every_sampler(sampler):
     """No warmup: the NUTS kernels and pm.sample start from the jittered point with the initial
     step size and return every draw; ChEES, which adapts its trajectory length during warmup,
     refuses with one line before sampling."""
-    from engine.api import sample_batched
+    from engine.sampling.api import sample_batched
     from tests.models import normal_normal_data, normal_normal_model
 
     data = normal_normal_data(2, num_obs=5, seed=9)
@@ -517,7 +517,7 @@ def test_a_finished_audit_releases_its_run_directory(tmp_path):
               "prior_mu": 0.0, "prior_sigma": 1.0}
     audit_vfe(arrays, chains=2, draws=20, tune=20, num_q_draws=50, store_dir=tmp_path)
     other = subprocess.run(
-        [sys.executable, "-c", "from engine.store import lock_directory; import sys; "
+        [sys.executable, "-c", "from engine.audit.store import lock_directory; import sys; "
          f"lock_directory({str(tmp_path)!r}); print('locked')"],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120,
     )

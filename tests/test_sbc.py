@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from engine import sbc_core
-from engine.sbc_models import normal_normal
+from engine.calibration.models import normal_normal
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_ALPHA = 0.01
@@ -106,7 +106,7 @@ def test_blackjax_flags_miscalibration_and_passes_a_calibrated_fit(tmp_path):
     assert good.summary["num_simulations"] == 200 and good.ranks["theta"].shape == (200,)
     assert 0 <= good.ranks["theta"].min() and good.ranks["theta"].max() <= good.num_rank_draws
     out = sbc_core.SBCResult(good.summary, good.ranks, good.truth)
-    from engine.sbc_report import write_outputs
+    from engine.calibration.report import write_outputs
 
     files = write_outputs(out, tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["parameters"]["theta"]["pass"] is True
@@ -123,7 +123,7 @@ def cli(*args):
 @pytest.mark.slow
 def test_cli_runs_a_template_and_writes_the_outputs(tmp_path):
     """End to end through Hydra (slow tier: a fresh process imports and compiles, ~45 s)."""
-    proc = cli("analysis.model={_target_: engine.sbc_models.normal_normal, num_obs: 3}",
+    proc = cli("analysis.model={_target_: engine.calibration.models.normal_normal, num_obs: 3}",
                "analysis.num_simulations=40", "analysis.chains=2", "analysis.draws=60",
                "analysis.tune=60", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -136,7 +136,7 @@ def test_cli_runs_a_template_and_writes_the_outputs(tmp_path):
 
 
 def test_cli_bad_builder_is_one_line_and_exit_2(tmp_path):
-    proc = cli("analysis.model=engine.sbc_models.no_such_builder", f"hydra.run.dir={tmp_path}")
+    proc = cli("analysis.model=engine.calibration.models.no_such_builder", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "analysis.model: could not build" in proc.stderr.strip().splitlines()[-1]
@@ -150,7 +150,7 @@ def test_bad_settings_raise_input_errors(tmp_path):
     from engine.errors import InputError
 
     cfg = OmegaConf.create({"analysis": {"name": "sbc", "num_simulations": 1,
-                                         "model": "engine.sbc_models.normal_normal"}})
+                                         "model": "engine.calibration.models.normal_normal"}})
     with pytest.raises(InputError, match="analysis.num_simulations: must be >= 2"):
         sbc_analysis.run(cfg, tmp_path)
     cfg.analysis.num_simulations = 10
@@ -171,6 +171,6 @@ def test_engine_sbc_is_the_function_after_importing_the_modules():
     ``engine/sbc.py`` would replace it with itself)."""
     import engine
     import engine.analyses.sbc  # noqa: F401
-    import engine.sbc_report  # noqa: F401
+    import engine.calibration.report  # noqa: F401
 
     assert engine.sbc is sbc_core.sbc

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine import audit_vfe
-from engine.beliefs import beliefs_from_arrays
+from engine.audit.beliefs import beliefs_from_arrays
 from engine.errors import InputError
 
 
@@ -56,7 +56,7 @@ def test_z_true_shape_and_values_are_checked():
 
 def test_multivariate_z_true_columns():
     """K=2: per-dimension PITs under q from its marginal sds; coverage as the share of dims."""
-    from engine.calibration import calibration_summary, z_true_columns
+    from engine.audit.calibration import calibration_summary, z_true_columns
 
     cov = np.array([[4.0, 1.0], [1.0, 1.0]])
     beliefs = beliefs_from_arrays({

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from engine import sbc_core
-from engine.sbc_models import normal_normal
+from engine.calibration.models import normal_normal
 from tests.test_sbc import TEST_ALPHA, check_pair, run_pair
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
-"""``analysis=sbc``: simulation-based calibration of a PyMC template (see :mod:`engine.sbc_core`).
+"""``analysis=sbc``: simulation-based calibration of a PyMC template (see :mod:`engine.calibration.sbc`).
 
 ``analysis.model`` names a builder (``_target_``) of the fitted template, bare: eight schools,
-non-centred (:func:`engine.sbc_models.eight_schools`); ``analysis.simulator`` optionally names a
+non-centred (:func:`engine.calibration.models.eight_schools`); ``analysis.simulator`` optionally names a
 different data-generating template. All ``analysis.num_simulations`` simulated data sets are
 fitted in one batched call of the configured sampler; the run directory gets ``summary.json``
 (the :attr:`SBCResult.summary` dict plus the settings), ``ranks.parquet``, ``report.md`` and the
@@ -16,9 +16,9 @@ from pathlib import Path
 
 from engine.analyses import _common as common
 from engine.errors import InputError
-from engine.run import Result
+from engine.cli import Result
 
-DEFAULT_MODEL = "engine.sbc_models.eight_schools"
+DEFAULT_MODEL = "engine.calibration.models.eight_schools"
 
 
 def build_template(spec, field: str):
@@ -49,8 +49,8 @@ def build_template(spec, field: str):
 
 def run(cfg, run_dir: Path) -> Result:
     """SBC of ``analysis.model`` against ``analysis.simulator``; writes the outputs in ``run_dir``."""
-    from engine.sbc_core import sbc
-    from engine.sbc_report import write_outputs
+    from engine.calibration.sbc import sbc
+    from engine.calibration.report import write_outputs
 
     run_dir = common.prepare_run_dir(run_dir)
     opt = functools.partial(common.analysis_option, cfg)
@@ -84,7 +84,7 @@ def run(cfg, run_dir: Path) -> Result:
 
 
 def _settings(cfg) -> dict:
-    from engine.run import to_container
+    from engine.cli import to_container
 
     settings = to_container(cfg)
     return {k: settings[k] for k in ("analysis", "sampler", "runtime") if k in settings}

@@ -291,7 +291,7 @@ def _plots(audit, out_dir: Path) -> dict[str, Path]:
     fig.suptitle(f"Convergence: {int(table.converged.sum())}/{len(table)} tokens converged")
     save(fig, "diagnostics")
     if "z_true_calibration" in audit.summary:
-        from engine.calibration import plot_pit_histograms
+        from engine.audit.calibration import plot_pit_histograms
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
         plot_pit_histograms(table, axes)

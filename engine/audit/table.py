@@ -115,7 +115,7 @@ def build_table(beliefs, summaries, model_name, exact: bool, interval: float, nu
                                                  "divergences", "converged")]
     table[float_cols] = table[float_cols].astype(np.float64)
     table["status"] = table["status"].astype(str)
-    from engine.calibration import z_true_columns
+    from engine.audit.calibration import z_true_columns
 
     for name, values in z_true_columns(beliefs, s).items():  # only when beliefs carry z_true
         table[name] = values

@@ -155,7 +155,7 @@ def _cholesky(cov):
     return array_namespace(cov).linalg.cholesky(cov)
 
 
-def _problem_data(inputs: dict, num_obs: np.ndarray, extras: dict | None = None):
+def make_problem_data(inputs: dict, num_obs: np.ndarray, extras: dict | None = None):
     from engine.model.compile import ProblemData
 
     n = inputs["observed"].shape[1]
@@ -299,7 +299,7 @@ def audit_vfe(
     timings = {"prepare_compile": t_compiled - t_start, "sampling": t_sampled - t_compiled,
                "metrics": time.perf_counter() - t_sampled}
     summary = audit_summary(problems, table, timings)
-    from engine.calibration import calibration_summary
+    from engine.audit.calibration import calibration_summary
 
     if (calibration := calibration_summary(table)) is not None:
         summary["z_true_calibration"] = calibration
@@ -403,7 +403,7 @@ def _audit_data(pm_model, bs: BeliefSet):
     if "z_true" in bs.fields:
         extras["z_true"] = bs.flat("z_true")
     num_obs = bs.num_obs.reshape(-1)
-    return _problem_data(inputs, num_obs), _problem_data(inputs, num_obs, extras)
+    return make_problem_data(inputs, num_obs), make_problem_data(inputs, num_obs, extras)
 
 
 def sample_problems(problems: AuditProblems, *, keep_draws=None, store_dir=None, shard=None, log_file=None,

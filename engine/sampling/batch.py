@@ -206,7 +206,7 @@ def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
         raise ValueError(f"sampler {kernel.name!r} loops on the host; it has no batched program")
     schedule = Schedule(int(config.sampler.tune), int(config.sampler.draws))
     settings = config.sampler.kernel_settings
-    start = functools.partial(_problem_starts, compiled, config)
+    start = functools.partial(problem_starts, compiled, config)
 
     def algorithm(data) -> SamplingAlgorithm:
         return kernel.build(lambda x: compiled.logdensity_fn(x, data), settings, schedule)
@@ -257,7 +257,7 @@ def _build_init_fn(compiled: CompiledModel, config: BatchConfig):
     return _cached(compiled, "init", config, None, lambda: _make_init_fn(compiled, config))
 
 
-def _problem_starts(compiled: CompiledModel, config: BatchConfig, root_key, index, data):
+def problem_starts(compiled: CompiledModel, config: BatchConfig, root_key, index, data):
     """ONE problem: jittered starts ``[chains, dim]``, their finiteness, and the run keys."""
     logdensity_fn = lambda x: compiled.logdensity_fn(x, data)  # noqa: E731
     keys = _chain_keys(root_key, index, config.sampler.chains)
@@ -270,7 +270,7 @@ def _problem_starts(compiled: CompiledModel, config: BatchConfig, root_key, inde
 
 def _make_init_fn(compiled: CompiledModel, config: BatchConfig):
     def one_problem(root_key, index, data):
-        _, ok, _ = _problem_starts(compiled, config, root_key, index, data)
+        _, ok, _ = problem_starts(compiled, config, root_key, index, data)
         return jnp.all(ok)
 
     return jax.jit(jax.vmap(one_problem, in_axes=(None, 0, 0)))

@@ -226,7 +226,7 @@ def _diagnostics(draws: Mapping[str, np.ndarray], divergent: np.ndarray):
     import jax
     import jax.numpy as jnp
 
-    from engine.diagnostics import ess_bulk, ess_tail, rhat
+    from engine.sampling.diagnostics import ess_bulk, ess_tail, rhat
 
     def worst(x):  # [M, P, chain, draw] -> three [M]
         return jnp.min(ess_bulk(x), 1), jnp.min(ess_tail(x), 1), jnp.max(rhat(x), 1)
@@ -269,7 +269,7 @@ def sbc(model, num_simulations: int = 1000, *, sampler: str = "blackjax", chains
     SBCResult
         ``.summary`` (the ``summary.json`` dict), ``.ranks`` and ``.truth`` per parameter element.
     """
-    from engine.api import sample_batched
+    from engine.sampling.api import sample_batched
 
     if int(num_simulations) < 2:
         raise ValueError(f"num_simulations must be >= 2, got {num_simulations}")
@@ -304,7 +304,7 @@ def sbc(model, num_simulations: int = 1000, *, sampler: str = "blackjax", chains
     })
     result = SBCResult(summary=summary, ranks=ranks, truth=truth_el)
     if out_dir is not None:
-        from engine.sbc_report import write_outputs
+        from engine.calibration.report import write_outputs
 
         result.outputs = write_outputs(result, Path(out_dir))
     return result

@@ -1,4 +1,4 @@
-"""Outputs of :func:`engine.sbc_core.sbc`: ``summary.json``, ``ranks.parquet``, plots, ``report.md``.
+"""Outputs of :func:`engine.calibration.sbc.sbc`: ``summary.json``, ``ranks.parquet``, plots, ``report.md``.
 
 The plots follow simuk and the SBC R package: rank histograms with the pointwise 99% binomial
 band of each bin's count (Talts et al. 2018, fig. 2), and ECDF-difference plots (ECDF of the
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.analyses import _common as common
-from engine.sbc_core import ecdf_band, rank_bins, write_summary_json
+from engine.calibration.sbc import ecdf_band, rank_bins, write_summary_json
 
 __all__ = ["write_outputs", "plot_rank_histograms", "plot_ecdf_differences", "report_markdown"]
 
