@@ -234,7 +234,7 @@ def test_full_disk_during_an_audit_then_resume_equals_a_clean_run(tmp_path, monk
 # --------------------------------------------------------------------------- failure isolation
 def test_multivariate_bad_covariance_rows_are_flagged_others_identical():
     from engine.audit.beliefs import beliefs_from_arrays
-    from engine.audit.metrics import build_table
+    from engine.audit.table import build_table
 
     rng = np.random.default_rng(3)
     P, K = 5, 2

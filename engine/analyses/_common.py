@@ -242,13 +242,14 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _jsonable(value):
+def jsonable(value):
+    """``value`` with numpy arrays and scalars as plain lists and numbers (for ``json.dumps``)."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating, float)):
@@ -270,7 +271,7 @@ def write_summary(run_dir: Path, cfg, results: Mapping[str, Any]) -> Path:
     payload = {"analysis": cfg.analysis.name, "results": results, "settings": settings,
                "versions": versions()}
     path = Path(run_dir) / "summary.json"
-    path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    path.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
     return path
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from engine.audit.beliefs import BeliefSet
 from engine.errors import InputError
 
-__all__ = ["open_store", "run_chunks", "host_summaries", "concat_chunks", "kept_problems", "kept_inference_data"]
+__all__ = ["chunk_size", "CHUNK_MEMORY_BYTES", "open_store", "run_chunks", "host_summaries", "concat_chunks", "kept_problems", "kept_inference_data"]
 
 
 def open_store(store_dir, overwrite, full_data, config, model, extra):
@@ -177,3 +177,24 @@ def host_summaries(kernel, pm_model, model_data, full_data, summary_fn, config, 
     with jax.enable_x64(config.runtime.precision == "float64"):
         fn = jax.jit(jax.vmap(summary_fn))
         return jax.tree.map(np.asarray, fn({"theta": draws["theta"]}, stats, arrays))
+
+
+CHUNK_MEMORY_BYTES = 1 << 30
+"""Default memory budget of one chunk's per-draw arrays (draws and NUTS statistics)."""
+
+
+def chunk_size(num_problems: int, chains: int, draws: int, dim: int, num_q_draws: int, batch_size):
+    """``batch_size``, or when None the fewest equal chunks whose draws fit CHUNK_MEMORY_BYTES.
+
+    Draws never leave the device, but inside a chunk's program every problem's
+    ``[chain, draw, dim]`` values and seven ``[chain, draw]`` statistics exist at once, so
+    10^5 tokens in one chunk would need tens of GB. Equal chunks keep padding small.
+    """
+    if batch_size is not None:
+        return int(batch_size)
+    from engine.sampling.kernels.base import SampleStats
+
+    per_problem = 8 * (chains * draws * (dim + len(SampleStats._fields)) + num_q_draws * (dim + 2))
+    max_size = max(1, CHUNK_MEMORY_BYTES // per_problem)
+    num_chunks = -(-num_problems // max_size)
+    return -(-num_problems // num_chunks)

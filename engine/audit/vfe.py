@@ -222,7 +222,7 @@ def audit_vfe(
         results' identity together with the template's graph (``store_dir``).
     sampler, chains, draws, tune, seed, batch_size, precision, target_accept, max_tree_depth, dense_mass
         As in :func:`engine.sample_batched`; ``sampler="pymc"`` loops ``pm.sample`` (baseline).
-        ``batch_size=None`` picks equal chunks whose in-program draws fit ``CHUNK_MEMORY_BYTES``.
+        ``batch_size=None`` picks equal chunks whose in-program draws fit ``chunks.CHUNK_MEMORY_BYTES``.
     devices
         Local devices to shard each chunk's problems over (None: one; -1: all), see ``batch.py``.
     interval
@@ -352,10 +352,11 @@ def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, ru
     """Stage 2: the template filled from the beliefs, compiled once, every problem's start checked.
 
     ``sampler`` and ``runtime`` are the :mod:`engine.settings` schema; a ``runtime.batch_size``
-    of None becomes equal chunks that fit ``CHUNK_MEMORY_BYTES``. Raises :class:`InputError`
+    of None becomes equal chunks that fit ``chunks.CHUNK_MEMORY_BYTES``. Raises :class:`InputError`
     naming the field for bad settings, a template that does not fit the beliefs, or (unless
     ``runtime.isolate_failures``) a problem with no finite log density.
     """
+    from engine.audit.chunks import chunk_size
     from engine.sampling.api import compile_for
     from engine.sampling.batch import BatchConfig, check_init
 
@@ -366,7 +367,7 @@ def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, ru
     pm_model, default_name, exact = _resolve_model(model, bs.kind, bs.dim, closed_form)
     model_name = model_name or default_name
     model_data, full_data = _audit_data(pm_model, bs)
-    batch_size = _chunk_size(bs.num_problems, int(sampler.chains), int(sampler.draws), bs.dim,
+    batch_size = chunk_size(bs.num_problems, int(sampler.chains), int(sampler.draws), bs.dim,
                              int(num_q_draws), runtime.batch_size)
     try:
         config = BatchConfig(sampler=sampler, runtime=dataclasses.replace(runtime, batch_size=batch_size),
@@ -480,24 +481,3 @@ def audit_summary(problems: AuditProblems, table, timings: dict) -> dict:
         "notes": report.notes(bs, table, problems.model_name, problems.exact, problems.psis),
         "versions": report.versions(),
     }
-
-
-CHUNK_MEMORY_BYTES = 1 << 30
-"""Default memory budget of one chunk's per-draw arrays (draws and NUTS statistics)."""
-
-
-def _chunk_size(num_problems: int, chains: int, draws: int, dim: int, num_q_draws: int, batch_size):
-    """``batch_size``, or when None the fewest equal chunks whose draws fit CHUNK_MEMORY_BYTES.
-
-    Draws never leave the device, but inside a chunk's program every problem's
-    ``[chain, draw, dim]`` values and seven ``[chain, draw]`` statistics exist at once, so
-    10^5 tokens in one chunk would need tens of GB. Equal chunks keep padding small.
-    """
-    if batch_size is not None:
-        return int(batch_size)
-    from engine.sampling.kernels.base import SampleStats
-
-    per_problem = 8 * (chains * draws * (dim + len(SampleStats._fields)) + num_q_draws * (dim + 2))
-    max_size = max(1, CHUNK_MEMORY_BYTES // per_problem)
-    num_chunks = -(-num_problems // max_size)
-    return -(-num_problems // num_chunks)

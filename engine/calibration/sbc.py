@@ -341,7 +341,7 @@ def summarize(ranks: Mapping[str, np.ndarray], num_rank_draws: int, *, alpha: fl
 
 def write_summary_json(summary: Mapping[str, Any], path: Path) -> Path:
     """``summary.json`` (NaN -> null)."""
-    from engine.analyses._common import _jsonable
+    from engine.analyses._common import jsonable
 
-    path.write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    path.write_text(json.dumps(jsonable(summary), indent=2) + "\n")
     return path
