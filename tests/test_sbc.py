@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from engine import sbc_core
+from engine.calibration import sbc as sbc_core
 from engine.calibration.models import normal_normal
 
 ROOT = Path(__file__).resolve().parents[1]

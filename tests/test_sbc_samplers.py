@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import sbc_core
+from engine.calibration import sbc as sbc_core
 from engine.calibration.models import normal_normal
 from tests.test_sbc import TEST_ALPHA, check_pair, run_pair
 
