@@ -16,10 +16,10 @@ run: $(STAMP)
 	$(BIN)/python -m engine $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadfile $(ARGS)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow -q $(ARGS)
+	$(BIN)/python -m pytest -m slow -q -n 2 --dist loadfile $(ARGS)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
