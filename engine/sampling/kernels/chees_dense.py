@@ -84,7 +84,7 @@ def pooled_covariance(draws):
     flat = draws.reshape(-1, draws.shape[-1])
     n = flat.shape[0]
     mean = jnp.mean(flat, axis=0)
-    centred = flat - mean
+    centred = flat - mean[None, :]
     cov = centred.T @ centred / (n - 1)
     eye = jnp.eye(flat.shape[-1], dtype=flat.dtype)
     return mean, (n / (n + REGULARISATION)) * cov + 1e-3 * (REGULARISATION / (n + REGULARISATION)) * eye
@@ -135,7 +135,7 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
         draws = info.state.position[tune1 // 2:]  # [steps, chains, dim], the second half
         shift, cov = pooled_covariance(draws)
         chol = jnp.linalg.cholesky(cov)
-        y = jax.scipy.linalg.solve_triangular(chol, (first.position - shift).T, lower=True).T
+        y = jax.scipy.linalg.solve_triangular(chol, (first.position - shift[None, :]).T, lower=True).T
         # the first stage's step size is already in (diagonally) whitened units
         (hmc, parameters), _ = adapt(key2, _whitened(logdensity_fn, shift, chol), y,
                                      parameters["step_size"], tune2, False)
@@ -174,7 +174,7 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
             acceptance_rate=info.acceptance_rate,
             step_size=jnp.broadcast_to(jnp.asarray(state.step_size), previous_lp.shape),
         )
-        x = state.shift + hmc.position @ state.chol.T
+        x = state.shift[None, :] + hmc.position @ state.chol.T
         return state._replace(hmc=hmc, num_done=state.num_done + 1), Transition(x, stats)
 
     return SamplingAlgorithm(init=init, warmup=warmup, step=step)
