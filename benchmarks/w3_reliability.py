@@ -60,6 +60,7 @@ def main(argv=None):
     p.add_argument("--draws", type=int, default=500)
     p.add_argument("--tune", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write every option's per-problem gate here (JSON)")
     p.add_argument("--options", nargs="+", default=["nc:blackjax:0.8", "c:blackjax:0.8", "nc:blackjax:0.95",
                                                       "c:blackjax:0.95"],
                    help="form:sampler:target_accept[:tune], form nc (non-centred), c (centred heads) or cc (centred)")
@@ -90,6 +91,14 @@ def main(argv=None):
     from benchmarks.kernels_realistic import markdown
 
     print(markdown(rows))
+    if args.out:
+        import json
+
+        dump = {"rule_centred": rule.tolist(), "options": {
+            f"{r['sampler']} | {r['options']}": {k: np.asarray(v).tolist() for k, v in r["gate"].items()}
+            for r in rows}}
+        with open(args.out, "w") as f:
+            json.dump(dump, f, default=float)
 
 
 if __name__ == "__main__":
