@@ -86,3 +86,52 @@ def test_forest_panels_share_x_in_nats_with_a_layer_legend():
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["layer 0", "layer 1", "layer 2"]
     C.pyplot().close(fig)
+
+
+def test_choose_parameterization_follows_how_informative_the_heads_are():
+    """Heads far apart relative to their standard error -> centred; no spread -> non-centred."""
+    from engine.analyses.hierarchical_reliability import choose_parameterization
+
+    rng = np.random.default_rng(0)
+    spread = 2.0 + 1.0 * rng.standard_normal((3, 8, 1)) + 0.5 * rng.standard_normal((3, 8, 50))
+    flat = 2.0 + 1.0 * rng.standard_normal((3, 8, 4))
+    assert choose_parameterization(spread) == "centered"
+    assert choose_parameterization(flat) == "noncentered"
+    assert choose_parameterization(spread[:, :1]) == "noncentered"  # one head: no head spread to estimate
+    assert choose_parameterization(3.0 * spread + 7.0) == "centered"  # scale-free
+    assert ha.parameterizations(np.stack([spread, spread]), "pooled", "auto") == ["noncentered"] * 2
+    with pytest.raises(InputError, match="analysis.parameterization must be one of"):
+        ha.parameterizations(spread[None], "hierarchical", "sideways")
+
+
+def test_gate_verdict_says_why_and_what_to_try():
+    from engine.analyses.hierarchical_reliability import gate_verdict
+
+    assert gate_verdict(1.005, 800.0, 700.0, 0, "noncentered", 0.9) == ("ok", "")
+    why, hint = gate_verdict(1.03, 250.0, 500.0, 7, "noncentered", 0.9)
+    assert why == "divergences 7; R-hat 1.030; bulk ESS 250"
+    assert hint == ("analysis.parameterization=centered; analysis.target_accept=0.95; "
+                    "a longer warmup (sampler.tune); more draws (sampler.draws)")
+    why, hint = gate_verdict(float("nan"), 800.0, 100.0, 0, "centered", 0.99)
+    assert why == "R-hat nan; tail ESS 100" and "target_accept" not in hint
+
+
+def test_auto_fits_each_checkpoint_in_its_own_form_and_keeps_their_order():
+    """Two checkpoints that want different forms: two batched runs, one merged trace whose
+    checkpoints keep the input's order, and rows that name each form and the gate's verdict."""
+    rng = np.random.default_rng(2)
+    informative = 2.0 + rng.standard_normal((2, 4, 1)) + 0.3 * rng.standard_normal((2, 4, 30))
+    flat = 5.0 + 0.3 * rng.standard_normal((2, 4, 30))
+    entropies = np.stack([flat, informative])
+    assert ha.parameterizations(entropies) == ["noncentered", "centered"]
+    idata, draws, _ = ha.fit(entropies, dict(chains=2, draws=100, tune=100, seed=0), parameterization="auto",
+                             labels=["a", "b"])
+    assert list(idata.posterior["problem"].values) == ["a", "b"]
+    assert "z_head" not in idata.posterior and idata.sample_stats["diverging"].sizes["problem"] == 2
+    means = draws["theta"].mean((-2, -1))
+    np.testing.assert_allclose(means, entropies.mean(-1), atol=0.6)
+    rows = ha.checkpoint_table(idata, draws, ["a", "b"], 0.94, ha.parameterizations(entropies), 0.9)
+    assert [r["parameterization"] for r in rows] == ["noncentered", "centered"]
+    assert all(("ok" == r["gate"]) == (r["try"] == "") for r in rows)
+    assert all(r["gate"] == "ok" or "ESS" in r["gate"] or "R-hat" in r["gate"] or "divergences" in r["gate"]
+               for r in rows)

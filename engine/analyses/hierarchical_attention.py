@@ -14,7 +14,11 @@ heads and samples (one ``Normal`` on the whole ``[L, H, S]`` block, no Python lo
 The centered form samples ``layer_mean ~ Normal(mu, tau_layer)`` and ``theta ~ Normal(layer_mean,
 tau_head)`` directly; with little data per head it has Neal's funnel and NUTS diverges, which the
 non-centered form removes (Betancourt & Girolami 2015, "Hamiltonian Monte Carlo for hierarchical
-models"). Variants ``pooled`` (one mean for all heads) and ``unpooled`` (independent heads) are the
+models"). With informative data per head it is the other way round, so ``parameterization=auto``
+(the default) picks the form per checkpoint from its data
+(:func:`~engine.analyses.hierarchical_reliability.choose_parameterization`) and samples each group
+of checkpoints in one batched run. Every checkpoint's row says whether its fit passes the gate
+(R-hat < 1.01, bulk and tail ESS >= 400, no divergences) and, when not, why and what to try. Variants ``pooled`` (one mean for all heads) and ``unpooled`` (independent heads) are the
 comparison models of ``analysis=loo``.
 
 Each checkpoint is standardised by its own mean and SD before sampling (unit priors then fit any
@@ -31,9 +35,12 @@ import numpy as np
 from engine.analyses import _common as C
 from engine.errors import InputError
 from engine.cli import Result
+from engine.analyses.hierarchical_reliability import choose_parameterization, gate_verdict, merge_traces
 
 VARIANTS = ("hierarchical", "pooled", "unpooled")
 PARAMETERIZATIONS = ("noncentered", "centered")
+PARAMETERIZATION_OPTIONS = PARAMETERIZATIONS + ("auto",)
+"""``auto`` picks one of the two per checkpoint from its data (:func:`choose_parameterization`)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,7 +172,8 @@ def fit(entropies: np.ndarray, sample_kw: dict, *, variant: str = "hierarchical"
     sample_kw
         ``sample_batched`` keyword arguments (sampler, chains, draws, ...).
     variant, parameterization
-        The model (see :func:`build_model`).
+        The model (see :func:`build_model`); ``parameterization="auto"`` picks it per checkpoint
+        (:func:`parameterizations`).
     log_likelihood
         Also return the pointwise log-likelihood ``[C, chain, draw, L, H, S]`` in the input's
         units: the engine's when the sampler gives one, else the Normal density of the draws.
@@ -183,7 +191,6 @@ def fit(entropies: np.ndarray, sample_kw: dict, *, variant: str = "hierarchical"
 
     entropies = check_entropies(entropies)
     num_checkpoints, num_layers, num_heads, num_samples = entropies.shape
-    model = build_model(num_layers, num_heads, num_samples, variant, parameterization)
     loc = entropies.reshape(num_checkpoints, -1).mean(-1)
     scale = entropies.reshape(num_checkpoints, -1).std(-1, ddof=1)
     scale = np.where(scale > 0, scale, 1.0)
@@ -194,7 +201,14 @@ def fit(entropies: np.ndarray, sample_kw: dict, *, variant: str = "hierarchical"
         kw["log_likelihood"] = True
     if labels is None:
         labels = list(range(num_checkpoints))
-    idata = C.sample(model, {"y": z}, problem_coords=list(labels), **kw)
+    forms = parameterizations(z, variant, parameterization)
+    groups = {form: [c for c, f in enumerate(forms) if f == form] for form in PARAMETERIZATIONS}
+    groups = {form: members for form, members in groups.items() if members}
+    traces = []
+    for form, members in groups.items():
+        template = build_model(num_layers, num_heads, num_samples, variant, form)
+        traces.append(C.sample(template, {"y": z[members]}, problem_coords=[labels[c] for c in members], **kw))
+    idata = traces[0] if len(traces) == 1 else merge_traces(traces, list(groups.values()))
     s = scale.reshape((-1, 1, 1, 1, 1))
     draws = {"theta": loc.reshape((-1, 1, 1, 1, 1)) + s * C.var_draws(idata, "theta")}
     draws["sigma"] = scale[:, None, None] * C.var_draws(idata, "sigma")
@@ -211,6 +225,21 @@ def fit(entropies: np.ndarray, sample_kw: dict, *, variant: str = "hierarchical"
         else:
             loglik = pointwise_loglik(entropies, draws)
     return idata, draws, loglik
+
+
+def parameterizations(entropies, variant: str = "hierarchical", parameterization: str = "auto") -> list[str]:
+    """The form each checkpoint of ``entropies [C, L, H, S]`` is sampled in: ``parameterization``
+    for all, or with ``"auto"`` :func:`choose_parameterization` of each (the data's scale does not
+    change the choice)."""
+    if parameterization not in PARAMETERIZATION_OPTIONS:
+        raise InputError(
+            f"analysis.parameterization must be one of {list(PARAMETERIZATION_OPTIONS)}, got {parameterization!r}"
+        )
+    if parameterization != "auto":
+        return [parameterization] * len(entropies)
+    if variant != "hierarchical":
+        return ["noncentered"] * len(entropies)
+    return [choose_parameterization(y) for y in entropies]
 
 
 def pointwise_loglik(entropies: np.ndarray, draws: dict) -> np.ndarray:
@@ -235,8 +264,9 @@ def head_table(entropies: np.ndarray, draws: dict, labels, hdi_prob: float) -> l
     return rows
 
 
-def checkpoint_table(idata, draws: dict, labels, hdi_prob: float) -> list[dict]:
-    """One row per checkpoint: hyperparameters (mean and HDI), worst R-hat, least ESS, divergences."""
+def checkpoint_table(idata, draws: dict, labels, hdi_prob: float, forms=None, target_accept: float = 0.9) -> list[dict]:
+    """One row per checkpoint: hyperparameters (mean and HDI), worst R-hat, least bulk and tail
+    ESS, divergences, the parameterisation (``forms``) and the gate's verdict with what to try."""
     div = C.divergences(idata)
     names = [n for n in ("mu", "tau_layer", "tau_head", "sigma") if n in draws]
     stats = {n: C.draw_summary(draws[n], hdi_prob) for n in names}
@@ -249,7 +279,12 @@ def checkpoint_table(idata, draws: dict, labels, hdi_prob: float) -> list[dict]:
             row[f"{n}_hdi"] = f"[{C.fmt(stats[n]['hdi_low'][c])}, {C.fmt(stats[n]['hdi_high'][c])}]"
         row["max_r_hat"] = float(max(np.nanmax(theta["r_hat"][c]), *(stats[n]["r_hat"][c] for n in names)))
         row["min_ess_bulk"] = float(min(np.nanmin(theta["ess_bulk"][c]), *(stats[n]["ess_bulk"][c] for n in names)))
+        row["min_ess_tail"] = float(min(np.nanmin(theta["ess_tail"][c]), *(stats[n]["ess_tail"][c] for n in names)))
         row["divergences"] = int(div[c])
+        form = forms[c] if forms is not None else "noncentered"
+        row["parameterization"] = form
+        row["gate"], row["try"] = gate_verdict(row["max_r_hat"], row["min_ess_bulk"], row["min_ess_tail"],
+                                               row["divergences"], form, target_accept)
         rows.append(row)
     return rows
 
@@ -334,7 +369,7 @@ def divergence_advice(num_divergences: int, parameterization: str, target_accept
     if not num_divergences:
         return "No divergent transitions.\n"
     steps = []
-    if parameterization != "noncentered":
+    if parameterization == "centered":
         steps.append("`analysis.parameterization=noncentered` (removes the funnel)")
     if target_accept < 0.99:
         higher = 0.95 if target_accept < 0.95 else 0.99
@@ -373,15 +408,17 @@ def run(cfg, run_dir: Path) -> Result:
     run_dir = C.prepare_run_dir(run_dir)
     opt = functools.partial(C.analysis_option, cfg)
     variant = str(opt("variant", "hierarchical"))
-    parameterization = str(opt("parameterization", "noncentered"))
+    parameterization = str(opt("parameterization", "auto"))
     hdi_prob = float(opt("hdi_prob", C.HDI_PROB))
     units = str(opt("units", "nats"))
     entropies, labels = load_input(cfg)
-    build_model(*entropies.shape[1:], variant, parameterization)  # option errors before sampling
+    build_model(*entropies.shape[1:], variant)  # option errors before sampling
+    forms = parameterizations(entropies, variant, parameterization)
+    target_accept = float(sample_kwargs(cfg)["target_accept"])
     idata, draws, _ = fit(entropies, sample_kwargs(cfg), variant=variant,
                           parameterization=parameterization, labels=labels)
     heads = head_table(entropies, draws, labels, hdi_prob)
-    checkpoints = checkpoint_table(idata, draws, labels, hdi_prob)
+    checkpoints = checkpoint_table(idata, draws, labels, hdi_prob, forms, target_accept)
     table_path = run_dir / "head_means.csv"
     pd.DataFrame(heads).to_csv(table_path, index=False)
     outputs = {
@@ -394,11 +431,15 @@ def run(cfg, run_dir: Path) -> Result:
     total_div = int(sum(r["divergences"] for r in checkpoints))
     outputs["summary"] = C.write_summary(run_dir, cfg, {
         "shape": dict(zip(("checkpoints", "layers", "heads", "samples"), entropies.shape)),
-        "variant": variant, "parameterization": parameterization, "divergences": total_div,
+        "variant": variant, "parameterization": parameterization, "parameterizations": forms,
+        "divergences": total_div,
         "checkpoints": checkpoints, "heads": heads,
     })
-    target_accept = float(sample_kwargs(cfg)["target_accept"])
+    failing = [r for r in checkpoints if r["gate"] != "ok"]
     warn = "\n" + divergence_advice(total_div, parameterization, target_accept)
+    if failing:
+        warn += (f"\n**{len(failing)} of {len(checkpoints)} checkpoints fail the gate** (R-hat < 1.01, bulk and "
+                 "tail ESS >= 400, no divergences); their rows say why and what to try.\n")
     outputs["report"] = C.write_report(run_dir, "Hierarchical attention entropies", [
         ("Setup", f"Entropies of shape {list(entropies.shape)} (checkpoints, layers, heads, samples); "
                   f"variant `{variant}`, `{parameterization}` parameterisation; one batched run over "
@@ -410,6 +451,8 @@ def run(cfg, run_dir: Path) -> Result:
     for r in checkpoints:
         extra = "".join(f", {n} {r[n]:.3f}" for n in ("tau_layer", "tau_head") if n in r)
         lines.append(f"  checkpoint {r['checkpoint']}: sigma {r['sigma']:.3f}{extra}, "
-                     f"max R-hat {r['max_r_hat']:.4f}, divergences {r['divergences']}")
+                     f"max R-hat {r['max_r_hat']:.4f}, divergences {r['divergences']}, {r['parameterization']}, "
+                     f"gate {r['gate']}" + (f" (try {r['try']})" if r["try"] else ""))
     return Result("\n".join(lines), outputs, data={"idata": idata, "draws": draws, "heads": heads,
                                                    "checkpoints": checkpoints})
+

@@ -22,6 +22,8 @@ REGISTRY = {
     "numpyro": "engine.sampling.kernels.numpyro_nuts",
     "stepwise": "engine.sampling.kernels.stepwise_nuts",
     "chees": "engine.sampling.kernels.chees_hmc",
+    "chees_dense": "engine.sampling.kernels.chees_dense",
+    "mams": "engine.sampling.kernels.mams",
     "pymc": "engine.sampling.kernels.pymc_default",
 }
 """Sampler name (Python's ``sampler=`` and the config's ``sampler.name``) -> its module."""

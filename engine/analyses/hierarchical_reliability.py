@@ -1,0 +1,85 @@
+"""Reliability aids of ``analysis=hierarchical_attention``: the per-checkpoint parameterisation
+(``parameterization=auto``) and the per-checkpoint verdict of the convergence gate.
+
+- :func:`choose_parameterization` picks centred or non-centred for one checkpoint from its data;
+- :func:`merge_traces` joins the traces of checkpoints sampled under different templates into one
+  trace in the checkpoints' order (the variables both forms share: ``theta``, ``layer_mean``,
+  ``mu``, ``tau_*``, ``sigma``);
+- :func:`gate_verdict` says whether a checkpoint's fit certifies (R-hat < 1.01, bulk and tail
+  ESS >= 400, no divergences) and, when not, why and what to try.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GATE_R_HAT = 1.01
+GATE_ESS = 400.0
+
+
+def choose_parameterization(y) -> str:
+    """The parameterisation to sample one checkpoint ``y [L, H, S]`` in, from the data alone.
+
+    The head level is informed by its data when a head's sample mean is more precise than the
+    spread of heads: the standard error ``se = sigma / sqrt(S)`` (``sigma`` pooled within heads)
+    is below the between-head SD estimated by moments (``tau^2 = var(head means) - se^2``, within
+    layers). Then the centred form has no funnel, while the non-centred one has its mirror image
+    (``z_head`` and ``tau_head`` on a thin ridge), so ``"centered"``; else ``"noncentered"``
+    (Betancourt & Girolami 2015; Papaspiliopoulos, Roberts & Skold 2007).
+    """
+    y = np.asarray(y, dtype=float)
+    if y.ndim != 3 or y.shape[1] < 2:
+        return "noncentered"
+    se2 = float(np.mean(np.var(y, axis=-1, ddof=1))) / y.shape[-1]
+    tau2 = float(np.mean(np.var(y.mean(-1), axis=-1, ddof=1))) - se2
+    return "centered" if tau2 > se2 else "noncentered"
+
+
+def merge_traces(traces: list, groups: list[list[int]]):
+    """One trace from ``traces[g]`` holding checkpoints ``groups[g]`` (positions in the output).
+
+    Keeps the posterior variables every trace has, and ``sample_stats`` and ``log_likelihood``
+    when every trace has them; the problem coordinate ends in the order of ``sorted(sum(groups))``.
+    """
+    import arviz as az
+    import xarray as xr
+
+    order = np.argsort(np.concatenate([np.asarray(g, dtype=int) for g in groups]), kind="stable")
+    out = {}
+    for group in ("posterior", "sample_stats", "log_likelihood"):
+        parts = [getattr(t, group, None) for t in traces]
+        if any(p is None for p in parts):
+            continue
+        common = set(parts[0].data_vars).intersection(*(set(p.data_vars) for p in parts[1:]))
+        names = [n for n in parts[0].data_vars if n in common]
+        joined = xr.concat([p[names] for p in parts], dim="problem", coords="minimal", compat="override")
+        out[group] = joined.isel(problem=order)
+    return az.InferenceData(**out)
+
+
+def gate_verdict(r_hat: float, ess_bulk: float, ess_tail: float, divergences: int,
+                 parameterization: str, target_accept: float) -> tuple[str, str]:
+    """``(verdict, what to try)`` for one checkpoint: ``("ok", "")`` when it certifies, else the
+    failed criteria (``"divergences 12; R-hat 1.03; tail ESS 210"``) and the next setting to try."""
+    why, advice = [], []
+    if divergences:
+        why.append(f"divergences {int(divergences)}")
+        other = "noncentered" if parameterization == "centered" else "centered"
+        advice.append(f"analysis.parameterization={other}")
+        if target_accept < 0.99:
+            advice.append(f"analysis.target_accept={0.95 if target_accept < 0.95 else 0.99}")
+    if not r_hat < GATE_R_HAT:
+        why.append(f"R-hat {r_hat:.3f}")
+        advice.append("a longer warmup (sampler.tune)")
+    low = [f"{kind} ESS {value:.0f}" for kind, value in (("bulk", ess_bulk), ("tail", ess_tail))
+           if not value >= GATE_ESS]
+    if low:
+        why.extend(low)
+        advice.append("more draws (sampler.draws)")
+    if not why:
+        return "ok", ""
+    seen = []
+    for a in advice:
+        if a not in seen:
+            seen.append(a)
+    return "; ".join(why), "; ".join(seen)
