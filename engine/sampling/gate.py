@@ -28,6 +28,11 @@ __all__ = ["masked_split", "masked_rhat", "masked_ess", "masked_ess_bulk", "mask
 GATE_KEYS = ("r_hat", "ess_bulk", "ess_tail", "divergences")
 """What :func:`gate` reports per problem besides its decision."""
 
+SHORT_WINDOW = 1024
+"""Draws per chain of the gate's short window: while a problem holds at most this many, the gate
+sorts only this prefix of its buffer (sorting dominates the gate's cost, and XLA:CPU sorts
+slowly), and the whole buffer afterwards."""
+
 
 def _valid(length: int, num_draws):
     return jnp.arange(length) < num_draws
@@ -43,14 +48,26 @@ def masked_split(x, num_draws):
     return jnp.concatenate([x, second], axis=-2), half
 
 
+def _average_ranks(flat):
+    """1-based average ranks of a 1-D array (ties share their mean rank, like scipy's
+    'average'), from one stable sort: a tie group's first and last sorted positions come from
+    running max / min scans, so no search is needed."""
+    size = flat.shape[0]
+    order = jnp.argsort(flat)
+    ordered = flat[order]
+    position = jnp.arange(size)
+    starts = jnp.concatenate([jnp.ones(1, bool), ordered[1:] != ordered[:-1]])
+    ends = jnp.concatenate([ordered[1:] != ordered[:-1], jnp.ones(1, bool)])
+    first = jax.lax.cummax(jnp.where(starts, position, 0))
+    last = jax.lax.cummin(jnp.where(ends, position, size - 1), reverse=True)
+    return jnp.zeros(size, jnp.result_type(float)).at[order].set((first + last) / 2.0 + 1.0)
+
+
 def _masked_z_scale(x, n):
     """Rank-normalise the first ``n`` draws of every chain of ``x[C, L]`` jointly."""
     valid = jnp.broadcast_to(_valid(x.shape[-1], n), x.shape)
     flat = jnp.where(valid, x, jnp.inf).reshape(-1)
-    ordered = jnp.sort(flat)
-    left = jnp.searchsorted(ordered, flat, side="left")
-    right = jnp.searchsorted(ordered, flat, side="right")
-    ranks = ((left + right + 1) / 2.0).reshape(x.shape)
+    ranks = _average_ranks(flat).reshape(x.shape)
     size = x.shape[-2] * n
     z = ndtri((ranks - 0.375) / (size + 0.25))
     return jnp.where(valid, z, 0.0)
@@ -73,7 +90,10 @@ def _masked_median(x, n):
 
 def _masked_quantile_flat(flat_inf_padded, size, prob):
     """Linear-interpolation quantile (numpy's default) of the ``size`` finite-first entries."""
-    ordered = jnp.sort(flat_inf_padded)
+    return _sorted_quantile(jnp.sort(flat_inf_padded), size, prob)
+
+
+def _sorted_quantile(ordered, size, prob):
     pos = prob * (size - 1)
     lo = jnp.floor(pos).astype(jnp.int32)
     hi = jnp.minimum(lo + 1, size - 1)
@@ -81,9 +101,10 @@ def _masked_quantile_flat(flat_inf_padded, size, prob):
     return ordered[lo] + frac * (ordered[hi] - ordered[lo])
 
 
-def _one_rhat(x, n):
+def _one_rhat(x, n, z_split=None):
     split, half = masked_split(x, n)
-    bulk = _masked_rhat_basic(_masked_z_scale(split, half), half)
+    z_split = _masked_z_scale(split, half) if z_split is None else z_split
+    bulk = _masked_rhat_basic(z_split, half)
     folded = jnp.abs(split - _masked_median(split, half))
     tail = _masked_rhat_basic(_masked_z_scale(folded, half), half)
     valid = _valid(x.shape[-1], n)
@@ -167,9 +188,10 @@ def _one_ess_tail(v, n):
     valid = jnp.broadcast_to(_valid(v.shape[-1], n), v.shape)
     flat = jnp.where(valid, v, jnp.inf).reshape(-1)
     size = v.shape[-2] * n
+    ordered = jnp.sort(flat)
     out = []
     for prob in (0.05, 0.95):
-        indicator = (v <= _masked_quantile_flat(flat, size, prob)).astype(v.dtype)
+        indicator = (v <= _sorted_quantile(ordered, size, prob)).astype(v.dtype)
         split, half = masked_split(indicator, n)
         out.append(_one_ess(split, half))
     return jnp.minimum(*out)
@@ -223,10 +245,27 @@ def gate(positions, diverging, num_draws, target_ess: float):
         tail ESS >= ``target_ess``, no divergence among the kept draws; ``diagnostics`` maps
         :data:`GATE_KEYS` to those worst values.
     """
+    length = positions.shape[-2]
+    if length <= SHORT_WINDOW:
+        return _gate(positions, diverging, num_draws, target_ess)
+    return jax.lax.cond(
+        num_draws <= SHORT_WINDOW,
+        lambda: _gate(positions[:, :SHORT_WINDOW], diverging[:, :SHORT_WINDOW], num_draws, target_ess),
+        lambda: _gate(positions, diverging, num_draws, target_ess),
+    )
+
+
+def _gate(positions, diverging, num_draws, target_ess: float):
     x = jnp.moveaxis(positions, -1, 0)  # [dim, chain, max_draws]
-    r_hat = masked_rhat(x, num_draws).max()
-    bulk = masked_ess_bulk(x, num_draws).min()
-    tail = masked_ess_tail(x, num_draws).min()
+
+    def one(v):  # the rank-normalised split draws serve both bulk R-hat and bulk ESS
+        z, half = _z_split(v, num_draws)
+        return _one_rhat(v, num_draws, z), _one_ess(z, half), _one_ess_tail(v, num_draws)
+
+    r_hats, bulks, tails = jax.vmap(one)(x)
+    if x.shape[-2] < 2:
+        r_hats = jnp.full_like(r_hats, jnp.nan)
+    r_hat, bulk, tail = r_hats.max(), bulks.min(), tails.min()
     divergences = jnp.where(_valid(diverging.shape[-1], num_draws), diverging, False).sum()
     passed = (r_hat < CONVERGENCE_RULES["r_hat_max"]) & (bulk >= target_ess) & (tail >= target_ess) & (divergences == 0)
     return passed, {"r_hat": r_hat, "ess_bulk": bulk, "ess_tail": tail, "divergences": divergences}

@@ -7,8 +7,8 @@ A chunk runs as three compiled programs, each cached with the driver's other pro
 2. ``block``: for the lanes still active (an index vector, padded to a bucket), ``block_draws``
    transitions per chain from the kernel state each lane stopped at, written into the buffers at
    the current draw count, then :func:`engine.sampling.gate.gate` over the lane's kept draws, all
-   in ONE program. One compile per bucket size: the chunk size, then powers of two down to
-   :data:`MIN_BUCKET` lanes, so lanes that retired cost nothing once enough of them have.
+   in ONE program. One compile per bucket size: the chunk size, then ``MIN_BUCKET * 4**k`` lanes
+   once one of them holds the active lanes in at most half the chunk, so lanes that retired cost nothing once enough of them have.
 3. ``finish``: constrained values, ``summary_fn`` over each problem's kept draws only (it is
    called with ``num_draws=``, see :func:`run_chunk`), and the gradient counts.
 
@@ -47,11 +47,19 @@ class StopPrograms(NamedTuple):
     finish: object
 
 
+BUCKET_FACTOR = 4
+"""Lane buckets shrink by this factor: each new bucket size compiles the block program again
+(tens of seconds on a small CPU), so there are few sizes: ``MIN_BUCKET * 4**k``."""
+
+
 def bucket_size(num_active: int, chunk_size: int, min_bucket: int = MIN_BUCKET) -> int:
     """Lanes of the block program for ``num_active`` active problems: the chunk size, or the
-    next power of two (at least ``min_bucket``) when that is smaller."""
-    pow2 = 1 << max(int(num_active) - 1, 0).bit_length()
-    return int(min(chunk_size, max(min_bucket, pow2)))
+    smallest ``min_bucket * BUCKET_FACTOR**k`` (k >= 0) that holds them when that is at most
+    half the chunk."""
+    size = int(min_bucket)
+    while size < num_active:
+        size *= BUCKET_FACTOR
+    return int(chunk_size) if 2 * size > chunk_size else size
 
 
 def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
