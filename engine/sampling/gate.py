@@ -38,6 +38,11 @@ def _valid(length: int, num_draws):
     return jnp.arange(length) < num_draws
 
 
+def _kept(x, num_draws):
+    """``x``-shaped mask of the kept draws (the last axis is the draw axis)."""
+    return jnp.broadcast_to(_valid(x.shape[-1], num_draws), x.shape)
+
+
 def masked_split(x, num_draws):
     """``x[..., C, L]`` with ``num_draws`` kept -> ``(split [..., 2C, L], half)``: the first and
     last ``half = num_draws // 2`` kept draws of each chain as two chains (ArviZ's
@@ -74,7 +79,7 @@ def _masked_z_scale(x, n):
 
 
 def _masked_rhat_basic(x, n):
-    valid = _valid(x.shape[-1], n)
+    valid = _kept(x, n)
     mean = jnp.where(valid, x, 0.0).sum(-1) / n
     var = jnp.where(valid, (x - mean[..., None]) ** 2, 0.0).sum(-1) / (n - 1)
     between = n * mean.var(-1, ddof=1)
@@ -107,7 +112,7 @@ def _one_rhat(x, n, z_split=None):
     bulk = _masked_rhat_basic(z_split, half)
     folded = jnp.abs(split - _masked_median(split, half))
     tail = _masked_rhat_basic(_masked_z_scale(folded, half), half)
-    valid = _valid(x.shape[-1], n)
+    valid = _kept(x, n)
     first = x[..., :1, :1]
     is_constant = jnp.all(jnp.where(valid, x == first, True))
     return jnp.where(is_constant | (n < 4), jnp.nan, jnp.maximum(bulk, tail))
@@ -125,7 +130,7 @@ def _one_ess(x, n):
     num_chains, length = x.shape
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
     x = x.astype(dtype)
-    valid = _valid(length, n)
+    valid = _kept(x, n)
     nf = n.astype(dtype)
     mean = jnp.where(valid, x, 0.0).sum(-1) / nf
     centred = jnp.where(valid, x - mean[:, None], 0.0)
@@ -207,7 +212,7 @@ def masked_summary(x, num_draws):
 
     Keys: ``mean``, ``sd``, ``mcse_mean``, ``r_hat``, ``ess_bulk``, ``ess_tail``.
     """
-    valid = _valid(x.shape[-1], num_draws)
+    valid = _kept(x, num_draws)
     size = x.shape[-2] * num_draws
     mean = jnp.where(valid, x, 0.0).sum((-2, -1)) / size
     sq = jnp.where(valid, (x - mean[..., None, None]) ** 2, 0.0).sum((-2, -1))
@@ -266,6 +271,6 @@ def _gate(positions, diverging, num_draws, target_ess: float):
     if x.shape[-2] < 2:
         r_hats = jnp.full_like(r_hats, jnp.nan)
     r_hat, bulk, tail = r_hats.max(), bulks.min(), tails.min()
-    divergences = jnp.where(_valid(diverging.shape[-1], num_draws), diverging, False).sum()
+    divergences = jnp.where(_kept(diverging, num_draws), diverging, False).sum()
     passed = (r_hat < CONVERGENCE_RULES["r_hat_max"]) & (bulk >= target_ess) & (tail >= target_ess) & (divergences == 0)
     return passed, {"r_hat": r_hat, "ess_bulk": bulk, "ess_tail": tail, "divergences": divergences}
