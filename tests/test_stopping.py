@@ -104,7 +104,7 @@ def test_max_draws_reached_is_not_converged():
 
     _, data = _data(3)
     problem_data = prepare_data(MODEL, data)
-    config = BatchConfig(sampler=SamplerConfig(tune=100, target_ess=10**6, max_draws=100, block_draws=50))
+    config = BatchConfig(sampler=SamplerConfig(tune=100, draws=100, target_ess=10**6, max_draws=100, block_draws=50))
     result = run_batched(compile_for(MODEL, problem_data), problem_data, config)
     assert not result.converged.any()
     np.testing.assert_array_equal(result.num_draws, [100, 100, 100])
@@ -164,7 +164,7 @@ def test_compaction_keeps_results(monkeypatch):
     runs = {}
     for min_bucket in (2, 1000):
         monkeypatch.setattr(stopping, "MIN_BUCKET", min_bucket)
-        runs[min_bucket] = engine.sample_batched(MODEL, data, tune=150, target_ess=150, block_draws=40,
+        runs[min_bucket] = engine.sample_batched(MODEL, data, tune=150, draws=400, target_ess=150, block_draws=40,
                                                  max_draws=800, seed=4)
     small, full = runs[2], runs[1000]
     first = slice(0, 40)
