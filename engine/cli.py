@@ -130,6 +130,10 @@ def sampling_kwargs(cfg: DictConfig) -> dict:
         dense_mass=bool(s.dense_mass),
         progress=r.progress,
     )
+    if s.target_ess is not None:  # per-problem stopping, only when asked (sampler.target_ess)
+        kw.update(target_ess=int(s.target_ess), block_draws=int(s.block_draws))
+        if s.max_draws is not None:
+            kw["max_draws"] = int(s.max_draws)
     if not get_kernel(s.name).runs_on_host:
         kw["precision"] = str(r.precision)
         kw["devices"] = None if r.devices in (None, 1) else int(r.devices)

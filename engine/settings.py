@@ -22,6 +22,9 @@ __all__ = ["SamplerConfig", "RuntimeConfig", "from_kwargs", "from_config", "regi
 
 PRECISIONS = ("float64", "float32")
 
+DEFAULT_MAX_DRAWS = 4000
+"""Most draws per chain of a problem that stops at ``target_ess`` when ``max_draws`` is not set."""
+
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -38,6 +41,16 @@ class SamplerConfig:
     jitter
         Half-width of the uniform jitter added to the model's initial point (PyMC's
         ``jitter+adapt_diag`` uses 1).
+    target_ess
+        Per-problem stopping (``None``: off, every problem keeps ``draws``). After warmup, draws
+        run in blocks of ``block_draws`` per chain; a problem retires as soon as its kept draws
+        pass the gate (R-hat < 1.01, bulk and tail ESS >= ``target_ess``, no divergences,
+        :func:`engine.sampling.gate.gate`), or stops unconverged at ``max_draws``.
+    max_draws
+        With ``target_ess``: most draws per chain (default ``max(DEFAULT_MAX_DRAWS, draws)``,
+        rounded up to a multiple of ``block_draws``); must be >= ``draws``.
+    block_draws
+        With ``target_ess``: draws per chain between two gate checks.
     """
 
     name: str = "blackjax"
@@ -50,6 +63,24 @@ class SamplerConfig:
     initial_step_size: float = 1.0
     init_tries: int = 20
     jitter: float = 1.0
+    target_ess: Optional[int] = None
+    max_draws: Optional[int] = None
+    block_draws: int = 100
+
+    @property
+    def is_stopping(self) -> bool:
+        """Whether problems stop at ``target_ess`` (sampling in blocks)."""
+        return self.target_ess is not None
+
+    @property
+    def max_draws_per_chain(self) -> int:
+        """Draws per chain a problem can reach: ``draws`` without stopping, else ``max_draws``
+        (default ``max(DEFAULT_MAX_DRAWS, draws)``) rounded up to whole blocks."""
+        if not self.is_stopping:
+            return int(self.draws)
+        cap = max(DEFAULT_MAX_DRAWS, int(self.draws)) if self.max_draws is None else int(self.max_draws)
+        block = int(self.block_draws)
+        return -(-cap // block) * block
 
     @property
     def kernel_settings(self) -> KernelSettings:
@@ -75,7 +106,20 @@ class SamplerConfig:
             raise InputError(f"max_tree_depth must be >= 1, got {config.max_tree_depth}")
         if int(config.init_tries) < 1:
             raise InputError(f"init_tries must be >= 1, got {config.init_tries}")
+        if int(config.block_draws) < 4:
+            raise InputError(f"block_draws must be >= 4, got {config.block_draws}")
+        if config.target_ess is not None:
+            if int(config.target_ess) < 1:
+                raise InputError(f"target_ess must be >= 1 or None, got {config.target_ess}")
+            if config.max_draws is not None and int(config.max_draws) < int(config.draws):
+                raise InputError(f"max_draws must be >= draws ({config.draws}), got {config.max_draws}")
         kernel = get_kernel(config.name)
+        if config.target_ess is not None and kernel.runs_on_host:
+            raise InputError(f"sampler {kernel.name!r} cannot stop at target_ess (pm.sample runs a fixed "
+                             "number of draws); set target_ess=None or use a JAX sampler")
+        if config.target_ess is not None and kernel.loop != "draws":
+            raise InputError(f"sampler {kernel.name!r} runs its whole chunk in one leapfrog loop and cannot "
+                             "stop at target_ess; set target_ess=None or use blackjax, numpyro or chees")
         if kernel.check is not None:
             kernel.check(int(config.chains), int(config.tune), config.kernel_settings)
         return config

@@ -110,6 +110,7 @@ def run_from_config(cfg, run_dir: Path, kind: str):
     opts = cfg.analysis
     accepted = inspect.signature(audit_vfe).parameters
     kw = sampling_kwargs(cfg)
+    _audit_stopping(cfg, kw)
     unknown = sorted(set(kw) - set(accepted))
     if unknown:
         logging.getLogger("engine").warning("audit ignores sampling options %s", unknown)
@@ -136,3 +137,23 @@ def run_from_config(cfg, run_dir: Path, kind: str):
     outputs = {k: paths[k] for k in ("report", "metrics", "summary", "draws") if k in paths}
     outputs["progress"] = run_dir / "progress.jsonl"
     return Result(summary=summary_text(audit.summary), outputs=outputs, data=audit)
+
+
+def _audit_stopping(cfg, kw: dict) -> None:
+    """Audits stop each problem at ``analysis.target_ess`` (default 400) unless
+    ``sampler.target_ess`` says otherwise; a sampler that cannot stop (``pymc``, ``stepwise``)
+    runs its fixed draws, with a warning, when the target came from the analysis default."""
+    from engine.sampling.kernels import get_kernel
+
+    target = cfg.analysis.get("target_ess")
+    if kw.get("target_ess") is not None or target is None:
+        return
+    kernel = get_kernel(kw["sampler"])
+    if kernel.runs_on_host or kernel.loop != "draws":
+        logging.getLogger("engine").warning(
+            "sampler %s cannot stop at analysis.target_ess=%s; it keeps sampler.draws per chain", kernel.name, target)
+        return
+    kw["target_ess"] = int(target)
+    kw["block_draws"] = int(cfg.sampler.get("block_draws", 100))
+    if cfg.sampler.get("max_draws") is not None:
+        kw["max_draws"] = int(cfg.sampler.max_draws)

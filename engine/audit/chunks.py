@@ -176,7 +176,9 @@ def host_summaries(kernel, pm_model, model_data, full_data, summary_fn, config, 
     arrays = full_data.device_arrays()
     with jax.enable_x64(config.runtime.precision == "float64"):
         fn = jax.jit(jax.vmap(summary_fn))
-        return jax.tree.map(np.asarray, fn({"theta": draws["theta"]}, stats, arrays))
+        out = jax.tree.map(np.asarray, fn({"theta": draws["theta"]}, stats, arrays))
+        out["num_draws"] = np.full(draws["theta"].shape[0], int(s.draws), np.int64)  # gradients not counted
+        return out
 
 
 CHUNK_MEMORY_BYTES = 1 << 30

@@ -202,7 +202,7 @@ def summary_text(summary: dict) -> str:
     head = (
         f"VFE audit ({summary['kind']}, model {summary['model']}): {summary['num_checkpoints']} "
         f"checkpoints x {summary['num_tokens']} tokens, {describe(st['sampler'])} {st['chains']} chains x "
-        f"{st['draws']} draws (+{st['tune']} tune), sampling {t['sampling']:.1f} s"
+        f"{draws_text(st)} (+{st['tune']} tune), sampling {t['sampling']:.1f} s"
     )
     header, rows = _checkpoint_rows(summary)
     lines = [head, _plain(header, rows)]
@@ -387,3 +387,10 @@ def write_outputs(audit, out_dir: Path, *, plots: bool = True, worst_tokens: int
     payload = json.dumps(_clean(audit.summary), indent=2)
     paths["summary"] = atomic_write(out_dir / "summary.json", lambda p: p.write_text(payload))
     return paths
+
+
+def draws_text(settings: dict) -> str:
+    """"1000 draws", or with per-problem stopping "draws to ESS 400 (max 4000)"."""
+    if settings.get("target_ess") is not None:
+        return f"draws to ESS {settings['target_ess']} (max {settings['max_draws']})"
+    return f"{settings['draws']} draws"

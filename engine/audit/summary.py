@@ -20,13 +20,19 @@ Q_STREAM = 0x51
 @functools.lru_cache(maxsize=32)
 def problem_summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: int, interval: float, psis: bool):
     """ONE problem's on-device summary of ``values {name: [chain, draw, ...]}``; one function per
-    value of the arguments, so the chunk program that closes over it is compiled once."""
+    value of the arguments, so the chunk program that closes over it is compiled once.
+
+    With per-problem stopping the driver passes ``num_draws`` (traced): only the first
+    ``num_draws`` draws of each chain are the problem's, and every moment, diagnostic, coverage
+    and divergence count is taken over those alone (``engine.sampling.gate.masked_summary``).
+    """
     import jax
     import jax.numpy as jnp
     from jax.scipy.special import ndtri
     from scipy.stats import chi2
 
     from engine.sampling.diagnostics import summarize_draws
+    from engine.sampling.gate import masked_summary
     from engine.model.linalg import solve_triangular
     from engine.audit.metrics import psis_tail_size
 
@@ -35,33 +41,48 @@ def problem_summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: in
     radius2 = float(chi2.ppf(interval, dim))
     log2pi = math.log(2.0 * math.pi)
 
-    def summary_fn(values, stats, data):
+    def summary_fn(values, stats, data, num_draws=None):
         theta = values["theta"]
+        chains, length = theta.shape[:2]
+        if num_draws is None:
+            kept = jnp.ones((chains, length), bool)
+            summarize = summarize_draws
+        else:
+            kept = jnp.broadcast_to(jnp.arange(length) < num_draws, (chains, length))
+            summarize = functools.partial(masked_summary, num_draws=num_draws)
+        size = kept.sum()
+
+        def kept_mean(a):  # mean over the kept [chain, draw] entries
+            w = kept.reshape(kept.shape + (1,) * (a.ndim - 2))
+            return jnp.where(w, a, 0).sum((0, 1)) / size
+
         out = {
-            "divergences": stats.diverging.sum(),
-            "mean_n_steps": stats.n_steps.mean(),
+            "divergences": jnp.where(kept, stats.diverging, False).sum(),
+            "mean_n_steps": kept_mean(stats.n_steps),
         }
         mu_q = data["mu_q"]
         if kind == "univariate":
-            s = summarize_draws(theta)
+            s = summarize(theta)
             out.update(s)
-            out["coverage"] = (jnp.abs(theta - mu_q) <= z * data["sigma_q"]).mean()
+            out["coverage"] = kept_mean(jnp.abs(theta - mu_q) <= z * data["sigma_q"])
         else:
-            s = summarize_draws(jnp.moveaxis(theta, -1, 0))  # each [K]
+            s = summarize(jnp.moveaxis(theta, -1, 0))  # each [K]
             flat = theta.reshape((-1, dim))
-            centred = flat - flat.mean(0, keepdims=True)
-            out["mean"] = flat.mean(0)
-            out["cov"] = centred.T @ centred / (flat.shape[0] - 1)
+            weight = kept.reshape(-1)[:, None]
+            mean = jnp.where(weight, flat, 0).sum(0) / size
+            centred = jnp.where(weight, flat - mean[None, :], 0)
+            out["mean"] = mean
+            out["cov"] = centred.T @ centred / (size - 1)
             out["mcse_mean"] = s["mcse_mean"].max()
             out["r_hat"] = s["r_hat"].max()
             out["ess_bulk"] = s["ess_bulk"].min()
             out["ess_tail"] = s["ess_tail"].min()
             chol_q = data["chol_q"]
             white = solve_triangular(chol_q, (flat - mu_q[None, :]).T, lower=True)
-            out["coverage"] = ((white**2).sum(0) <= radius2).mean()
+            out["coverage"] = kept_mean(((white**2).sum(0) <= radius2).reshape(chains, length))
         if "z_true" in data:  # share of draws below the true latent (per dimension): its PIT
             z_true = data["z_true"]
-            out["z_pit_mcmc"] = (theta < z_true.reshape((1, 1) + z_true.shape)).mean((0, 1))
+            out["z_pit_mcmc"] = kept_mean(theta < z_true.reshape((1, 1) + z_true.shape))
         if psis:
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), data["__index__"]), Q_STREAM)
             if kind == "univariate":

@@ -21,7 +21,7 @@ UNIVARIATE_COLUMNS = (
     "mcmc_mcse", "mean_diff", "z_error", "std_ratio", "kl_q_mcmc", "kl_mcmc_q", "w2", "coverage",
     "exact_mean", "exact_std", "kl_q_exact", "kl_exact_q", "w2_exact", "coverage_exact",
     "mcmc_exact_z", "pareto_k", "r_hat", "ess_bulk", "ess_tail", "divergences",
-    "mean_n_steps", "converged",
+    "mean_n_steps", "num_draws", "num_grads", "converged",
 )
 """metrics.parquet columns of a univariate audit (contract 4 plus extras), in order."""
 
@@ -29,7 +29,8 @@ MULTIVARIATE_COLUMNS = (
     "checkpoint", "token", "status", "n_obs", "dim", "mean_l2_error", "mahalanobis",
     "std_ratio_min", "std_ratio_max", "kl_q_mcmc", "kl_mcmc_q", "w2", "coverage",
     "exact_l2_error", "kl_q_exact", "kl_exact_q", "w2_exact", "mcmc_exact_l2", "pareto_k",
-    "mcmc_mcse", "r_hat", "ess_bulk", "ess_tail", "divergences", "mean_n_steps", "converged",
+    "mcmc_mcse", "r_hat", "ess_bulk", "ess_tail", "divergences", "mean_n_steps", "num_draws", "num_grads",
+    "converged",
 )
 """metrics.parquet columns of a multivariate audit, in order."""
 
@@ -107,12 +108,16 @@ def build_table(beliefs, summaries, model_name, exact: bool, interval: float, nu
     cols.update(
         pareto_k=pk, r_hat=s["r_hat"], ess_bulk=s["ess_bulk"], ess_tail=s["ess_tail"],
         divergences=s["divergences"].astype(np.int64), mean_n_steps=s["mean_n_steps"],
+        # kept draws per chain (with per-problem stopping: where the gate passed or max_draws),
+        # and gradient evaluations of all chains, warmup included (-1: not counted)
+        num_draws=np.asarray(s.get("num_draws", np.full(P, -1))).astype(np.int64),
+        num_grads=np.asarray(s.get("num_grads", np.full(P, -1))).astype(np.int64),
     )
     cols["converged"] = is_converged(cols["r_hat"], cols["ess_bulk"], cols["ess_tail"], cols["divergences"])
     cols["converged"] &= cols["status"] == "ok"
     table = pd.DataFrame({name: cols[name] for name in names})
     float_cols = [c for c in names if c not in ("checkpoint", "token", "status", "n_obs", "dim",
-                                                 "divergences", "converged")]
+                                                 "divergences", "num_draws", "num_grads", "converged")]
     table[float_cols] = table[float_cols].astype(np.float64)
     table["status"] = table["status"].astype(str)
     from engine.audit.calibration import z_true_columns
@@ -192,7 +197,7 @@ def _multivariate_columns(beliefs, s: dict) -> tuple[dict, dict, np.ndarray]:
     return cols, {"vfe_mean": mu_q, "mcmc_mean": mean, "std_ratio": sd_ratio}, bad_cov
 
 
-def flag_failures(table, init_ok: np.ndarray, num_transitions: int):
+def flag_failures(table, init_ok: np.ndarray, num_transitions):
     """Isolate failed problems in their rows: ``status`` says why, ``converged`` is False, and
     the MCMC columns of an unstartable problem are NaN. Other rows are untouched (each problem
     samples in its own lanes and key stream)."""

@@ -188,6 +188,9 @@ def audit_vfe(
     max_tree_depth: int = 10,
     dense_mass: bool = False,
     devices: int | None = None,
+    target_ess: int | None = None,
+    max_draws: int | None = None,
+    block_draws: int = 100,
     interval: float = 0.9,
     num_q_draws: int = 1000,
     progress: bool | None = None,
@@ -225,6 +228,13 @@ def audit_vfe(
         ``batch_size=None`` picks equal chunks whose in-program draws fit ``chunks.CHUNK_MEMORY_BYTES``.
     devices
         Local devices to shard each chunk's problems over (None: one; -1: all), see ``batch.py``.
+    target_ess, max_draws, block_draws
+        Per-problem stopping (see :class:`engine.settings.SamplerConfig`): each token draws in
+        blocks until R-hat < 1.01, bulk and tail ESS >= ``target_ess`` and no divergences hold
+        over its kept draws, or ``max_draws`` per chain (then ``converged`` is False). Every
+        column is computed over the token's kept draws; ``num_draws`` and ``num_grads`` say how
+        many draws it kept and how many gradients it cost. ``None`` here; the CLI's audits
+        default to ``analysis.target_ess: 400``.
     interval
         Central credible mass of q whose MCMC coverage is reported (``coverage``).
     num_q_draws
@@ -283,7 +293,8 @@ def audit_vfe(
     bs = read_beliefs(beliefs)  # validate before the heavy imports: bad input fails fast
     sampler_config = SamplerConfig(name=sampler, chains=int(chains), draws=int(draws), tune=int(tune),
                                    target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
-                                   dense_mass=bool(dense_mass))
+                                   dense_mass=bool(dense_mass), target_ess=target_ess, max_draws=max_draws,
+                                   block_draws=int(block_draws))
     runtime = RuntimeConfig(seed=int(seed), batch_size=batch_size, precision=precision, devices=devices,
                             progress=progress, overwrite=bool(overwrite), isolate_failures=bool(isolate_failures))
     problems = build_problems(bs, model=model, closed_form=closed_form, model_name=model_name,
@@ -367,7 +378,7 @@ def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, ru
     pm_model, default_name, exact = _resolve_model(model, bs.kind, bs.dim, closed_form)
     model_name = model_name or default_name
     model_data, full_data = _audit_data(pm_model, bs)
-    batch_size = chunk_size(bs.num_problems, int(sampler.chains), int(sampler.draws), bs.dim,
+    batch_size = chunk_size(bs.num_problems, int(sampler.chains), int(sampler.max_draws_per_chain), bs.dim,
                              int(num_q_draws), runtime.batch_size)
     try:
         config = BatchConfig(sampler=sampler, runtime=dataclasses.replace(runtime, batch_size=batch_size),
@@ -452,7 +463,8 @@ def audit_table(problems: AuditProblems, summaries):
     s = problems.config.sampler
     table, plot_arrays = build_table(problems.beliefs, summaries, problems.model_name, problems.exact,
                                      problems.interval, problems.num_q_draws, problems.psis)
-    return flag_failures(table, problems.init_ok, int(s.chains) * int(s.draws)), plot_arrays
+    num_transitions = int(s.chains) * table["num_draws"].to_numpy() if "num_draws" in table else int(s.chains) * int(s.draws)
+    return flag_failures(table, problems.init_ok, num_transitions), plot_arrays
 
 
 def audit_summary(problems: AuditProblems, table, timings: dict) -> dict:
@@ -475,6 +487,8 @@ def audit_summary(problems: AuditProblems, table, timings: dict) -> dict:
             "seed": int(r.seed), "batch_size": r.batch_size, "precision": r.precision,
             "target_accept": float(s.target_accept), "max_tree_depth": int(s.max_tree_depth),
             "dense_mass": bool(s.dense_mass), "devices": r.devices, "interval": problems.interval,
+            "target_ess": s.target_ess, "max_draws": s.max_draws_per_chain if s.is_stopping else None,
+            "block_draws": int(s.block_draws) if s.is_stopping else None,
             "num_q_draws": problems.num_q_draws,
         },
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

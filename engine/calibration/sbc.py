@@ -273,6 +273,11 @@ def sbc(model, num_simulations: int = 1000, *, sampler: str = "blackjax", chains
 
     if int(num_simulations) < 2:
         raise ValueError(f"num_simulations must be >= 2, got {num_simulations}")
+    if kw.get("target_ess") is not None:
+        from engine.errors import InputError
+
+        raise InputError("target_ess: SBC ranks each truth among a fixed number of draws; per-problem "
+                         "stopping would change that number per simulation (set sampler.target_ess=null)")
     simulator = model if simulator is None else simulator
     truth_vars, data = simulate(model, simulator, int(num_simulations), int(seed))
     idata = sample_batched(model, data, sampler=sampler, chains=chains, draws=draws, tune=tune,

@@ -35,7 +35,8 @@ def compile_for(model, problem_data: ProblemData) -> CompiledModel:
 
 
 _OPTIONS = {"target_accept", "target_accept_prob", "max_tree_depth", "max_treedepth", "dense_mass",
-            "initial_step_size", "init_tries", "jitter", "precision", "devices"}
+            "initial_step_size", "init_tries", "jitter", "precision", "devices", "target_ess", "max_draws",
+            "block_draws"}
 """``sample_batched``'s settings keywords (the rest of :class:`~engine.settings.SamplerConfig`
 and :class:`~engine.settings.RuntimeConfig` belong to audits and the CLI)."""
 
@@ -79,14 +80,23 @@ def sample_batched(
         (20), ``jitter`` (1.0), ``devices`` (None: one device; N or -1: shard problems over
         local devices), ``log_likelihood`` (False: add the pointwise log-likelihood
         group), ``problem_coords`` (labels of the problem axis), ``progress`` (None: only on
-        a terminal).
+        a terminal). Per-problem stopping (off by default): ``target_ess`` (None; e.g. 400:
+        draw in blocks of ``block_draws`` (100) per chain and stop each problem once R-hat <
+        1.01, bulk and tail ESS >= ``target_ess`` and no divergences hold over its draws),
+        ``max_draws`` (per chain, default ``max(4000, draws)``: a problem still failing there
+        stops unconverged). Not for ``sampler="pymc"`` or ``"stepwise"``.
 
     Returns
     -------
     arviz.InferenceData
         ``posterior`` with dims ``(chain, draw, problem, *var_dims)``; ``sample_stats`` with
         ``diverging``, ``tree_depth``, ``n_steps``, ``energy``, ``lp``, ``acceptance_rate``,
-        ``step_size``; ``log_likelihood`` if asked.
+        ``step_size``, and per problem ``num_draws`` (kept draws per chain) and ``num_grads``
+        (gradient evaluations of all chains, warmup included), dims ``(problem,)``;
+        ``log_likelihood`` if asked. With ``target_ess`` the ``draw`` axis has ``max_draws``
+        entries and problem ``p`` keeps the first ``num_draws[p]``; the rest are NaN (posterior,
+        float stats), False or 0. ArviZ's diagnostics of one problem need its kept draws:
+        ``idata.isel(problem=p, draw=slice(0, int(idata.sample_stats.num_draws[p])))``.
 
     Raises
     ------
@@ -128,6 +138,7 @@ def sample_batched(
         log_likelihood) else None
     return to_inference_data(
         result.draws, result.stats, problem_coords=problem_coords, log_likelihood=loglik,
+        num_draws=result.num_draws, num_grads=result.num_grads,
     )
 
 
@@ -152,8 +163,9 @@ def _mask_padded_rows(loglik, problem_data: ProblemData, row_indexed_names):
     return out
 
 
-def to_inference_data(draws, stats, *, problem_coords=None, log_likelihood=None):
-    """``[problem, chain, draw, ...]`` arrays -> InferenceData with dims ``(chain, draw, problem, ...)``."""
+def to_inference_data(draws, stats, *, problem_coords=None, log_likelihood=None, num_draws=None, num_grads=None):
+    """``[problem, chain, draw, ...]`` arrays -> InferenceData with dims ``(chain, draw, problem, ...)``;
+    ``num_draws`` / ``num_grads`` ``[problem]`` join ``sample_stats`` with dims ``(problem,)``."""
     import arviz as az
 
     def move(arr):
@@ -171,4 +183,8 @@ def to_inference_data(draws, stats, *, problem_coords=None, log_likelihood=None)
         ll = {k: move(v) for k, v in log_likelihood.items()}
         groups["log_likelihood"] = ll
         all_dims.update({k: ["problem"] + [f"{k}_dim_{i}" for i in range(v.ndim - 3)] for k, v in ll.items()})
-    return az.from_dict(**groups, coords=coords, dims=all_dims)
+    idata = az.from_dict(**groups, coords=coords, dims=all_dims)
+    for name, value in (("num_draws", num_draws), ("num_grads", num_grads)):
+        if value is not None:
+            idata.sample_stats[name] = ("problem", np.asarray(value))
+    return idata

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import sys
 import warnings
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ import numpy as np
 from engine.caching import LRUCache
 from engine.errors import InputError
 from engine.model.compile import CompiledModel, ProblemData
+from engine.sampling import stopping as stopping_mod
 from engine.sampling.kernels import SampleStats, describe, get_kernel
 from engine.sampling.kernels.base import SamplingAlgorithm, Schedule
 from engine.settings import RuntimeConfig, SamplerConfig
@@ -66,6 +68,8 @@ class BatchConfig:
     def __post_init__(self):
         object.__setattr__(self, "sampler", self.sampler.checked())
         object.__setattr__(self, "runtime", self.runtime.checked())
+        if self.sampler.is_stopping and self.runtime.devices not in (None, 1):
+            raise InputError("target_ess: stopping runs each chunk on one device; set devices=1 or target_ess=None")
 
     @property
     def seed(self) -> int:
@@ -101,7 +105,16 @@ class BatchResult(NamedTuple):
     init_ok
         ``[problem]`` whether every chain found a finite initial log density.
     summaries
-        ``summary_fn``'s per-problem output, stacked (``None`` without ``summary_fn``).
+        ``summary_fn``'s per-problem output, stacked (``None`` without ``summary_fn``). A dict
+        output also gets the ``num_draws`` and ``num_grads`` entries below.
+    num_draws
+        ``[problem]`` kept draws per chain: ``draws``, or with ``target_ess`` the count at which
+        the problem passed the gate or reached ``max_draws`` (0 for a problem that could not
+        start). Draws and stats past it are padding (NaN, False or 0).
+    num_grads
+        ``[problem]`` gradient evaluations (leapfrog steps) of all chains, warmup included.
+    converged
+        ``[problem]`` with ``target_ess``: whether the problem passed the gate (``None`` without).
     """
 
     draws: dict[str, np.ndarray] | None
@@ -109,6 +122,9 @@ class BatchResult(NamedTuple):
     log_likelihood: dict[str, np.ndarray] | None
     init_ok: np.ndarray
     summaries: Any
+    num_draws: np.ndarray | None = None
+    num_grads: np.ndarray | None = None
+    converged: np.ndarray | None = None
 
 
 def chunk_grid(num_problems: int, batch_size: int | None) -> list[tuple[int, int]]:
@@ -190,14 +206,22 @@ def build_chunk_program(compiled: CompiledModel, config: BatchConfig, summary_fn
 
 def _sample(algorithm: SamplingAlgorithm, rng_key, position, schedule: Schedule):
     """Warmup, then ``num_draws`` scanned steps of one ``loop="draws"`` kernel (one chain, or
-    one problem's chains) -> ``Transition`` of ``[num_draws, ...]`` arrays."""
+    one problem's chains) -> (``Transition`` of ``[num_draws, ...]`` arrays, gradient count)."""
     state = algorithm.init(rng_key, position)
+    warmup_grads = jnp.zeros((), jnp.int32)
     if algorithm.warmup is not None:
         state = algorithm.warmup(state)
     else:
-        state, _ = jax.lax.scan(lambda s, _: (algorithm.step(s)[0], None), state, None, length=schedule.num_tune)
-    _, transitions = jax.lax.scan(lambda s, _: algorithm.step(s), state, None, length=schedule.num_draws)
-    return transitions
+        def tune(carry, _):
+            s, grads = carry
+            s, transition = algorithm.step(s)
+            return (s, grads + transition.stats.n_steps.sum().astype(jnp.int32)), None
+
+        (state, warmup_grads), _ = jax.lax.scan(tune, (state, warmup_grads), None, length=schedule.num_tune)
+    state, transitions = jax.lax.scan(lambda s, _: algorithm.step(s), state, None, length=schedule.num_draws)
+    if algorithm.num_grads is not None:
+        return transitions, algorithm.num_grads(state)
+    return transitions, warmup_grads + transitions.stats.n_steps.sum().astype(jnp.int32)
 
 
 def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
@@ -230,10 +254,10 @@ def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
     def one_problem(root_key, index, data):
         positions, ok, run_keys = start(root_key, index, data)
         sample = functools.partial(_sample, algorithm(data), schedule=schedule)
-        draws, stats = over_chains(sample)(run_keys, positions)
+        (draws, stats), num_grads = over_chains(sample)(run_keys, positions)
         if kernel.chains_inside:  # [draw, chain, ...] -> [chain, draw, ...]
             draws, stats = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), (draws, stats))
-        return finish(draws, stats, ok, data)
+        return finish(draws, stats, ok, data) + (jnp.sum(num_grads).astype(jnp.int32),)
 
     def chunk_fn(root_key, indices, data):
         if kernel.loop == "draws":
@@ -248,7 +272,8 @@ def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
             states,
         )
         draws, stats = over_lanes(lambda a: a.outputs, data)(states)
-        return jax.vmap(finish)(draws, stats, ok, data)
+        num_grads = over_lanes(lambda a: a.num_grads, data)(states).reshape(indices.shape[0], -1).sum(-1)
+        return jax.vmap(finish)(draws, stats, ok, data) + (num_grads.astype(jnp.int32),)
 
     return chunk_fn
 
@@ -345,7 +370,10 @@ def run_batched(
     summary_fn
         Optional ``(values {name: [chain, draw, ...]}, stats, data) -> pytree`` for ONE problem,
         run on the device inside the chunk's program (e.g. means and R-hat), so draws need not
-        leave the device.
+        leave the device. With ``sampler.target_ess`` it is called as ``summary_fn(values,
+        stats, data, num_draws=n)`` with ``draw`` axes of length ``max_draws``, of which only
+        the first ``n`` (traced) are the problem's kept draws: it must use only those
+        (``engine.sampling.gate.masked_summary``).
     chunks
         Subset of :func:`chunk_grid` to run (resume, shards); default all.
     on_chunk
@@ -363,34 +391,67 @@ def run_batched(
     num_devices = len(local_devices(config.runtime.devices))
     size = -(-(grid[0][1] - grid[0][0]) // num_devices) * num_devices  # a multiple of devices
     results = []
+    stopping = config.sampler.is_stopping
     with precision_scope(config.runtime.precision):
-        fn = build_chunk_program(compiled, config, summary_fn)
+        fn = _chunk_runner(compiled, config, summary_fn)
         keep = {(int(a), int(b)) for a, b in keep_chunks}
         keep_config = dataclasses.replace(config, keep_draws=True)
-        fn_keep = build_chunk_program(compiled, keep_config, summary_fn) if keep and not config.keep_draws else fn
+        fn_keep = _chunk_runner(compiled, keep_config, summary_fn) if keep and not config.keep_draws else fn
         arrays = cast_arrays(problem_data.device_arrays(), config.runtime.precision)
         root = jax.random.PRNGKey(config.seed)
         bar = _progress(sum(b - a for a, b in todo), progress, describe(config.sampler.name))
         try:
             for start, stop in todo:
-                index, chunk = chunk_inputs(arrays, start, stop, size)
-                chunk_fn = fn_keep if (start, stop) in keep else fn
-                kept, ok, summary = chunk_fn(root, jnp.asarray(index), chunk)
                 n = stop - start
-                host = jax.tree.map(lambda a: np.asarray(a)[:n], (kept, ok, summary))
+                # with stopping, one spare lane more: the target of the block programs' padded lanes
+                index, chunk = chunk_inputs(arrays, start, stop, size + 1 if stopping else size)
+                chunk_fn = fn_keep if (start, stop) in keep else fn
+                kept, ok, summary, num_draws, num_grads, converged = chunk_fn(root, index, chunk, n)
+                host = jax.tree.map(lambda a: np.asarray(a)[:n], (kept, ok, summary, num_draws, num_grads))
+                if stopping:
+                    host = (stopping_mod.pad_kept(host[0], host[3]),) + host[1:]
+                if isinstance(host[2], dict):
+                    host[2].update(num_draws=host[3], num_grads=host[4])
                 if on_chunk is not None:
-                    on_chunk(start, stop, host)
+                    on_chunk(start, stop, host[:3])
                 if chunk_fn is not fn:
                     host = ((None, None, None),) + host[1:]
-                results.append(host)
+                results.append(host + (None if converged is None else np.asarray(converged)[:n],))
                 bar.update(n)
         finally:
             bar.close()
     if not results:
         return BatchResult(None, None, None, np.zeros(0, bool), None)
     concat = lambda *xs: np.concatenate(xs)  # noqa: E731
-    kept, ok, summaries = jax.tree.map(concat, *results) if len(results) > 1 else results[0]
+    kept, ok, summaries, num_draws, num_grads, converged = (
+        jax.tree.map(concat, *results) if len(results) > 1 else results[0])
     values, stats, loglik = kept
     return BatchResult(
-        draws=values, stats=stats, log_likelihood=loglik, init_ok=ok, summaries=summaries
+        draws=values, stats=stats, log_likelihood=loglik, init_ok=ok, summaries=summaries,
+        num_draws=num_draws, num_grads=num_grads, converged=converged,
     )
+
+
+def _chunk_runner(compiled: CompiledModel, config: BatchConfig, summary_fn):
+    """``(root, index, chunk_data, num_real) -> (kept, ok, summary, num_draws, num_grads,
+    converged)`` for one chunk: the one chunk program, or the stopping driver's programs."""
+    if config.sampler.is_stopping:
+        if summary_fn is not None and "num_draws" not in inspect.signature(summary_fn).parameters:
+            raise InputError("target_ess: this summary_fn takes no num_draws= (its problems' kept draws)")
+        programs = stopping_mod.build_stop_programs(
+            compiled, config, summary_fn, functools.partial(problem_starts, compiled, config))
+
+        def run_stopping(root, index, chunk, num_real):
+            kept, ok, summary, num_draws, num_grads, converged = stopping_mod.run_chunk(
+                programs, root, index, chunk, num_real, config.sampler)
+            return kept, ok, summary, num_draws, num_grads, converged
+
+        return run_stopping
+    fn = build_chunk_program(compiled, config, summary_fn)
+    draws = int(config.sampler.draws)
+
+    def run_fixed(root, index, chunk, num_real):
+        kept, ok, summary, num_grads = fn(root, jnp.asarray(index), chunk)
+        return kept, ok, summary, np.full(index.shape[0], draws, np.int32), num_grads, None
+
+    return run_fixed

@@ -124,6 +124,11 @@ class SamplingAlgorithm(NamedTuple):
         ``loop="leapfrog"`` only: ``state -> (positions [num_draws, dim], SampleStats)``.
     is_done
         ``loop="leapfrog"`` only: ``state -> bool``, whether every transition is made.
+    num_grads
+        ``state -> int``: gradient evaluations made since ``init``, warmup included, for kernels
+        that count them in their state (those with a ``warmup``, whose transitions the driver
+        does not see). ``None``: the driver sums ``SampleStats.n_steps`` of every ``step`` it
+        runs, warmup steps included.
     """
 
     init: Callable[[Any, Any], Any]
@@ -131,6 +136,7 @@ class SamplingAlgorithm(NamedTuple):
     step: Callable[[Any], tuple[Any, Optional[Transition]]]
     outputs: Optional[Callable[[Any], tuple[Any, SampleStats]]] = None
     is_done: Optional[Callable[[Any], Any]] = None
+    num_grads: Optional[Callable[[Any], Any]] = None
 
 
 class Kernel(NamedTuple):

@@ -34,6 +34,8 @@ class NUTSChainState(NamedTuple):
         ``fold_in(rng_key, i)`` drives transition ``i`` (equal to ``split(rng_key, n)[i]``).
     num_done
         ``[]`` int: sampling transitions made since warmup.
+    num_grads
+        ``[]`` int: gradient evaluations (leapfrog steps) since ``init``, warmup included.
     """
 
     hmc: HMCState
@@ -41,6 +43,7 @@ class NUTSChainState(NamedTuple):
     inverse_mass_matrix: jax.Array
     rng_key: jax.Array
     num_done: jax.Array
+    num_grads: jax.Array
 
 
 def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Schedule) -> SamplingAlgorithm:
@@ -55,6 +58,7 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
             inverse_mass_matrix=imm,
             rng_key=rng_key,
             num_done=jnp.zeros((), jnp.int32),
+            num_grads=jnp.zeros((), jnp.int32),
         )
 
     def warmup(state: NUTSChainState) -> NUTSChainState:
@@ -68,12 +72,14 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
             is_mass_matrix_diagonal=not settings.dense_mass,
             initial_step_size=settings.initial_step_size,
             target_acceptance_rate=settings.target_accept,
-            adaptation_info_fn=get_filter_adapt_info_fn(),
+            adaptation_info_fn=get_filter_adapt_info_fn(info_keys={"num_integration_steps"}),
             max_num_doublings=settings.max_tree_depth,
         )
-        (hmc, parameters), _ = adaptation.run(warmup_key, state.hmc.position, schedule.num_tune)
+        (hmc, parameters), infos = adaptation.run(warmup_key, state.hmc.position, schedule.num_tune)
+        num_grads = state.num_grads + infos.info.num_integration_steps.sum().astype(jnp.int32)
         return state._replace(
-            hmc=hmc, step_size=parameters["step_size"], inverse_mass_matrix=parameters["inverse_mass_matrix"]
+            hmc=hmc, step_size=parameters["step_size"], inverse_mass_matrix=parameters["inverse_mass_matrix"],
+            num_grads=num_grads,
         )
 
     def step(state: NUTSChainState) -> tuple[NUTSChainState, Transition]:
@@ -93,9 +99,10 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
             acceptance_rate=info.acceptance_rate,
             step_size=jnp.asarray(state.step_size),
         )
-        return state._replace(hmc=hmc, num_done=state.num_done + 1), Transition(hmc.position, stats)
+        num_grads = state.num_grads + info.num_integration_steps.astype(jnp.int32)
+        return state._replace(hmc=hmc, num_done=state.num_done + 1, num_grads=num_grads), Transition(hmc.position, stats)
 
-    return SamplingAlgorithm(init=init, warmup=warmup, step=step)
+    return SamplingAlgorithm(init=init, warmup=warmup, step=step, num_grads=lambda s: s.num_grads)
 
 
 KERNEL = Kernel(name="blackjax", description="blackjax NUTS", build=build)

@@ -65,6 +65,9 @@ class ChEESState(NamedTuple):
         ``fold_in(rng_key, i)`` drives transition ``i``.
     num_done
         ``[]`` int: sampling transitions made since warmup.
+    num_grads
+        ``[]`` int: gradient evaluations (leapfrog steps) of all chains since ``init``, warmup
+        included.
     """
 
     hmc: DynamicHMCState
@@ -73,6 +76,7 @@ class ChEESState(NamedTuple):
     mean_num_steps: jax.Array
     rng_key: jax.Array
     num_done: jax.Array
+    num_grads: jax.Array
 
 
 def check(chains: int, tune: int, settings: KernelSettings) -> None:
@@ -106,6 +110,7 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
             mean_num_steps=jnp.ones((), positions.dtype),
             rng_key=rng_keys[0],
             num_done=jnp.zeros((), jnp.int32),
+            num_grads=jnp.zeros((), jnp.int32),
         )
 
     def warmup(state: ChEESState) -> ChEESState:
@@ -115,13 +120,13 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
             state.hmc.position.shape[0],
             target_acceptance_rate=settings.target_accept,
             max_leapfrog_steps=max_steps,
-            adaptation_info_fn=get_filter_adapt_info_fn(),
+            adaptation_info_fn=get_filter_adapt_info_fn(info_keys={"num_integration_steps"}),
             mass_matrix_estimation="diagonal",
         )
         # blackjax's ChEES code broadcasts [chains, 1] against [dim] implicitly; allow it while
         # tracing it even where the caller asks JAX to raise on rank promotion (the tests do)
         with jax.numpy_rank_promotion("allow"):
-            (hmc, parameters), _ = adaptation.run(
+            (hmc, parameters), infos = adaptation.run(
                 warmup_key,
                 state.hmc.position,
                 step_size=settings.initial_step_size,
@@ -136,6 +141,7 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
             inverse_mass_matrix=parameters["inverse_mass_matrix"],
             mean_num_steps=jnp.minimum(mean_steps, max_steps),
             rng_key=sample_key,
+            num_grads=state.num_grads + infos.info.num_integration_steps.sum().astype(jnp.int32),
         )
 
     def step(state: ChEESState) -> tuple[ChEESState, Transition]:
@@ -163,9 +169,10 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
             acceptance_rate=info.acceptance_rate,
             step_size=jnp.broadcast_to(jnp.asarray(state.step_size), previous_lp.shape),
         )
-        return state._replace(hmc=hmc, num_done=state.num_done + 1), Transition(hmc.position, stats)
+        num_grads = state.num_grads + info.num_integration_steps.sum().astype(jnp.int32)
+        return state._replace(hmc=hmc, num_done=state.num_done + 1, num_grads=num_grads), Transition(hmc.position, stats)
 
-    return SamplingAlgorithm(init=init, warmup=warmup, step=step)
+    return SamplingAlgorithm(init=init, warmup=warmup, step=step, num_grads=lambda s: s.num_grads)
 
 
 KERNEL = Kernel(

@@ -112,7 +112,8 @@ class StepwiseState(NamedTuple):
 
     ``rng_key [2]`` (advanced at every step), ``num_done []`` transitions finished, ``point``
     the current sample, ``trajectory`` and ``subtree`` the transition in flight, ``adaptation``
-    the warmup's state, ``buffers`` the draws recorded so far.
+    the warmup's state, ``buffers`` the draws recorded so far, ``num_grads []`` the leapfrog
+    steps (gradient evaluations) made since ``init``, warmup included.
     """
 
     rng_key: jax.Array
@@ -122,6 +123,7 @@ class StepwiseState(NamedTuple):
     subtree: Subtree
     adaptation: Adaptation
     buffers: DrawBuffers
+    num_grads: jax.Array
 
 
 def _select(pred, new, old):
@@ -244,6 +246,7 @@ def init_state(rng_key, logdensity_fn: Callable, position, num_draws: int, setti
                 step_size=jnp.zeros(num_draws + 1, dtype),
             ),
         ),
+        num_grads=izero,
     )
     key, u = _uniforms(rng_key, dim, dtype)
     return _start_transition(state._replace(rng_key=key), dense, u)
@@ -369,7 +372,7 @@ def step(state: StepwiseState, logdensity_fn: Callable, num_tune: int, num_total
     small = lambda st: st._replace(buffers=None)  # noqa: E731
     out = _select(transition_done, small(finished), small(state))
     out = _select(active, out, small(before))
-    return out._replace(buffers=new_buffers)
+    return out._replace(buffers=new_buffers, num_grads=before.num_grads + active.astype(before.num_grads.dtype))
 
 
 @functools.cache
@@ -433,6 +436,7 @@ def build(logdensity_fn: Callable, settings: KernelSettings, schedule: Schedule)
 
     return SamplingAlgorithm(
         init=init, warmup=None, step=one_step, outputs=outputs, is_done=lambda s: s.num_done >= total,
+        num_grads=lambda s: s.num_grads,
     )
 
 

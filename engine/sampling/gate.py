@@ -1,0 +1,276 @@
+"""Convergence diagnostics over the first ``num_draws`` draws of a fixed-size buffer, and the
+stopping gate built on them.
+
+Sampling in blocks keeps each problem's draws in a buffer ``x[..., chain, max_draws]`` of which
+only the first ``num_draws`` (a traced integer, the same for every chain) are kept draws. These
+functions compute rank-normalised split R-hat and bulk / tail ESS (Vehtari, Gelman, Simpson,
+Carpenter & Burkner 2021, Bayesian Analysis 16(2)) of exactly those kept draws, with static
+shapes, so ONE compiled program serves every draw count. The arithmetic is that of
+:mod:`engine.sampling.diagnostics` (ArviZ's, step for step) with masks: ranks put padded entries
+last, autocovariances are taken of zero-padded centred draws, the Geyer pair sums stop at the
+kept length. On the kept draws they agree with ArviZ to rounding (tested).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import ndtri
+
+from engine.sampling.diagnostics import CONVERGENCE_RULES
+
+__all__ = ["masked_split", "masked_rhat", "masked_ess", "masked_ess_bulk", "masked_ess_tail",
+           "masked_summary", "gate", "GATE_KEYS"]
+
+GATE_KEYS = ("r_hat", "ess_bulk", "ess_tail", "divergences")
+"""What :func:`gate` reports per problem besides its decision."""
+
+SHORT_WINDOW = 1024
+"""Draws per chain of the gate's short window: while a problem holds at most this many, the gate
+sorts only this prefix of its buffer (sorting dominates the gate's cost, and XLA:CPU sorts
+slowly), and the whole buffer afterwards."""
+
+
+def _valid(length: int, num_draws):
+    return jnp.arange(length) < num_draws
+
+
+def _kept(x, num_draws):
+    """``x``-shaped mask of the kept draws (the last axis is the draw axis)."""
+    return jnp.broadcast_to(_valid(x.shape[-1], num_draws), x.shape)
+
+
+def masked_split(x, num_draws):
+    """``x[..., C, L]`` with ``num_draws`` kept -> ``(split [..., 2C, L], half)``: the first and
+    last ``half = num_draws // 2`` kept draws of each chain as two chains (ArviZ's
+    ``_split_chains``), left-aligned; entries at or after ``half`` are padding."""
+    length = x.shape[-1]
+    half = num_draws // 2
+    second = jnp.roll(x, -(num_draws - half), axis=-1)  # draws num_draws-half.. first
+    return jnp.concatenate([x, second], axis=-2), half
+
+
+def _average_ranks(flat):
+    """1-based average ranks of a 1-D array (ties share their mean rank, like scipy's
+    'average'), from one stable sort: a tie group's first and last sorted positions come from
+    running max / min scans, so no search is needed."""
+    size = flat.shape[0]
+    order = jnp.argsort(flat)
+    ordered = flat[order]
+    position = jnp.arange(size)
+    starts = jnp.concatenate([jnp.ones(1, bool), ordered[1:] != ordered[:-1]])
+    ends = jnp.concatenate([ordered[1:] != ordered[:-1], jnp.ones(1, bool)])
+    first = jax.lax.cummax(jnp.where(starts, position, 0))
+    last = jax.lax.cummin(jnp.where(ends, position, size - 1), reverse=True)
+    return jnp.zeros(size, jnp.result_type(float)).at[order].set((first + last) / 2.0 + 1.0)
+
+
+def _masked_z_scale(x, n):
+    """Rank-normalise the first ``n`` draws of every chain of ``x[C, L]`` jointly."""
+    valid = jnp.broadcast_to(_valid(x.shape[-1], n), x.shape)
+    flat = jnp.where(valid, x, jnp.inf).reshape(-1)
+    ranks = _average_ranks(flat).reshape(x.shape)
+    size = x.shape[-2] * n
+    z = ndtri((ranks - 0.375) / (size + 0.25))
+    return jnp.where(valid, z, 0.0)
+
+
+def _masked_rhat_basic(x, n):
+    valid = _kept(x, n)
+    mean = jnp.where(valid, x, 0.0).sum(-1) / n
+    var = jnp.where(valid, (x - mean[..., None]) ** 2, 0.0).sum(-1) / (n - 1)
+    between = n * mean.var(-1, ddof=1)
+    within = var.mean(-1)
+    return jnp.sqrt((between / within + n - 1) / n)
+
+
+def _masked_median(x, n):
+    """Median of the first ``n`` draws of every chain of ``x[C, L]`` (all chains pooled)."""
+    valid = jnp.broadcast_to(_valid(x.shape[-1], n), x.shape)
+    return _masked_quantile_flat(jnp.where(valid, x, jnp.inf).reshape(-1), x.shape[-2] * n, 0.5)
+
+
+def _masked_quantile_flat(flat_inf_padded, size, prob):
+    """Linear-interpolation quantile (numpy's default) of the ``size`` finite-first entries."""
+    return _sorted_quantile(jnp.sort(flat_inf_padded), size, prob)
+
+
+def _sorted_quantile(ordered, size, prob):
+    pos = prob * (size - 1)
+    lo = jnp.floor(pos).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, size - 1)
+    frac = pos - lo
+    return ordered[lo] + frac * (ordered[hi] - ordered[lo])
+
+
+def _one_rhat(x, n, z_split=None):
+    split, half = masked_split(x, n)
+    z_split = _masked_z_scale(split, half) if z_split is None else z_split
+    bulk = _masked_rhat_basic(z_split, half)
+    folded = jnp.abs(split - _masked_median(split, half))
+    tail = _masked_rhat_basic(_masked_z_scale(folded, half), half)
+    valid = _kept(x, n)
+    first = x[..., :1, :1]
+    is_constant = jnp.all(jnp.where(valid, x == first, True))
+    return jnp.where(is_constant | (n < 4), jnp.nan, jnp.maximum(bulk, tail))
+
+
+def masked_rhat(x, num_draws):
+    """Rank-normalised split R-hat of the kept draws of ``x[..., C, L]`` -> ``[...]``."""
+    if x.shape[-2] < 2:
+        return jnp.full(x.shape[:-2], jnp.nan)
+    return _batched(_one_rhat, x, num_draws)
+
+
+def _one_ess(x, n):
+    """ESS of the first ``n`` draws of each chain of ``x[C, L]`` (ArviZ's ``_ess``)."""
+    num_chains, length = x.shape
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
+    x = x.astype(dtype)
+    valid = _kept(x, n)
+    nf = n.astype(dtype)
+    mean = jnp.where(valid, x, 0.0).sum(-1) / nf
+    centred = jnp.where(valid, x - mean[:, None], 0.0)
+    m = 1 << (2 * length - 1).bit_length()
+    f = jnp.fft.rfft(centred, n=m, axis=-1)
+    acov = jnp.fft.irfft(f * jnp.conj(f), n=m, axis=-1)[:, :length] / nf
+    mean_var = acov[:, 0].mean() * nf / (nf - 1.0)
+    var_plus = mean_var * (nf - 1.0) / nf
+    if num_chains > 1:
+        var_plus = var_plus + mean.var(ddof=1)
+    rho = 1.0 - (mean_var - acov.mean(0)) / var_plus
+    rho = rho.at[0].set(1.0)
+    num_pairs = max((length - 1) // 2, 1)
+    max_pair = jnp.maximum((n - 1) // 2 - 1, 0)
+    even = rho[0 : 2 * num_pairs : 2]
+    odd = rho[1 : 2 * num_pairs : 2]
+    pair_sums = even + odd
+    index = jnp.arange(num_pairs)
+    in_range = index <= max_pair
+    nonpos = (pair_sums <= 0) & in_range
+    last = jnp.where(jnp.any(nonpos), jnp.argmax(nonpos), max_pair)
+    monotone = jax.lax.cummin(pair_sums, axis=0)
+    sum_pairs = jnp.sum(jnp.where(index < last, monotone, 0.0))
+    tail_term = jnp.where((pair_sums[last] >= 0) | (even[last] > 0), even[last], 0.0)
+    tau = -1.0 + 2.0 * sum_pairs + tail_term
+    size = num_chains * nf
+    tau = jnp.maximum(tau, 1.0 / jnp.log10(size))
+    out = size / tau
+    flat_valid = jnp.broadcast_to(valid, x.shape)
+    spread = jnp.where(flat_valid, x, -jnp.inf).max() - jnp.where(flat_valid, x, jnp.inf).min()
+    constant = spread < np.finfo(np.float64).resolution
+    out = jnp.where(constant, size, out)
+    lag_valid = jnp.arange(length) < 2 * (max_pair + 1)
+    return jnp.where(jnp.any(jnp.isnan(rho) & lag_valid) & ~constant, jnp.nan, out)
+
+
+def _batched(fn, x, n):
+    batch = x.shape[:-2]
+    flat = x.reshape((-1,) + x.shape[-2:])
+    out = jax.vmap(lambda v: fn(v, jnp.asarray(n)))(flat)
+    return out.reshape(batch)
+
+
+def masked_ess(x, num_draws):
+    """ESS (no ranking, no splitting) of the kept draws of ``x[..., C, L]`` -> ``[...]``."""
+    return _batched(_one_ess, x, num_draws)
+
+
+def masked_ess_bulk(x, num_draws):
+    """Bulk ESS: ESS of the rank-normalised split kept draws. ``[..., C, L] -> [...]``."""
+    return _batched(lambda v, n: _one_ess(*_z_split(v, n)), x, num_draws)
+
+
+def _z_split(v, n):
+    split, half = masked_split(v, n)
+    return _masked_z_scale(split, half), half
+
+
+def _one_ess_tail(v, n):
+    valid = jnp.broadcast_to(_valid(v.shape[-1], n), v.shape)
+    flat = jnp.where(valid, v, jnp.inf).reshape(-1)
+    size = v.shape[-2] * n
+    ordered = jnp.sort(flat)
+    out = []
+    for prob in (0.05, 0.95):
+        indicator = (v <= _sorted_quantile(ordered, size, prob)).astype(v.dtype)
+        split, half = masked_split(indicator, n)
+        out.append(_one_ess(split, half))
+    return jnp.minimum(*out)
+
+
+def masked_ess_tail(x, num_draws):
+    """Tail ESS: the smaller ESS of the kept draws' 5% and 95% quantile indicators."""
+    return _batched(_one_ess_tail, x, num_draws)
+
+
+def masked_summary(x, num_draws):
+    """:func:`engine.sampling.diagnostics.summarize_draws` of the kept draws of ``x[..., C, L]``.
+
+    Keys: ``mean``, ``sd``, ``mcse_mean``, ``r_hat``, ``ess_bulk``, ``ess_tail``.
+    """
+    valid = _kept(x, num_draws)
+    size = x.shape[-2] * num_draws
+    mean = jnp.where(valid, x, 0.0).sum((-2, -1)) / size
+    sq = jnp.where(valid, (x - mean[..., None, None]) ** 2, 0.0).sum((-2, -1))
+    sd = jnp.sqrt(sq / (size - 1))
+    ess_mean = _batched(lambda v, n: _one_ess(*masked_split(v, n)), x, num_draws)
+    return {
+        "mean": mean,
+        "sd": sd,
+        "mcse_mean": sd / jnp.sqrt(ess_mean),
+        "r_hat": masked_rhat(x, num_draws),
+        "ess_bulk": masked_ess_bulk(x, num_draws),
+        "ess_tail": masked_ess_tail(x, num_draws),
+    }
+
+
+def gate(positions, diverging, num_draws, target_ess: float):
+    """The stopping gate of ONE problem over its kept draws.
+
+    Parameters
+    ----------
+    positions
+        ``[chain, max_draws, dim]`` draws on the unconstrained space (rank-based R-hat and ESS
+        are invariant under the elementwise monotone transforms to the constrained space).
+    diverging
+        ``[chain, max_draws]`` divergence flags.
+    num_draws
+        Kept draws per chain (traced).
+    target_ess
+        Bulk and tail ESS every coordinate must reach.
+
+    Returns
+    -------
+    (passed, diagnostics)
+        ``passed []`` bool: worst R-hat < ``CONVERGENCE_RULES["r_hat_max"]``, smallest bulk and
+        tail ESS >= ``target_ess``, no divergence among the kept draws; ``diagnostics`` maps
+        :data:`GATE_KEYS` to those worst values.
+    """
+    length = positions.shape[-2]
+    if length <= SHORT_WINDOW:
+        return _gate(positions, diverging, num_draws, target_ess)
+    return jax.lax.cond(
+        num_draws <= SHORT_WINDOW,
+        lambda: _gate(positions[:, :SHORT_WINDOW], diverging[:, :SHORT_WINDOW], num_draws, target_ess),
+        lambda: _gate(positions, diverging, num_draws, target_ess),
+    )
+
+
+def _gate(positions, diverging, num_draws, target_ess: float):
+    x = jnp.moveaxis(positions, -1, 0)  # [dim, chain, max_draws]
+
+    def one(v):  # the rank-normalised split draws serve both bulk R-hat and bulk ESS
+        z, half = _z_split(v, num_draws)
+        return _one_rhat(v, num_draws, z), _one_ess(z, half), _one_ess_tail(v, num_draws)
+
+    r_hats, bulks, tails = jax.vmap(one)(x)
+    if x.shape[-2] < 2:
+        r_hats = jnp.full_like(r_hats, jnp.nan)
+    r_hat, bulk, tail = r_hats.max(), bulks.min(), tails.min()
+    divergences = jnp.where(_kept(diverging, num_draws), diverging, False).sum()
+    passed = (r_hat < CONVERGENCE_RULES["r_hat_max"]) & (bulk >= target_ess) & (tail >= target_ess) & (divergences == 0)
+    return passed, {"r_hat": r_hat, "ess_bulk": bulk, "ess_tail": tail, "divergences": divergences}

@@ -1,0 +1,213 @@
+"""Per-problem stopping: warm up once, then draw in blocks until each problem is certified.
+
+A chunk runs as three compiled programs, each cached with the driver's other programs:
+
+1. ``warmup``: starts, the kernel's warmup, and zeroed draw buffers ``[lanes, chain, max_draws,
+   ...]`` (one spare lane more than the chunk, which padded lanes point at).
+2. ``block``: for the lanes still active (an index vector, padded to a bucket), ``block_draws``
+   transitions per chain from the kernel state each lane stopped at, written into the buffers at
+   the current draw count, then :func:`engine.sampling.gate.gate` over the lane's kept draws, all
+   in ONE program. One compile per bucket size: the chunk size, then ``MIN_BUCKET * 4**k`` lanes
+   once one of them holds the active lanes in at most half the chunk, so lanes that retired cost nothing once enough of them have.
+3. ``finish``: constrained values, ``summary_fn`` over each problem's kept draws only (it is
+   called with ``num_draws=``, see :func:`run_chunk`), and the gradient counts.
+
+Every problem of a chunk starts drawing at the same time, so all active lanes always hold the
+same number of draws: the count is a scalar argument (traced, so one program serves all
+counts). A problem whose kept draws pass the gate retires with them; one that reaches
+``max_draws`` without passing stops and is reported unconverged (its ``num_draws`` is
+``max_draws``; the gate is rechecked by the caller's own diagnostics, never assumed).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.sampling.gate import gate
+from engine.sampling.kernels import get_kernel
+from engine.sampling.kernels.base import Schedule
+
+__all__ = ["MIN_BUCKET", "StopPrograms", "build_stop_programs", "run_chunk", "bucket_size", "pad_kept"]
+
+MIN_BUCKET = 64
+"""Fewest lanes a block program is compiled for: below it, smaller programs would cost more to
+compile than the retired lanes they skip."""
+
+
+class StopPrograms(NamedTuple):
+    """The three jitted programs of a stopping run (see the module docstring)."""
+
+    warmup: object
+    block: object
+    finish: object
+
+
+BUCKET_FACTOR = 4
+"""Lane buckets shrink by this factor: each new bucket size compiles the block program again
+(tens of seconds on a small CPU), so there are few sizes: ``MIN_BUCKET * 4**k``."""
+
+
+def bucket_size(num_active: int, chunk_size: int, min_bucket: int = MIN_BUCKET) -> int:
+    """Lanes of the block program for ``num_active`` active problems: the chunk size, or the
+    smallest ``min_bucket * BUCKET_FACTOR**k`` (k >= 0) that holds them when that is at most
+    half the chunk."""
+    size = int(min_bucket)
+    while size < num_active:
+        size *= BUCKET_FACTOR
+    return int(chunk_size) if 2 * size > chunk_size else size
+
+
+def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
+    """The programs for ``config`` (a ``BatchConfig`` with ``sampler.target_ess`` set);
+    ``starts(root_key, index, data) -> (positions, ok, run_keys)`` is one problem's start."""
+    from engine.sampling.batch import _cached
+
+    kernel = get_kernel(config.sampler.name)
+    sampler = config.sampler
+    max_draws, block = sampler.max_draws_per_chain, int(sampler.block_draws)
+    target = float(sampler.target_ess)
+    schedule = Schedule(int(sampler.tune), max_draws)
+    settings = sampler.kernel_settings
+
+    def algorithm(data):
+        return kernel.build(lambda x: compiled.logdensity_fn(x, data), settings, schedule)
+
+    def over_chains(fn):
+        return fn if kernel.chains_inside else jax.vmap(fn)
+
+    def chain_major(tree):  # a chains_inside scan gives [draw, chain, ...]
+        return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), tree) if kernel.chains_inside else tree
+
+    def scan_steps(alg, state, length):
+        def body(carry, _):
+            s, grads = carry
+            s, transition = alg.step(s)
+            return (s, grads + transition.stats.n_steps.sum().astype(jnp.int32)), transition
+        (state, grads), transitions = jax.lax.scan(body, (state, jnp.zeros((), jnp.int32)), None, length=length)
+        return state, grads, transitions
+
+    def warm_lane(root_key, index, data):
+        positions, ok, run_keys = starts(root_key, index, data)
+        alg = algorithm(data)
+
+        def warm(key, position):
+            state = alg.init(key, position)
+            if alg.warmup is not None:
+                return alg.warmup(state), jnp.zeros((), jnp.int32)
+            state, grads, _ = scan_steps(alg, state, schedule.num_tune)
+            return state, grads
+
+        states, grads = over_chains(warm)(run_keys, positions)
+        one = jax.eval_shape(lambda s: over_chains(lambda c: alg.step(c)[1])(s), states)
+        dim = positions.shape[-1]
+        chains = positions.shape[0]
+        buffer = jnp.zeros((chains, max_draws, dim), positions.dtype)
+        stats = jax.tree.map(lambda a: jnp.zeros((chains, max_draws), a.dtype), one.stats)
+        return states, buffer, stats, jnp.sum(grads), jnp.all(ok)
+
+    def warmup_fn(root_key, indices, data):
+        return jax.vmap(warm_lane, in_axes=(None, 0, 0))(root_key, indices, data)
+
+    def block_lane(state, data, buffer, stats, count):
+        alg = algorithm(data)
+        state, grads, (positions, new_stats) = over_chains(lambda s: scan_steps(alg, s, block))(state)
+        positions, new_stats = chain_major((positions, new_stats))
+        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, positions.astype(buffer.dtype), count, axis=1)
+        stats = jax.tree.map(
+            lambda b, v: jax.lax.dynamic_update_slice_in_dim(b, v.astype(b.dtype), count, axis=1), stats, new_stats
+        )
+        passed, diagnostics = gate(buffer, stats.diverging, count + block, target)
+        return state, buffer, stats, jnp.sum(grads), passed, diagnostics
+
+    def block_fn(states, buffers, stats, grads, data, lanes, count):
+        take = lambda a: a[lanes]  # noqa: E731
+        new = jax.vmap(block_lane, in_axes=(0, 0, 0, 0, None))(
+            jax.tree.map(take, states), jax.tree.map(take, data), buffers[lanes], jax.tree.map(take, stats), count
+        )
+        state, buffer, stat, grad, passed, diagnostics = new
+        put = lambda full, part: full.at[lanes].set(part)  # noqa: E731
+        return (jax.tree.map(put, states, state), buffers.at[lanes].set(buffer), jax.tree.map(put, stats, stat),
+                grads.at[lanes].add(grad), passed, diagnostics)
+
+    def finish_lane(state, buffer, stats, grads, data, num_draws):
+        values = jax.vmap(jax.vmap(lambda x: compiled.constrain_fn(x, data)))(buffer)
+        summary = None if summary_fn is None else summary_fn(values, stats, data, num_draws=num_draws)
+        loglik = None
+        if config.keep_draws and config.log_likelihood:
+            loglik = jax.vmap(jax.vmap(lambda x: compiled.loglik_fn(x, data)))(buffer)
+        kept = (values, stats, loglik) if config.keep_draws else (None, None, None)
+        alg = algorithm(data)
+        if alg.num_grads is None:
+            num_grads = grads
+        else:
+            num_grads = jnp.sum(over_chains(alg.num_grads)(state)).astype(jnp.int32)
+        return kept, summary, num_grads
+
+    def finish_fn(states, buffers, stats, grads, data, num_draws):
+        return jax.vmap(finish_lane)(states, buffers, stats, grads, data, num_draws)
+
+    key_fn = functools.partial(_cached, compiled, config=config)
+    return StopPrograms(
+        warmup=key_fn("stop_warmup", summary_fn=None, build=lambda: jax.jit(warmup_fn)),
+        block=key_fn("stop_block", summary_fn=None, build=lambda: jax.jit(block_fn, donate_argnums=(0, 1, 2, 3))),
+        finish=key_fn("stop_finish", summary_fn=summary_fn, build=lambda: jax.jit(finish_fn)),
+    )
+
+
+def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_real: int, sampler):
+    """One chunk with stopping -> ``(kept, ok, summary, num_draws, num_grads, converged)``.
+
+    ``index`` and ``data`` hold the chunk's lanes plus at least one spare lane at the end (the
+    target of padded lanes); only the first ``num_real`` lanes are sampled past warmup. A lane
+    whose start failed (``ok`` false) is never sampled and keeps 0 draws. Returned arrays are
+    device arrays over all lanes; ``num_draws``, ``converged`` host arrays.
+    """
+    max_draws, block = sampler.max_draws_per_chain, int(sampler.block_draws)
+    states, buffers, stats, grads, ok = programs.warmup(root_key, jnp.asarray(index), data)
+    lanes_total = int(index.shape[0])
+    spare, chunk = lanes_total - 1, lanes_total - 1
+    num_draws = np.zeros(lanes_total, np.int32)
+    converged = np.zeros(lanes_total, bool)
+    active = np.flatnonzero(np.asarray(ok)[:num_real])
+    count = 0
+    while active.size and count < max_draws:
+        size = bucket_size(active.size, chunk)
+        lanes = np.full(size, spare, np.int32)
+        lanes[: active.size] = active
+        states, buffers, stats, grads, passed, _ = programs.block(
+            states, buffers, stats, grads, data, jnp.asarray(lanes), jnp.asarray(count, jnp.int32)
+        )
+        count += block
+        passed = np.asarray(passed)[: active.size]
+        done = passed | (count >= max_draws)
+        num_draws[active[done]] = count
+        converged[active[passed]] = True
+        active = active[~done]
+    kept, summary, num_grads = programs.finish(states, buffers, stats, grads, data, jnp.asarray(num_draws))
+    return kept, ok, summary, num_draws, num_grads, converged
+
+
+def pad_kept(kept, num_draws: np.ndarray):
+    """Host draws ``[problem, chain, max_draws, ...]``: entries past each problem's ``num_draws``
+    become NaN (floats), False or 0, so no padded draw can pass for a kept one."""
+    values, stats, loglik = kept
+    if values is None:
+        return kept
+    mask = np.arange(next(iter(values.values())).shape[2])[None, :] >= num_draws[:, None]  # [problem, draw]
+
+    def blank(arr):
+        arr = np.array(arr)
+        m = np.broadcast_to(mask[:, None, :].reshape(mask.shape[:1] + (1,) + mask.shape[1:] + (1,) * (arr.ndim - 3)),
+                            arr.shape)
+        arr[m] = np.nan if np.issubdtype(arr.dtype, np.floating) else 0
+        return arr
+
+    values = {k: blank(v) for k, v in values.items()}
+    stats = type(stats)(*(blank(a) for a in stats))
+    loglik = None if loglik is None else {k: blank(v) for k, v in loglik.items()}
+    return values, stats, loglik
