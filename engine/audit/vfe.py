@@ -138,7 +138,7 @@ def audit_vfe(
     sampler: str = "blackjax",
     chains: int = 4,
     draws: int = 1000,
-    tune: int = 1000,
+    tune: int | None = None,
     seed: int = 0,
     batch_size: int | None = None,
     precision: str = "float64",
@@ -157,7 +157,7 @@ def audit_vfe(
     keep_draws=None,
     log_file=None,
     warm_start: bool = True,
-    warm_start_tune: int | None = WARM_START_TUNE,
+    warm_start_tune: int | None = None,
     dedup: bool = True,
 ) -> AuditResult | None:
     """Audit Gaussian beliefs against MCMC (and exact) posteriors, every token at once.
@@ -183,6 +183,7 @@ def audit_vfe(
         results' identity together with the template's graph (``store_dir``).
     sampler, chains, draws, tune, seed, batch_size, precision, target_accept, max_tree_depth, dense_mass
         As in :func:`engine.sample_batched`; ``sampler="pymc"`` loops ``pm.sample`` (baseline).
+        ``tune=None``: 1000 warmup transitions, or ``WARM_START_TUNE`` when warm-started.
         ``batch_size=None`` picks equal chunks whose in-program draws fit ``chunks.CHUNK_MEMORY_BYTES``.
     devices
         Local devices to shard each chunk's problems over (None: one; -1: all), see ``batch.py``.
@@ -224,8 +225,9 @@ def audit_vfe(
         still means something). Only where valid (``theta`` the template's only, untransformed
         latent; a batched kernel); otherwise default starts, said in ``summary["notes"]``.
     warm_start_tune
-        Warmup transitions per chain when warm-started (default ``WARM_START_TUNE``, measured on
-        the demo audits); ``None`` keeps ``tune``. Without a warm start ``tune`` applies.
+        Warmup transitions per chain when warm-started; ``None``: ``tune`` when given, else
+        ``WARM_START_TUNE`` (measured on the demo audits, see README). Without a warm start
+        ``tune`` applies.
     dedup
         Sample each distinct target once (``engine.audit.dedup``): tokens whose template inputs are
         bitwise identical (usually the same token at every checkpoint) share one MCMC run, and
@@ -254,7 +256,10 @@ def audit_vfe(
     if shard is not None and int(shard[1]) > 1 and store_dir is None and not get_kernel(sampler).runs_on_host:
         raise InputError("field 'shard': a shard's results live only in its store; give store_dir")
     bs = read_beliefs(beliefs)  # validate before the heavy imports: bad input fails fast
-    sampler_config = SamplerConfig(name=sampler, chains=int(chains), draws=int(draws), tune=int(tune),
+    if warm_start_tune is None and tune is None:
+        warm_start_tune = WARM_START_TUNE
+    sampler_config = SamplerConfig(name=sampler, chains=int(chains), draws=int(draws),
+                                   tune=SamplerConfig.tune if tune is None else int(tune),
                                    target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
                                    dense_mass=bool(dense_mass))
     runtime = RuntimeConfig(seed=int(seed), batch_size=batch_size, precision=precision, devices=devices,
