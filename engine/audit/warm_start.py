@@ -43,7 +43,7 @@ __all__ = ["INFLATION", "WARM_START_TUNE", "WarmStart", "warm_start_supported", 
 INFLATION = 2.0
 """Factor on q's standard deviations of the warm starts' draws (overdispersion for R-hat)."""
 
-WARM_START_TUNE = 300
+WARM_START_TUNE = 200
 """Audits' warmup transitions per chain when warm-started (``analysis.warm_start_tune``): the
 shortest that kept >= 99% of the demo audits' tokens converged with KL within MCSE of the
 1000-step warmup (measurements in ``conf/analysis/vfe_univariate.yaml`` and README)."""
