@@ -94,6 +94,26 @@ def _keep_draws(value):
     return value
 
 
+def _flag(opts, name: str, default: bool) -> bool:
+    """A true/false ``analysis.<name>``; anything else is refused naming the field."""
+    value = opts.get(name, default)
+    if not isinstance(value, bool):
+        raise InputError(f"field 'analysis.{name}': must be true or false, got {value!r}")
+    return value
+
+
+def _warm_start_tune(opts):
+    """``analysis.warm_start_tune``: a non-negative integer, or null for ``sampler.tune``."""
+    from engine.audit.warm_start import WARM_START_TUNE
+
+    value = opts.get("warm_start_tune", WARM_START_TUNE)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"field 'analysis.warm_start_tune': must be a non-negative integer or null, got {value!r}")
+    return value
+
+
 def run_from_config(cfg, run_dir: Path, kind: str):
     """Body of the ``vfe_univariate``/``vfe_multivariate`` analyses -> ``engine.cli.Result``."""
     from engine.audit.report import summary_text
@@ -108,6 +128,8 @@ def run_from_config(cfg, run_dir: Path, kind: str):
     beliefs = beliefs_from_config(cfg, run_dir, kind)
     model, closed_form, name = (None, None, None) if kind == "multivariate" else model_from_config(cfg)
     opts = cfg.analysis
+    audit_options = dict(warm_start=_flag(opts, "warm_start", True), dedup=_flag(opts, "dedup", True),
+                         warm_start_tune=_warm_start_tune(opts))
     accepted = inspect.signature(audit_vfe).parameters
     kw = sampling_kwargs(cfg)
     _audit_stopping(cfg, kw)
@@ -122,7 +144,7 @@ def run_from_config(cfg, run_dir: Path, kind: str):
         shard=(int(cfg.data.get("shard", 0)), int(cfg.data.get("num_shards", 1))),
         isolate_failures=bool(cfg.runtime.get("isolate_failures", False)),
         keep_draws=_keep_draws(opts.get("keep_draws")), log_file=run_dir / "progress.jsonl",
-        **{k: v for k, v in kw.items() if k in accepted},
+        **audit_options, **{k: v for k, v in kw.items() if k in accepted},
     )
     if audit is None:
         shard, num_shards = int(cfg.data.shard), int(cfg.data.num_shards)

@@ -194,6 +194,16 @@ def _checkpoint_rows(summary: dict) -> tuple[list[str], list[list]]:
     return header, rows
 
 
+def _targets_line(summary: dict) -> str | None:
+    """How many distinct targets were sampled for how many problems, and how chains started."""
+    targets, st = summary.get("targets"), summary["settings"]
+    if targets is None:
+        return None
+    start = "chains warm-started from q" if st.get("warm_start") else "default chain starts"
+    return (f"{targets['distinct_sampled']} distinct targets sampled for {targets['problems']} "
+            f"(checkpoint, token) problems; {start}")
+
+
 def summary_text(summary: dict) -> str:
     """The short table the CLI prints."""
     from engine.sampling.kernels import describe
@@ -204,6 +214,8 @@ def summary_text(summary: dict) -> str:
         f"checkpoints x {summary['num_tokens']} tokens, {describe(st['sampler'])} {st['chains']} chains x "
         f"{draws_text(st)} (+{st['tune']} tune), sampling {t['sampling']:.1f} s"
     )
+    if (targets := _targets_line(summary)) is not None:
+        head += f"\n{targets}"
     header, rows = _checkpoint_rows(summary)
     lines = [head, _plain(header, rows)]
     lines += [f"note: {n}" for n in summary.get("notes", [])]
@@ -318,6 +330,7 @@ def _report_md(audit, plot_paths: dict[str, Path], worst_tokens: int) -> str:
         + (f", dimension {s['dim']}" if s["kind"] == "multivariate" else ""),
         f"- MCMC: {describe(st['sampler'])}, {st['chains']} chains x {st['draws']} draws after "
         f"{st['tune']} tuning steps, {st['precision']}, seed {st['seed']}",
+        *([f"- {line}"] if (line := _targets_line(s)) is not None else []),
         f"- time: {s['timings_s']['prepare_compile']:.1f} s prepare + compile, "
         f"{s['timings_s']['sampling']:.1f} s sampling, {s['timings_s']['metrics']:.1f} s metrics",
         "",

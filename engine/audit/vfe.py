@@ -29,9 +29,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from engine.audit.beliefs import BeliefSet, array_namespace, beliefs_from_arrays
+from engine.audit.beliefs import BeliefSet, beliefs_from_arrays
+from engine.audit.inputs import make_problem_data, member_data, model_inputs
 from engine.audit.beliefs_files import load_beliefs
-from engine.audit.summary import Q_STREAM, problem_summary_fn
+from engine.audit.summary import MEMBER_OUTPUTS, Q_STREAM, problem_summary_fn
+from engine.audit.warm_start import WARM_START_TUNE, WarmStart
 from engine.caching import LRUCache
 from engine.errors import InputError
 
@@ -126,50 +128,6 @@ def _quiet_pytensor():
         yield
 
 
-def _model_inputs(model, bs: BeliefSet) -> dict[str, Any]:
-    """The model's ``pm.Data`` containers filled from the beliefs, flat over problems."""
-    names = [v.name for v in model.data_vars]
-    if bs.kind == "univariate":
-        source = {n: bs.flat(n) for n in ("observed", "prior_mu", "prior_sigma", "obs_sigma")}
-    else:
-        source = {
-            "observed": bs.flat("observed"),
-            "prior_mu": bs.flat("prior_mu"),
-            "prior_chol": _cholesky(bs.flat("prior_cov")),
-            "obs_chol": _cholesky(bs.flat("obs_cov")),
-        }
-    unknown = [n for n in names if n not in source]
-    if unknown:
-        raise InputError(
-            f"field 'model': pm.Data container {unknown[0]!r} is not a beliefs field; "
-            f"templates may read {sorted(source)}"
-        )
-    if "observed" not in names:
-        raise InputError("field 'model': the template has no pm.Data container named 'observed'")
-    if "theta" not in [rv.name for rv in model.free_RVs]:
-        raise InputError("field 'model': the template has no free variable named 'theta'")
-    return {n: source[n] for n in names}
-
-
-def _cholesky(cov):
-    return array_namespace(cov).linalg.cholesky(cov)
-
-
-def make_problem_data(inputs: dict, num_obs: np.ndarray, extras: dict | None = None):
-    from engine.model.compile import ProblemData
-
-    n = inputs["observed"].shape[1]
-    ragged = bool((num_obs != n).any())
-    arrays = dict(inputs)
-    if extras:
-        arrays.update(extras)
-    return ProblemData(
-        arrays=arrays,
-        num_rows=num_obs if ragged else None,
-        ragged_names=("observed",) if ragged else (),
-    )
-
-
 def audit_vfe(
     beliefs,
     *,
@@ -180,7 +138,7 @@ def audit_vfe(
     sampler: str = "blackjax",
     chains: int = 4,
     draws: int = 1000,
-    tune: int = 1000,
+    tune: int | None = None,
     seed: int = 0,
     batch_size: int | None = None,
     precision: str = "float64",
@@ -201,6 +159,9 @@ def audit_vfe(
     isolate_failures: bool = False,
     keep_draws=None,
     log_file=None,
+    warm_start: bool = True,
+    warm_start_tune: int | None = None,
+    dedup: bool = True,
 ) -> AuditResult | None:
     """Audit Gaussian beliefs against MCMC (and exact) posteriors, every token at once.
 
@@ -225,6 +186,7 @@ def audit_vfe(
         results' identity together with the template's graph (``store_dir``).
     sampler, chains, draws, tune, seed, batch_size, precision, target_accept, max_tree_depth, dense_mass
         As in :func:`engine.sample_batched`; ``sampler="pymc"`` loops ``pm.sample`` (baseline).
+        ``tune=None``: 1000 warmup transitions, or ``WARM_START_TUNE`` when warm-started.
         ``batch_size=None`` picks equal chunks whose in-program draws fit ``chunks.CHUNK_MEMORY_BYTES``.
     devices
         Local devices to shard each chunk's problems over (None: one; -1: all), see ``batch.py``.
@@ -267,6 +229,19 @@ def audit_vfe(
         ``(i, k)`` with ``store_dir``: run only chunks ``j`` of the run's chunk grid with
         ``j % k == i`` and return ``None`` (no table) when ``k > 1``; ``analysis=merge`` joins
         the shards' stores into the table a single run gives, bitwise.
+    warm_start
+        Start half of each token's chains from its q (scale inflated 2x) and every chain's
+        adaptation from q's variances (``engine.audit.warm_start``, which explains why R-hat
+        still means something). Only where valid (``theta`` the template's only, untransformed
+        latent; a batched kernel); otherwise default starts, said in ``summary["notes"]``.
+    warm_start_tune
+        Warmup transitions per chain when warm-started; ``None``: ``tune`` when given, else
+        ``WARM_START_TUNE`` (measured on the demo audits, see README). Without a warm start
+        ``tune`` applies.
+    dedup
+        Sample each distinct target once (``engine.audit.dedup``): tokens whose template inputs are
+        bitwise identical (usually the same token at every checkpoint) share one MCMC run, and
+        q's columns are still computed per checkpoint from the shared draws.
 
     Returns
     -------
@@ -291,14 +266,21 @@ def audit_vfe(
     if shard is not None and int(shard[1]) > 1 and store_dir is None and not get_kernel(sampler).runs_on_host:
         raise InputError("field 'shard': a shard's results live only in its store; give store_dir")
     bs = read_beliefs(beliefs)  # validate before the heavy imports: bad input fails fast
-    sampler_config = SamplerConfig(name=sampler, chains=int(chains), draws=int(draws), tune=int(tune),
+    if warm_start_tune is None and tune is None:
+        warm_start_tune = WARM_START_TUNE
+    sampler_config = SamplerConfig(name=sampler, chains=int(chains), draws=int(draws),
+                                   tune=SamplerConfig.tune if tune is None else int(tune),
                                    target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
                                    dense_mass=bool(dense_mass), target_ess=target_ess, max_draws=max_draws,
                                    block_draws=int(block_draws))
     runtime = RuntimeConfig(seed=int(seed), batch_size=batch_size, precision=precision, devices=devices,
                             progress=progress, overwrite=bool(overwrite), isolate_failures=bool(isolate_failures))
+    for name, value in (("warm_start", warm_start), ("dedup", dedup)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise InputError(f"field 'analysis.{name}': must be true or false, got {value!r}")
     problems = build_problems(bs, model=model, closed_form=closed_form, model_name=model_name,
-                              sampler=sampler_config, runtime=runtime, interval=interval, num_q_draws=num_q_draws)
+                              sampler=sampler_config, runtime=runtime, interval=interval, num_q_draws=num_q_draws,
+                              warm_start=bool(warm_start), warm_start_tune=warm_start_tune, dedup=bool(dedup))
     t_compiled = time.perf_counter()
     summaries, kept = sample_problems(problems, keep_draws=keep_draws, store_dir=store_dir, shard=shard,
                                       log_file=log_file, model_config=model_config)
@@ -326,10 +308,12 @@ def audit_vfe(
 class AuditProblems:
     """Every (checkpoint, token) problem of an audit, compiled and checked (stage 2's output).
 
-    ``model_data`` holds the template's inputs, ``full_data`` those plus q's parameters for the
-    on-device summary (``[P, ...]`` with ``P = C * T``); ``init_ok [P]`` says which problems have
-    a finite jittered start; ``psis`` whether q's PSIS k-hat is computed (theta the only,
-    untransformed, latent).
+    ``targets`` (``engine.audit.dedup.TargetGroups``) maps the ``P = C * T`` problems to the
+    ``D`` distinct targets sampled. ``model_data`` holds the targets' template inputs,
+    ``full_data`` those plus each target's members' q (``[D, M, ...]``) for the on-device
+    summary and, with ``warm_start.applied``, the start arrays (``[D, ...]``); ``init_ok [P]``
+    says which problems' targets have a finite jittered start; ``psis`` whether q's PSIS k-hat
+    is computed (theta the only, untransformed, latent); ``dedup`` whether grouping was asked.
     """
 
     beliefs: BeliefSet
@@ -345,6 +329,9 @@ class AuditProblems:
     summary_fn: Callable
     interval: float
     num_q_draws: int
+    targets: Any = None
+    warm_start: WarmStart = WarmStart(False)
+    dedup: bool = False
 
 
 def read_beliefs(beliefs) -> BeliefSet:
@@ -359,17 +346,23 @@ def read_beliefs(beliefs) -> BeliefSet:
 
 
 def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, runtime, interval,
-                   num_q_draws) -> AuditProblems:
-    """Stage 2: the template filled from the beliefs, compiled once, every problem's start checked.
+                   num_q_draws, warm_start: bool = False, warm_start_tune: int | None = None,
+                   dedup: bool = False) -> AuditProblems:
+    """Stage 2: the template filled from the beliefs, grouped into distinct targets (``dedup``),
+    compiled once, warm starts prepared (``warm_start``), every target's start checked.
 
     ``sampler`` and ``runtime`` are the :mod:`engine.settings` schema; a ``runtime.batch_size``
-    of None becomes equal chunks that fit ``chunks.CHUNK_MEMORY_BYTES``. Raises :class:`InputError`
-    naming the field for bad settings, a template that does not fit the beliefs, or (unless
-    ``runtime.isolate_failures``) a problem with no finite log density.
+    of None becomes equal chunks that fit ``chunks.CHUNK_MEMORY_BYTES``; a warm-started audit
+    runs ``warm_start_tune`` warmup transitions (None: ``sampler.tune``). Raises
+    :class:`InputError` naming the field for bad settings, a template that does not fit the
+    beliefs, or (unless ``runtime.isolate_failures``) a problem with no finite log density.
     """
+    from engine.audit import dedup as dedup_module
     from engine.audit.chunks import chunk_size
+    from engine.audit.warm_start import warm_start_arrays, warm_start_supported
     from engine.sampling.api import compile_for
     from engine.sampling.batch import BatchConfig, check_init
+    from engine.sampling.kernels import get_kernel
 
     if not 0.0 < float(interval) < 1.0:
         raise InputError(f"field 'analysis.interval': must be in (0, 1), got {interval}")
@@ -377,9 +370,13 @@ def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, ru
         raise InputError(f"field 'analysis.num_q_draws': need at least 25 draws, got {num_q_draws}")
     pm_model, default_name, exact = _resolve_model(model, bs.kind, bs.dim, closed_form)
     model_name = model_name or default_name
-    model_data, full_data = _audit_data(pm_model, bs)
-    batch_size = chunk_size(bs.num_problems, int(sampler.chains), int(sampler.max_draws_per_chain), bs.dim,
-                             int(num_q_draws), runtime.batch_size)
+    inputs = model_inputs(pm_model, bs)
+    num_obs = bs.num_obs.reshape(-1)
+    targets = (dedup_module.group_targets(inputs, num_obs) if dedup
+               else dedup_module.identity_groups(bs.num_problems))
+    model_data = make_problem_data({k: v[targets.first] for k, v in inputs.items()}, num_obs[targets.first])
+    batch_size = chunk_size(targets.num_targets, int(sampler.chains), int(sampler.max_draws_per_chain), bs.dim,
+                            int(num_q_draws) * targets.max_members, runtime.batch_size)
     try:
         config = BatchConfig(sampler=sampler, runtime=dataclasses.replace(runtime, batch_size=batch_size),
                              keep_draws=False)
@@ -391,7 +388,18 @@ def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, ru
     except InputError as err:
         raise InputError(f"field 'model': {err}") from None
     psis = set(compiled.value_slices) == {"theta"}  # theta is the only, untransformed, latent
-    ok = check_init(compiled, model_data, config)
+    warm = warm_start_supported(compiled, get_kernel(sampler.name)) if warm_start else WarmStart(False)
+    extras = member_data(bs, targets)
+    if warm.applied:
+        extras.update(warm_start_arrays(bs, targets.latest, bool(sampler.dense_mass)))
+        if warm_start_tune is not None:
+            try:
+                config = dataclasses.replace(config, sampler=dataclasses.replace(config.sampler,
+                                                                                 tune=int(warm_start_tune)))
+            except ValueError as err:
+                raise InputError(f"field 'analysis.warm_start_tune': {err}") from None
+    full_data = make_problem_data(model_data.arrays, num_obs[targets.first], extras)
+    ok = check_init(compiled, model_data, config)[targets.target_of]
     if not ok.any() or (not runtime.isolate_failures and not ok.all()):
         c, t = divmod(int(np.flatnonzero(~ok)[0]), bs.num_tokens)
         raise InputError(
@@ -400,22 +408,7 @@ def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, ru
         )
     summary_fn = problem_summary_fn(compiled, bs.kind, bs.dim, config.seed, int(num_q_draws), float(interval), psis)
     return AuditProblems(bs, pm_model, model_name, exact, model_data, full_data, compiled, config, ok, psis,
-                         summary_fn, float(interval), int(num_q_draws))
-
-
-def _audit_data(pm_model, bs: BeliefSet):
-    """``(model_data, full_data)``: the template's inputs, and those plus q's parameters and each
-    problem's flat index (``__index__``, for q's random stream)."""
-    inputs = _model_inputs(pm_model, bs)
-    extras = {"mu_q": bs.flat("mu_q"), "__index__": np.arange(bs.num_problems, dtype=np.int32)}
-    if bs.kind == "univariate":
-        extras["sigma_q"] = bs.flat("sigma_q")
-    else:
-        extras["chol_q"] = _cholesky(bs.flat("cov_q"))
-    if "z_true" in bs.fields:
-        extras["z_true"] = bs.flat("z_true")
-    num_obs = bs.num_obs.reshape(-1)
-    return make_problem_data(inputs, num_obs), make_problem_data(inputs, num_obs, extras)
+                         summary_fn, float(interval), int(num_q_draws), targets, warm, bool(dedup))
 
 
 def sample_problems(problems: AuditProblems, *, keep_draws=None, store_dir=None, shard=None, log_file=None,
@@ -428,9 +421,13 @@ def sample_problems(problems: AuditProblems, *, keep_draws=None, store_dir=None,
     from engine.audit.chunks import host_summaries, kept_problems, open_store, run_chunks
     from engine.sampling.kernels import get_kernel
 
+    from engine.audit.dedup import expand_rows
+
     config, runtime = problems.config, problems.config.runtime
     kernel = get_kernel(config.sampler.name)
+    targets = problems.targets
     keep = kept_problems(problems.beliefs, keep_draws)
+    keep_targets = np.unique(targets.target_of[keep])
     kept = None
     if kernel.runs_on_host:
         if keep.size:
@@ -442,18 +439,21 @@ def sample_problems(problems: AuditProblems, *, keep_draws=None, store_dir=None,
         if store_dir is not None:
             extra = {"model": {"name": problems.model_name, "config": model_config},
                      "analysis": {"interval": problems.interval, "num_q_draws": problems.num_q_draws,
-                                  "keep_draws": keep.tolist()}}
+                                  "keep_draws": keep.tolist(), "dedup": problems.dedup,
+                                  "warm_start": problems.warm_start.applied}}
             store = open_store(store_dir, runtime.overwrite, problems.full_data, config, problems.model, extra)
         summaries, kept = run_chunks(
             problems.compiled, problems.full_data, config, problems.summary_fn, runtime.progress,
-            store=store, shard=shard, keep=keep, log_file=log_file,
+            store=store, shard=shard, keep=keep_targets, log_file=log_file,
         )
         if summaries is None:
             return None, None
-        if kept is not None:
-            kept["problems"] = keep
+        if kept is not None:  # each kept problem gets its target's draws
+            rows = np.searchsorted(kept["index"], targets.target_of[keep])
+            kept = {"index": keep, "values": {k: v[rows] for k, v in kept["values"].items()},
+                    "stats": {k: v[rows] for k, v in kept["stats"].items()}, "problems": keep}
     jax.block_until_ready(summaries)
-    return summaries, kept
+    return expand_rows(summaries, targets, MEMBER_OUTPUTS), kept
 
 
 def audit_table(problems: AuditProblems, summaries):
@@ -489,9 +489,13 @@ def audit_summary(problems: AuditProblems, table, timings: dict) -> dict:
             "dense_mass": bool(s.dense_mass), "devices": r.devices, "interval": problems.interval,
             "target_ess": s.target_ess, "max_draws": s.max_draws_per_chain if s.is_stopping else None,
             "block_draws": int(s.block_draws) if s.is_stopping else None,
-            "num_q_draws": problems.num_q_draws,
+            "num_q_draws": problems.num_q_draws, "warm_start": problems.warm_start.applied,
+            "dedup": problems.dedup,
         },
+        "targets": {"problems": int(problems.targets.num_problems),
+                    "distinct_sampled": int(problems.targets.num_targets)},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "notes": report.notes(bs, table, problems.model_name, problems.exact, problems.psis),
+        "notes": report.notes(bs, table, problems.model_name, problems.exact, problems.psis)
+        + ([problems.warm_start.reason] if problems.warm_start.reason else []),
         "versions": report.versions(),
     }

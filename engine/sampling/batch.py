@@ -10,6 +10,12 @@ chunk until every lane is done. Problem ``i`` draws every random number from
 problems are chunked, sharded or spread over devices. The last chunk is padded to the chunk size
 by repeating its final problem, so every chunk reuses one compiled program; programs are kept in
 a bounded cache keyed by value (model, settings, summary), never per call.
+
+Warm starts (off unless a problem's data asks): a problem whose data carries ``START_MEAN`` and
+``START_SCALE`` starts its first ``chains // 2`` chains from draws ``mean + scale * N(0, I)``
+(the rest from the usual jittered start), and one that carries ``START_INVERSE_MASS`` starts
+every chain's kernel from that inverse mass matrix (``Kernel.build(...).init``'s third argument).
+``engine.audit.warm_start`` fills them from a belief q.
 """
 
 from __future__ import annotations
@@ -37,10 +43,26 @@ from engine.settings import RuntimeConfig, SamplerConfig
 
 __all__ = ["BatchConfig", "BatchResult", "init_positions", "run_batched", "chunk_grid", "check_init",
            "build_chunk_program", "cast_arrays", "chunk_inputs",
-           "local_devices", "precision_scope"]
+           "local_devices", "precision_scope", "problem_starts", "bound_algorithm", "warm_positions",
+           "START_MEAN", "START_SCALE", "START_INVERSE_MASS", "WARM_START_STREAM"]
 
 MAX_CACHED_PROGRAMS = 32
 """Compiled chunk programs kept per process (least recently used dropped first)."""
+
+START_MEAN = "__start_mean__"
+"""Optional per-problem data ``[dim]`` (unconstrained space): centre of the warm starts."""
+
+START_SCALE = "__start_scale__"
+"""Optional per-problem data: the warm starts' scale, ``[dim]`` (independent normals) or a lower
+Cholesky factor ``[dim, dim]``; the caller inflates it (starts must be overdispersed)."""
+
+START_INVERSE_MASS = "__start_inverse_mass__"
+"""Optional per-problem data ``[dim]`` or ``[dim, dim]``: the inverse mass matrix every chain's
+kernel starts (and its adaptation starts) from."""
+
+WARM_START_STREAM = 0x57
+"""Extra ``fold_in`` tag of a chain's init key for its warm-start draws, so the jittered-start
+chains keep exactly the stream they have without warm starts."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +246,15 @@ def _sample(algorithm: SamplingAlgorithm, rng_key, position, schedule: Schedule)
     return transitions, warmup_grads + transitions.stats.n_steps.sum().astype(jnp.int32)
 
 
+def bound_algorithm(kernel, compiled: CompiledModel, settings, schedule: Schedule, data) -> SamplingAlgorithm:
+    """``kernel`` bound to ONE problem's log density; a problem whose data carries
+    ``START_INVERSE_MASS`` starts every chain's kernel (and its adaptation) from that metric."""
+    built = kernel.build(lambda x: compiled.logdensity_fn(x, data), settings, schedule)
+    if START_INVERSE_MASS in data:
+        built = built._replace(init=functools.partial(built.init, inverse_mass_matrix=data[START_INVERSE_MASS]))
+    return built
+
+
 def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
     kernel = get_kernel(config.sampler.name)
     if kernel.runs_on_host:
@@ -233,7 +264,7 @@ def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
     start = functools.partial(problem_starts, compiled, config)
 
     def algorithm(data) -> SamplingAlgorithm:
-        return kernel.build(lambda x: compiled.logdensity_fn(x, data), settings, schedule)
+        return bound_algorithm(kernel, compiled, settings, schedule, data)
 
     def over_chains(fn):
         return fn if kernel.chains_inside else jax.vmap(fn)
@@ -283,14 +314,42 @@ def _build_init_fn(compiled: CompiledModel, config: BatchConfig):
 
 
 def problem_starts(compiled: CompiledModel, config: BatchConfig, root_key, index, data):
-    """ONE problem: jittered starts ``[chains, dim]``, their finiteness, and the run keys."""
+    """ONE problem: starts ``[chains, dim]``, their finiteness, and the run keys.
+
+    Jittered starts, except that with ``START_MEAN``/``START_SCALE`` in ``data`` the first
+    ``chains // 2`` chains start from :func:`warm_positions` (see the module docstring).
+    """
     logdensity_fn = lambda x: compiled.logdensity_fn(x, data)  # noqa: E731
     keys = _chain_keys(root_key, index, config.sampler.chains)
     start = jnp.asarray(compiled.initial_position, dtype=jnp.result_type(float))
     positions, ok = jax.vmap(
         lambda k: init_positions(k, logdensity_fn, start, config.sampler.init_tries, config.sampler.jitter)
     )(keys[:, 0])
+    num_warm = int(config.sampler.chains) // 2
+    if START_MEAN in data and num_warm > 0:
+        warm, warm_ok = jax.vmap(
+            lambda k, x: warm_positions(jax.random.fold_in(k, WARM_START_STREAM), logdensity_fn, data[START_MEAN],
+                                        data[START_SCALE], x, config.sampler.init_tries)
+        )(keys[:num_warm, 0], positions[:num_warm])
+        positions = jnp.concatenate([warm, positions[num_warm:]])
+        ok = jnp.concatenate([warm_ok | ok[:num_warm], ok[num_warm:]])
     return positions, ok, keys[:, 1]
+
+
+def warm_positions(rng_key, logdensity_fn: Callable, mean, scale, fallback, num_tries: int):
+    """One chain's warm start: the first of ``num_tries`` draws ``mean + scale * N(0, I)``
+    (``scale`` ``[dim]``, or a lower Cholesky factor ``[dim, dim]``) with a finite log density.
+
+    Returns ``(position [dim], is_finite)``; when no draw is finite, ``fallback`` (the chain's
+    jittered start) is returned with ``is_finite=False``.
+    """
+    dtype = fallback.dtype
+    mean, scale = jnp.asarray(mean, dtype), jnp.asarray(scale, dtype)
+    eps = jax.random.normal(rng_key, (num_tries,) + mean.shape, dtype)
+    candidates = mean[None, :] + (eps @ scale.T if scale.ndim == 2 else eps * scale[None, :])
+    finite = jnp.isfinite(jax.vmap(logdensity_fn)(candidates)) & jnp.all(jnp.isfinite(candidates), axis=-1)
+    ok = jnp.any(finite)
+    return jnp.where(ok, candidates[jnp.argmax(finite)], fallback), ok
 
 
 def _make_init_fn(compiled: CompiledModel, config: BatchConfig):

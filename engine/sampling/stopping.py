@@ -65,7 +65,7 @@ def bucket_size(num_active: int, chunk_size: int, min_bucket: int = MIN_BUCKET) 
 def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
     """The programs for ``config`` (a ``BatchConfig`` with ``sampler.target_ess`` set);
     ``starts(root_key, index, data) -> (positions, ok, run_keys)`` is one problem's start."""
-    from engine.sampling.batch import _cached
+    from engine.sampling.batch import _cached, bound_algorithm
 
     kernel = get_kernel(config.sampler.name)
     sampler = config.sampler
@@ -75,7 +75,7 @@ def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
     settings = sampler.kernel_settings
 
     def algorithm(data):
-        return kernel.build(lambda x: compiled.logdensity_fn(x, data), settings, schedule)
+        return bound_algorithm(kernel, compiled, settings, schedule, data)
 
     def over_chains(fn):
         return fn if kernel.chains_inside else jax.vmap(fn)

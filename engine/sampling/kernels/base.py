@@ -111,8 +111,13 @@ class SamplingAlgorithm(NamedTuple):
     """One kernel bound to one problem's log density, settings and schedule (``Kernel.build``).
 
     init
-        ``(rng_key, position) -> state``: a state at ``position`` (one chain: key ``[2]``,
-        position ``[dim]``; ``chains_inside``: keys ``[chains, 2]``, positions ``[chains, dim]``).
+        ``(rng_key, position, inverse_mass_matrix=None) -> state``: a state at ``position``
+        (one chain: key ``[2]``, position ``[dim]``; ``chains_inside``: keys ``[chains, 2]``,
+        positions ``[chains, dim]``). ``inverse_mass_matrix`` (``[dim]`` diagonal or ``[dim,
+        dim]`` dense, either accepted whatever ``dense_mass`` asks; see
+        :func:`initial_inverse_mass_matrix`) is the metric the kernel starts from, e.g. a
+        belief's variances: each kernel uses it as its adaptation's starting point where its
+        library allows (its module says how); ``None`` is the identity.
     warmup
         ``state -> state``: the whole adaptation when a library runs it as one call (BlackJAX's
         window adaptation, ChEES), or ``None`` when warmup transitions are ordinary ``step``s
@@ -131,12 +136,30 @@ class SamplingAlgorithm(NamedTuple):
         runs, warmup steps included.
     """
 
-    init: Callable[[Any, Any], Any]
+    init: Callable[..., Any]
     warmup: Optional[Callable[[Any], Any]]
     step: Callable[[Any], tuple[Any, Optional[Transition]]]
     outputs: Optional[Callable[[Any], tuple[Any, SampleStats]]] = None
     is_done: Optional[Callable[[Any], Any]] = None
     num_grads: Optional[Callable[[Any], Any]] = None
+
+
+def initial_inverse_mass_matrix(inverse_mass_matrix, dim: int, dense: bool, dtype):
+    """The inverse mass matrix a kernel starts from: the identity when ``None``; a diagonal
+    ``[dim]`` made ``[dim, dim]`` for a dense metric, a dense one reduced to its diagonal for a
+    diagonal metric; cast to ``dtype``."""
+    import jax.numpy as jnp
+
+    if inverse_mass_matrix is None:
+        return jnp.eye(dim, dtype=dtype) if dense else jnp.ones(dim, dtype)
+    imm = jnp.asarray(inverse_mass_matrix, dtype)
+    if imm.shape not in ((dim,), (dim, dim)):
+        raise ValueError(f"inverse_mass_matrix: expected shape ({dim},) or ({dim}, {dim}), got {imm.shape}")
+    if dense and imm.ndim == 1:
+        return jnp.diag(imm)
+    if not dense and imm.ndim == 2:
+        return jnp.diagonal(imm)
+    return imm
 
 
 class Kernel(NamedTuple):

@@ -3,6 +3,11 @@
 Hoffman & Gelman (2014) NUTS with multinomial sampling; warmup follows Stan's windowed
 adaptation of step size (dual averaging) and inverse mass matrix (Welford), as implemented in
 ``blackjax.window_adaptation`` (which runs its own loop over the warmup transitions).
+
+A starting inverse mass matrix given to ``init`` (e.g. a belief's variances) seeds the
+adaptation (``window_adaptation(initial_inverse_mass_matrix=...)``): the step size of the first
+fast window is tuned for it, and each slow window's Welford estimate replaces it (Stan's
+memoryless windows). With ``tune=0`` the chain samples with it unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from blackjax.mcmc.hmc import HMCState
 
 from engine.sampling.kernels.base import (
     Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
+    initial_inverse_mass_matrix,
 )
 
 
@@ -49,9 +55,12 @@ class NUTSChainState(NamedTuple):
 def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Schedule) -> SamplingAlgorithm:
     """BlackJAX NUTS bound to one problem (see :class:`~engine.sampling.kernels.base.Kernel`)."""
 
-    def init(rng_key, position) -> NUTSChainState:
+    def init(rng_key, position, inverse_mass_matrix=None) -> NUTSChainState:
         dim = position.shape[-1]
-        imm = jnp.eye(dim) if settings.dense_mass else jnp.ones(dim)
+        if inverse_mass_matrix is None:
+            imm = jnp.eye(dim) if settings.dense_mass else jnp.ones(dim)
+        else:
+            imm = initial_inverse_mass_matrix(inverse_mass_matrix, dim, settings.dense_mass, position.dtype)
         return NUTSChainState(
             hmc=blackjax.nuts.init(position, logdensity_fn),
             step_size=jnp.asarray(settings.initial_step_size),
@@ -70,6 +79,7 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
             blackjax.nuts,
             logdensity_fn,
             is_mass_matrix_diagonal=not settings.dense_mass,
+            initial_inverse_mass_matrix=state.inverse_mass_matrix,
             initial_step_size=settings.initial_step_size,
             target_acceptance_rate=settings.target_accept,
             adaptation_info_fn=get_filter_adapt_info_fn(info_keys={"num_integration_steps"}),

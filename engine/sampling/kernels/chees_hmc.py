@@ -17,6 +17,12 @@ Needs at least 2 chains (the criterion is a cross-chain statistic; 4 or more is 
 warmup (``num_tune >= 50``). ``settings.max_tree_depth`` caps a trajectory at
 ``2**max_tree_depth - 1`` leapfrog steps, as it caps NUTS; ``dense_mass`` is not available.
 HMC's optimal ``target_accept`` is ``OPTIMAL_HMC_TARGET_ACCEPT`` (the ``chees`` config's value).
+
+A starting inverse mass matrix given to ``init``: BlackJAX's ``chees_adaptation`` takes no initial
+metric (its diagonal estimate is the identity until enough pooled late-warmup draws accumulate),
+so here it only sets the initial step size, ``initial_step_size`` times the smallest scale
+``sqrt(min diag)`` of the matrix (a step of the right order for the target's narrowest
+direction), which dual averaging then tunes; the adapted diagonal replaces it after warmup.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from blackjax.mcmc.dynamic_hmc import DynamicHMCState, halton_sequence
 from engine.errors import InputError
 from engine.sampling.kernels.base import (
     OPTIMAL_HMC_TARGET_ACCEPT, Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
+    initial_inverse_mass_matrix,
 )
 
 LEARNING_RATE = 0.025
@@ -100,13 +107,18 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
         jitter = halton_sequence(random_generator_arg, max_bits) * 1.0 + (1.0 - 1.0)
         return jnp.asarray(jnp.ceil(jitter * num_leapfrog_steps), dtype=int)
 
-    def init(rng_keys, positions) -> ChEESState:
+    def init(rng_keys, positions, inverse_mass_matrix=None) -> ChEESState:
         num_chains, dim = positions.shape
         hmc = jax.vmap(lambda x: blackjax.dynamic_hmc.init(x, logdensity_fn, jnp.zeros((), int)))(positions)
+        step_size = jnp.asarray(settings.initial_step_size, positions.dtype)
+        imm = jnp.ones(dim, positions.dtype)
+        if inverse_mass_matrix is not None:
+            imm = initial_inverse_mass_matrix(inverse_mass_matrix, dim, False, positions.dtype)
+            step_size = step_size * jnp.sqrt(jnp.min(imm))
         return ChEESState(
             hmc=hmc,
-            step_size=jnp.asarray(settings.initial_step_size, positions.dtype),
-            inverse_mass_matrix=jnp.ones(dim, positions.dtype),
+            step_size=step_size,
+            inverse_mass_matrix=imm,
             mean_num_steps=jnp.ones((), positions.dtype),
             rng_key=rng_keys[0],
             num_done=jnp.zeros((), jnp.int32),
@@ -129,7 +141,7 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
             (hmc, parameters), infos = adaptation.run(
                 warmup_key,
                 state.hmc.position,
-                step_size=settings.initial_step_size,
+                step_size=state.step_size,
                 optim=optax.adam(LEARNING_RATE),
                 num_steps=schedule.num_tune,
                 max_sampling_steps=schedule.num_draws,

@@ -4,6 +4,10 @@ Warmup (Stan-style windowed adaptation) happens inside NumPyro's ``sample_kernel
 first ``num_tune`` transitions, so this kernel has no separate ``warmup``: the driver runs
 ``num_tune`` steps and keeps the next ``num_draws``. The state is NumPyro's ``HMCState`` (it
 carries its own key, step counter and adaptation state).
+
+A starting inverse mass matrix given to ``init`` is NumPyro's own ``init_kernel(inverse_mass_matrix=...)``:
+the initial step size is searched for under it (``find_reasonable_step_size``) and it is the metric
+until the first slow window's Welford estimate replaces it; with ``tune=0`` it is kept.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from numpyro.infer.hmc import HMCState, hmc
 
 from engine.sampling.kernels.base import (
     Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
+    initial_inverse_mass_matrix,
 )
 
 
@@ -25,12 +30,17 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
     init_kernel, sample_kernel = hmc(potential_fn=lambda x: -logdensity_fn(x), algo="NUTS")
     configured = []
 
-    def init(rng_key, position) -> HMCState:
+    def init(rng_key, position, inverse_mass_matrix=None) -> HMCState:
         configured.append(True)
+        if inverse_mass_matrix is not None:
+            inverse_mass_matrix = initial_inverse_mass_matrix(
+                inverse_mass_matrix, position.shape[-1], settings.dense_mass, position.dtype
+            )
         return init_kernel(
             position,
             num_warmup=schedule.num_tune,
             step_size=settings.initial_step_size,
+            inverse_mass_matrix=inverse_mass_matrix,
             adapt_step_size=schedule.num_tune > 0,
             adapt_mass_matrix=schedule.num_tune > 0,
             dense_mass=settings.dense_mass,

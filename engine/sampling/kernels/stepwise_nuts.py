@@ -29,6 +29,7 @@ from blackjax.adaptation.step_size import dual_averaging_adaptation
 
 from engine.sampling.kernels.base import (
     MAX_DELTA_ENERGY, Kernel, KernelSettings, SampleStats, SamplingAlgorithm, Schedule,
+    initial_inverse_mass_matrix,
 )
 from engine.model.linalg import solve_triangular
 
@@ -198,15 +199,24 @@ def _start_transition(state: StepwiseState, dense: bool, u) -> StepwiseState:
     return state._replace(trajectory=trajectory, subtree=subtree)
 
 
-def init_state(rng_key, logdensity_fn: Callable, position, num_draws: int, settings: KernelSettings) -> StepwiseState:
-    """State at ``position`` with a fresh transition started and identity mass matrix."""
+def init_state(rng_key, logdensity_fn: Callable, position, num_draws: int, settings: KernelSettings,
+               inverse_mass_matrix=None) -> StepwiseState:
+    """State at ``position`` with a fresh transition started; the inverse mass matrix is
+    ``inverse_mass_matrix`` (``[dim]`` or ``[dim, dim]``) or the identity. Warmup starts from it:
+    the first windows' step size is tuned for it and the first slow window's Welford estimate
+    replaces it (the Welford state itself starts empty, as Stan's does)."""
     dim = position.shape[0]
     dtype = position.dtype
     logp, grad = jax.value_and_grad(logdensity_fn)(position)
     dense = settings.dense_mass
     da_init, _, _ = dual_averaging_adaptation(settings.target_accept)
     mm_init, _, _ = mass_matrix_adaptation(not dense)
-    imm = jnp.eye(dim, dtype=dtype) if dense else jnp.ones(dim, dtype)
+    if inverse_mass_matrix is None:
+        imm = jnp.eye(dim, dtype=dtype) if dense else jnp.ones(dim, dtype)
+        chol = jnp.eye(dim, dtype=dtype)
+    else:
+        imm = initial_inverse_mass_matrix(inverse_mass_matrix, dim, dense, dtype)
+        chol = jnp.linalg.cholesky(imm) if dense else None
     zero = jnp.zeros((), dtype)
     izero = jnp.zeros((), jnp.int32)
     vec = jnp.zeros(dim, dtype)
@@ -232,7 +242,7 @@ def init_state(rng_key, logdensity_fn: Callable, position, num_draws: int, setti
             mm_state=jax.tree.map(as_float, mm_init(dim)),
             step_size=jnp.asarray(settings.initial_step_size, dtype),
             inverse_mass_matrix=imm,
-            mass_chol=jnp.eye(dim, dtype=dtype) if dense else vec,
+            mass_chol=chol if dense else vec,
         ),
         buffers=DrawBuffers(
             draws=jnp.zeros((num_draws + 1, dim), dtype),
@@ -423,8 +433,8 @@ def build(logdensity_fn: Callable, settings: KernelSettings, schedule: Schedule)
     """
     total = schedule.num_total
 
-    def init(rng_key, position) -> StepwiseState:
-        return init_state(rng_key, logdensity_fn, position, schedule.num_draws, settings)
+    def init(rng_key, position, inverse_mass_matrix=None) -> StepwiseState:
+        return init_state(rng_key, logdensity_fn, position, schedule.num_draws, settings, inverse_mass_matrix)
 
     def one_step(state: StepwiseState):
         return step(state, logdensity_fn, schedule.num_tune, total, settings), None
