@@ -177,17 +177,17 @@ def audit_vfe(
     closed_form: bool | None = None,
     model_name: str | None = None,
     model_config=None,
-    sampler: str = "blackjax",
+    sampler: str = "auto",
     chains: int = 4,
     draws: int = 1000,
     tune: int = 1000,
     seed: int = 0,
     batch_size: int | None = None,
-    precision: str = "float64",
+    precision: str = "auto",
     target_accept: float = 0.8,
     max_tree_depth: int = 10,
     dense_mass: bool = False,
-    devices: int | None = None,
+    devices: int | None = -1,
     interval: float = 0.9,
     num_q_draws: int = 1000,
     progress: bool | None = None,
@@ -224,7 +224,7 @@ def audit_vfe(
         As in :func:`engine.sample_batched`; ``sampler="pymc"`` loops ``pm.sample`` (baseline).
         ``batch_size=None`` picks equal chunks whose in-program draws fit ``chunks.CHUNK_MEMORY_BYTES``.
     devices
-        Local devices to shard each chunk's problems over (None: one; -1: all), see ``batch.py``.
+        Local devices to shard each chunk's problems over (-1, default: all; None or 1: one), see ``batch.py``.
     interval
         Central credible mass of q whose MCMC coverage is reported (``coverage``).
     num_q_draws
@@ -367,8 +367,21 @@ def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, ru
     pm_model, default_name, exact = _resolve_model(model, bs.kind, bs.dim, closed_form)
     model_name = model_name or default_name
     model_data, full_data = _audit_data(pm_model, bs)
+    from engine.sampling.auto import choose_precision
+    from engine.sampling.batch import local_devices
+    from engine.sampling.kernels import get_kernel
+    from engine.settings import AUTO
+
+    try:
+        host = get_kernel(sampler.name).runs_on_host
+    except ValueError as err:
+        raise InputError(f"field 'sampler': {err}") from None
+    if runtime.precision == AUTO:
+        runtime = dataclasses.replace(runtime, precision="float64" if host else choose_precision(model_data))
+    devices = [None] if host or runtime.batch_size is not None else local_devices(runtime.devices)
     batch_size = chunk_size(bs.num_problems, int(sampler.chains), int(sampler.draws), bs.dim,
-                             int(num_q_draws), runtime.batch_size)
+                             int(num_q_draws), runtime.batch_size, num_devices=len(devices),
+                             platform="cpu" if host or devices[0].platform == "cpu" else "gpu")
     try:
         config = BatchConfig(sampler=sampler, runtime=dataclasses.replace(runtime, batch_size=batch_size),
                              keep_draws=False)
@@ -451,7 +464,7 @@ def audit_table(problems: AuditProblems, summaries):
 
     s = problems.config.sampler
     table, plot_arrays = build_table(problems.beliefs, summaries, problems.model_name, problems.exact,
-                                     problems.interval, problems.num_q_draws, problems.psis)
+                                     problems.interval, problems.num_q_draws, problems.psis, sampler=s.name)
     return flag_failures(table, problems.init_ok, int(s.chains) * int(s.draws)), plot_arrays
 
 
