@@ -39,7 +39,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-__all__ = ["CHEES_MAX_DIM", "FALLBACK_TARGET_ACCEPT", "FALLBACK_TUNE_FACTOR", "FLOAT32_MAX_ABS",
+__all__ = ["CHEES_MAX_DIM", "FALLBACK_TARGET_ACCEPT", "FALLBACK_TUNE_FACTOR", "FALLBACK_CHUNK_PER_DEVICE", "FLOAT32_MAX_ABS",
            "FLOAT32_MAX_ROWS", "GateStats", "choose_kernel", "choose_precision", "fallback_config",
            "gate_ess_min", "gate_passed", "gate_stats", "run_auto", "sampler_names"]
 
@@ -51,6 +51,9 @@ FALLBACK_TARGET_ACCEPT = 0.95
 
 FALLBACK_TUNE_FACTOR = 2
 """The fallback's warmup is this many times the run's ``tune``."""
+
+FALLBACK_CHUNK_PER_DEVICE = 8
+"""Problems per device in a fallback chunk: failures are few, and one fixed size compiles once."""
 
 FLOAT32_MAX_ABS = 1e4
 """Largest absolute data value for which ``precision="auto"`` picks float32."""
@@ -206,9 +209,12 @@ def _with_gate(summary_fn, names) -> Callable:
 # ------------------------------------------------------------------------------ the run
 
 
-def _bucket(count: int, cap: int) -> int:
-    """Fallback chunk size for ``count`` problems: the next power of two (few compiled shapes)."""
-    return min(1 << max(count - 1, 0).bit_length(), max(cap, count))
+def _fallback_size(count: int, chunk: int, num_devices: int) -> int:
+    """Problems per fallback chunk: :data:`FALLBACK_CHUNK_PER_DEVICE` per device (never more than
+    the run's chunk), whatever ``count`` is, so that ONE fallback program serves every chunk."""
+    del count  # the size must not depend on how many failed: one compile per run
+    size = min(FALLBACK_CHUNK_PER_DEVICE * num_devices, max(chunk, 1))
+    return max(num_devices, size - size % num_devices)
 
 
 def _replace_rows(primary, fallback, rows):
@@ -228,13 +234,15 @@ def _replace_rows(primary, fallback, rows):
 
 def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on_chunk=None, progress=None,
              keep_chunks=()):
-    """``run_batched`` for ``sampler.name == "auto"`` (same arguments and result): each chunk runs
+    """``run_batched`` for the ``auto`` sampler (same arguments and result): each chunk runs
     with :func:`choose_kernel`'s kernel, then its problems failing the gate rerun with
-    :func:`fallback_config`, before ``on_chunk`` sees the chunk. The result's ``sampler`` names
+    :func:`fallback_config` (in chunks of a fixed size, one compiled program per run, each problem
+    from its own key stream ``fold_in(key, i)``), before ``on_chunk`` sees the chunk. The result's ``sampler`` names
     each problem's kernel and ``gate_passed`` flags the gate; a summary that is a dict also gets
     ``sampler_code`` (index into :func:`sampler_names`) and ``gate_passed`` per problem."""
-    from engine.sampling.batch import BatchResult, chunk_grid, run_batched
+    from engine.sampling.batch import BatchResult, chunk_grid, local_devices, run_batched
 
+    num_devices = len(local_devices(config.runtime.devices))
     primary = primary_config(config, compiled)
     fallback = fallback_config(config)
     wrapped = _with_gate(summary_fn, compiled.free_var_names)
@@ -259,16 +267,21 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
         failing = np.flatnonzero(~passed & np.asarray(ok, bool))
         if failing.size:
             rerun += failing.size
-            size = _bucket(failing.size, n)
+            size = _fallback_size(failing.size, int(config.batch_size or n), num_devices)
             index = start + failing
-            padded = np.concatenate([index, np.full(size - index.size, index[-1])])
+            total = -(-index.size // size) * size
+            padded = np.concatenate([index, np.full(total - index.size, index[-1])])
             sub = problem_data.select(padded)
             fb_config = dataclasses.replace(fallback, runtime=dataclasses.replace(fallback.runtime, batch_size=size))
             fb_got: list = []
             needs_draws = config.keep_draws or (start, stop) in keep
+            fb_grid = chunk_grid(total, size)
             run_batched(compiled, sub, fb_config, summary_fn=wrapped, on_chunk=capture(fb_got), progress=False,
-                        keep_chunks=[(0, size)] if needs_draws else (), problem_index=padded)
-            fb_kept, _, (fb_summary, fb_gate) = fb_got[0]
+                        keep_chunks=fb_grid if needs_draws else (), problem_index=padded)
+            import jax
+
+            fb_kept, _, (fb_summary, fb_gate) = (
+                jax.tree.map(lambda *xs: np.concatenate(xs), *fb_got) if len(fb_got) > 1 else fb_got[0])
             kept = _replace_rows(kept, fb_kept, failing) if kept[0] is not None else kept
             summary = _replace_rows(summary, fb_summary, failing) if summary is not None else None
             passed[failing] = gate_passed(GateStats(*(np.asarray(a)[: failing.size] for a in fb_gate)),

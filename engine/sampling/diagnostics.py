@@ -185,15 +185,15 @@ Carlo", arXiv:1604.00695; Stan's and ArviZ's threshold)."""
 def ebfmi(energy):
     """Energy Bayesian fraction of missing information per chain. ``[..., C, D] -> [..., C]``.
 
-    ``sum_t (E_t - E_{t-1})^2 / sum_t (E_t - mean E)^2`` over each chain's draws (Betancourt
-    2016, eq. 3.3), the estimator of ``arviz.bfmi``: the mean squared energy change between
-    draws over the variance of the energy (``np.var``, divided by ``D``).
+    The mean squared energy change between successive draws over the variance of the energy
+    (Betancourt 2016, eq. 3.3), each chain on its own, as ``arviz.bfmi`` estimates it (the
+    mean over ``D - 1`` changes, the variance with ``ddof=1``).
     """
     energy = jnp.asarray(energy)
     dtype = energy.dtype if jnp.issubdtype(energy.dtype, jnp.floating) else jnp.result_type(float)
     energy = energy.astype(dtype)
     num = jnp.mean(jnp.square(jnp.diff(energy, axis=-1)), axis=-1)
-    return num / jnp.var(energy, axis=-1)
+    return num / jnp.var(energy, axis=-1, ddof=1)
 
 
 def summarize_draws(x):
