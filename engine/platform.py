@@ -19,8 +19,10 @@ The workarounds, each for jaxlib 0.10.2 on CPU:
    hit it on few cores; ``NPROC`` at twice the cores avoids it at 28-56% throughput.
 3. ``pymc.sampling.jax`` rewrites ``XLA_FLAGS`` on import (100 host devices);
    ``engine.model._pymc_jax`` imports it lazily and restores the variable.
-4. Several CPU devices need ``--xla_force_host_platform_device_count`` before JAX starts
-   (:func:`configure`, which the CLI calls from ``runtime.devices``).
+4. Several CPU devices need ``--xla_force_host_platform_device_count`` before JAX starts.
+   :func:`apply_workarounds` makes one host device per usable core (``runtime.devices=-1``, the
+   default, shards every chunk over them); a user's own ``XLA_FLAGS`` naming the flag wins, and
+   :func:`configure` (the CLI, from ``runtime.devices``) sets another count where asked.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["CPU_XLA_FLAGS", "apply_workarounds", "configure", "add_xla_flags", "backend_started"]
+__all__ = ["CPU_XLA_FLAGS", "apply_workarounds", "configure", "add_xla_flags", "backend_started", "num_cores"]
 
 CPU_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 """XLA:CPU flags every run gets (workaround 1)."""
 
 HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+_DEFAULT_HOST_DEVICES = ""
+"""The host device flag :func:`apply_workarounds` added (empty when the user's ``XLA_FLAGS`` set it)."""
 
 
 def backend_started() -> bool:
@@ -54,11 +59,23 @@ def add_xla_flags(*flags: str) -> None:
     os.environ["XLA_FLAGS"] = current
 
 
+def num_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def apply_workarounds() -> bool:
-    """Set :data:`CPU_XLA_FLAGS` unless JAX has started; returns whether they could be set."""
+    """Set :data:`CPU_XLA_FLAGS` and one host device per core unless JAX has started (or the
+    user's ``XLA_FLAGS`` already names the flag); returns whether they could be set."""
+    global _DEFAULT_HOST_DEVICES
     if backend_started():
         return False
-    add_xla_flags(*CPU_XLA_FLAGS)
+    if HOST_DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        _DEFAULT_HOST_DEVICES = f"{HOST_DEVICE_FLAG}={num_cores()}"
+    add_xla_flags(*CPU_XLA_FLAGS, f"{HOST_DEVICE_FLAG}={num_cores()}")
     return True
 
 
@@ -66,9 +83,11 @@ def configure(platform: str | None = "cpu", devices: int | None = 1) -> None:
     """The CLI's ``runtime.platform`` and ``runtime.devices`` before JAX starts: one host
     device per requested device on CPU (-1: one per core), and ``JAX_PLATFORMS``."""
     started = "jax" in sys.modules
-    if platform == "cpu" and devices not in (None, 1) and not started:
-        count = (os.cpu_count() or 1) if int(devices) == -1 else int(devices)
-        add_xla_flags(f"{HOST_DEVICE_FLAG}={count}")
+    if platform == "cpu" and devices not in (None, 1, -1) and not started:
+        current = os.environ.get("XLA_FLAGS", "")
+        if _DEFAULT_HOST_DEVICES and _DEFAULT_HOST_DEVICES in current:  # the engine's default, not the user's
+            os.environ["XLA_FLAGS"] = current.replace(_DEFAULT_HOST_DEVICES, "").strip()
+        add_xla_flags(f"{HOST_DEVICE_FLAG}={int(devices)}")
     if platform:
         value = "cuda,cpu" if platform == "gpu" else platform
         if started:

@@ -18,9 +18,13 @@ from typing import Any, Optional
 
 from engine.sampling.kernels.base import DEFAULT_MAX_TREE_DEPTH, DEFAULT_TARGET_ACCEPT, KernelSettings
 
-__all__ = ["SamplerConfig", "RuntimeConfig", "from_kwargs", "from_config", "register_configs"]
+__all__ = ["SamplerConfig", "RuntimeConfig", "from_kwargs", "from_config", "register_configs", "AUTO"]
 
-PRECISIONS = ("float64", "float32")
+AUTO = "auto"
+"""The value that lets the engine choose: ``sampler.name`` (:mod:`engine.sampling.auto`) and
+``runtime.precision`` (:func:`engine.sampling.auto.choose_precision`)."""
+
+PRECISIONS = ("float64", "float32", AUTO)
 
 DEFAULT_MAX_DRAWS = 4000
 """Most draws per chain of a problem that stops at ``target_ess`` when ``max_draws`` is not set."""
@@ -31,7 +35,9 @@ class SamplerConfig:
     """What to run for every problem (``conf/sampler/*.yaml``).
 
     name
-        A registered sampler (``engine.sampling.kernels.REGISTRY``; the CLI's option names are accepted).
+        A registered sampler (``engine.sampling.kernels.REGISTRY``; the CLI's option names are
+        accepted); ``"auto"`` (default): ChEES HMC or NUTS per template with a per-problem NUTS
+        fallback (:mod:`engine.sampling.auto`).
     chains, draws, tune
         Chains per problem; kept draws and warmup transitions per chain.
     target_accept, max_tree_depth, dense_mass, initial_step_size
@@ -53,7 +59,7 @@ class SamplerConfig:
         With ``target_ess``: draws per chain between two gate checks.
     """
 
-    name: str = "blackjax"
+    name: str = AUTO
     chains: int = 4
     draws: int = 1000
     tune: int = 1000
@@ -132,15 +138,19 @@ class RuntimeConfig:
     platform
         "cpu" or "gpu" (the CLI sets ``JAX_PLATFORMS`` before JAX starts).
     precision
-        "float64" or "float32" (JAX's x64 mode for the run; float32 is ~1.5x faster on CPU).
+        "float64", "float32" (JAX's x64 mode for the run; float32 is ~1.5x faster on CPU) or
+        "auto" (default): float32 unless the data's magnitudes or sizes make it unsafe
+        (:func:`engine.sampling.auto.choose_precision`).
     batch_size
-        Problems per compiled chunk (``None``: all at once; audits size it to a memory budget).
+        Problems per compiled chunk (``None``: chosen for speed within a memory budget,
+        :func:`engine.sampling.chunking.auto_batch_size`).
     seed
         Root seed; problem ``i`` uses ``fold_in(PRNGKey(seed), i)``.
     progress
         Progress bar (``None``: only when stderr is a terminal).
     devices
-        Local devices to shard each chunk's problem axis over; 1 (or ``None``) one device, -1 all.
+        Local devices to shard each chunk's problem axis over; 1 (or ``None``) one device, -1
+        (default) all (on CPU one host device per core, made when ``engine`` is imported).
     overwrite
         Audits: a run directory holding another configuration's results is refused unless true.
     isolate_failures
@@ -148,18 +158,18 @@ class RuntimeConfig:
     """
 
     platform: str = "cpu"
-    precision: str = "float64"
+    precision: str = AUTO
     batch_size: Optional[int] = None
     seed: int = 0
     progress: Optional[bool] = None
-    devices: Optional[int] = 1
+    devices: Optional[int] = -1
     overwrite: bool = False
     isolate_failures: bool = False
 
     def checked(self) -> "RuntimeConfig":
         """``ValueError`` naming the field of a value that cannot run."""
         if self.precision not in PRECISIONS:
-            raise InputError(f"precision must be 'float32' or 'float64', got {self.precision!r}")
+            raise InputError(f"precision must be 'float32', 'float64' or 'auto', got {self.precision!r}")
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise InputError(f"batch_size must be >= 1 or None, got {self.batch_size}")
         if self.platform not in ("cpu", "gpu"):

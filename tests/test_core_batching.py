@@ -166,7 +166,7 @@ def test_log_density_traced_a_bounded_number_of_times():
     # once per program and kernel phase (starts, init, warmup, step: under 10 today), never per
     # problem or per chunk (20 chunks, then 22 more with another seed)
     compiled.logdensity_fn = chex.assert_max_traces(compiled.logdensity_fn, n=10)
-    config = BatchConfig(sampler=SamplerConfig(draws=20, tune=20, chains=2), runtime=RuntimeConfig(batch_size=50))
+    config = BatchConfig(sampler=SamplerConfig(name="blackjax", draws=20, tune=20, chains=2), runtime=RuntimeConfig(batch_size=50))
     result = run_batched(compiled, problem_data, config, progress=False)
     assert result.draws["theta"].shape == (1000, 2, 20)
     more = prepare_data(model, normal_normal_data(1100, seed=6))  # 22 chunks of the same shape

@@ -18,18 +18,18 @@ from engine.sampling.kernels.base import Kernel, KernelSettings, Schedule
 from engine.settings import RuntimeConfig, SamplerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-JAX_KERNELS = [n for n in REGISTRY if not get_kernel(n).runs_on_host]
+JAX_KERNELS = [n for n in REGISTRY if get_kernel(n).build is not None]
 
 
 def test_registry_names_modules_and_aliases():
     for name in REGISTRY:
         kernel = get_kernel(name)
         assert isinstance(kernel, Kernel) and kernel.name == name
-        assert (kernel.build is None) == kernel.runs_on_host
+        assert (kernel.build is None) == (kernel.runs_on_host or kernel.driver is not None)
     for alias, name in ALIASES.items():
         assert canonical_name(alias) == name
         assert (ROOT / "conf" / "sampler" / f"{alias}.yaml").exists()
-    with pytest.raises(ValueError, match="unknown sampler 'stan'; choose one of 'blackjax', 'numpyro'"):
+    with pytest.raises(ValueError, match="unknown sampler 'stan'; choose one of 'auto', 'blackjax', 'numpyro'"):
         canonical_name("stan")
 
 

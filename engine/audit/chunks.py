@@ -14,6 +14,7 @@ import numpy as np
 
 from engine.audit.beliefs import BeliefSet
 from engine.errors import InputError
+from engine.sampling.chunking import CHUNK_MEMORY_BYTES
 
 __all__ = ["chunk_size", "CHUNK_MEMORY_BYTES", "open_store", "run_chunks", "host_summaries", "concat_chunks", "kept_problems", "kept_inference_data"]
 
@@ -181,22 +182,20 @@ def host_summaries(kernel, pm_model, model_data, full_data, summary_fn, config, 
         return out
 
 
-CHUNK_MEMORY_BYTES = 1 << 30
-"""Default memory budget of one chunk's per-draw arrays (draws and NUTS statistics)."""
-
-
-def chunk_size(num_problems: int, chains: int, draws: int, dim: int, num_q_draws: int, batch_size):
-    """``batch_size``, or when None the fewest equal chunks whose draws fit CHUNK_MEMORY_BYTES.
+def chunk_size(num_problems: int, chains: int, draws: int, dim: int, num_q_draws: int, batch_size, *,
+               num_devices: int = 1, platform: str = "cpu"):
+    """``batch_size``, or when None :func:`engine.sampling.chunking.auto_batch_size`: the fewest
+    equal chunks within the memory budget (``CHUNK_MEMORY_BYTES``) and, on CPU, a few hundred
+    problems per device.
 
     Draws never leave the device, but inside a chunk's program every problem's
-    ``[chain, draw, dim]`` values and seven ``[chain, draw]`` statistics exist at once, so
-    10^5 tokens in one chunk would need tens of GB. Equal chunks keep padding small.
+    ``[chain, draw, dim]`` values and seven ``[chain, draw]`` statistics exist at once, and so do
+    its ``num_q_draws`` draws from q (with two log densities each), so 10^5 tokens in one chunk
+    would need tens of GB.
     """
     if batch_size is not None:
         return int(batch_size)
-    from engine.sampling.kernels.base import SampleStats
+    from engine.sampling.chunking import auto_batch_size
 
-    per_problem = 8 * (chains * draws * (dim + len(SampleStats._fields)) + num_q_draws * (dim + 2))
-    max_size = max(1, CHUNK_MEMORY_BYTES // per_problem)
-    num_chunks = -(-num_problems // max_size)
-    return -(-num_problems // num_chunks)
+    return auto_batch_size(num_problems, chains=chains, draws=draws, values_per_draw=dim,
+                           num_devices=num_devices, platform=platform, extra_bytes=8 * num_q_draws * (dim + 2))

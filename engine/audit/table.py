@@ -21,7 +21,7 @@ UNIVARIATE_COLUMNS = (
     "mcmc_mcse", "mean_diff", "z_error", "std_ratio", "kl_q_mcmc", "kl_mcmc_q", "w2", "coverage",
     "exact_mean", "exact_std", "kl_q_exact", "kl_exact_q", "w2_exact", "coverage_exact",
     "mcmc_exact_z", "pareto_k", "r_hat", "ess_bulk", "ess_tail", "divergences",
-    "mean_n_steps", "num_draws", "num_grads", "converged",
+    "mean_n_steps", "num_draws", "num_grads", "converged", "sampler",
 )
 """metrics.parquet columns of a univariate audit (contract 4 plus extras), in order."""
 
@@ -30,7 +30,7 @@ MULTIVARIATE_COLUMNS = (
     "std_ratio_min", "std_ratio_max", "kl_q_mcmc", "kl_mcmc_q", "w2", "coverage",
     "exact_l2_error", "kl_q_exact", "kl_exact_q", "w2_exact", "mcmc_exact_l2", "pareto_k",
     "mcmc_mcse", "r_hat", "ess_bulk", "ess_tail", "divergences", "mean_n_steps", "num_draws", "num_grads",
-    "converged",
+    "converged", "sampler",
 )
 """metrics.parquet columns of a multivariate audit, in order."""
 
@@ -64,7 +64,8 @@ def _is_positive_definite(mean, cov):
     return ok
 
 
-def build_table(beliefs, summaries, model_name, exact: bool, interval: float, num_q_draws: int, psis: bool):
+def build_table(beliefs, summaries, model_name, exact: bool, interval: float, num_q_draws: int, psis: bool,
+                sampler: str = ""):
     """Per-token metrics table from on-device summaries -> ``(DataFrame, plot arrays)``.
 
     Parameters
@@ -84,6 +85,9 @@ def build_table(beliefs, summaries, model_name, exact: bool, interval: float, nu
         Draws from q behind ``summaries["top_log_weights"]``.
     psis
         Whether k-hat was computed (``theta`` the model's only, untransformed, latent).
+    sampler
+        The run's sampler name, the ``sampler`` column unless the summaries name each problem's
+        kernel (``sampler_code``, the ``auto`` sampler: ChEES or the NUTS fallback per row).
     """
     import pandas as pd
 
@@ -115,11 +119,18 @@ def build_table(beliefs, summaries, model_name, exact: bool, interval: float, nu
     )
     cols["converged"] = is_converged(cols["r_hat"], cols["ess_bulk"], cols["ess_tail"], cols["divergences"])
     cols["converged"] &= cols["status"] == "ok"
+    if "sampler_code" in s:
+        from engine.sampling.auto import sampler_names
+
+        cols["sampler"] = np.asarray(sampler_names(), dtype=object)[s["sampler_code"].astype(int)]
+    else:
+        cols["sampler"] = np.full(P, sampler, dtype=object)
     table = pd.DataFrame({name: cols[name] for name in names})
     float_cols = [c for c in names if c not in ("checkpoint", "token", "status", "n_obs", "dim",
-                                                 "divergences", "num_draws", "num_grads", "converged")]
+                                                 "divergences", "num_draws", "num_grads", "converged", "sampler")]
     table[float_cols] = table[float_cols].astype(np.float64)
     table["status"] = table["status"].astype(str)
+    table["sampler"] = table["sampler"].astype(str)
     from engine.audit.calibration import z_true_columns
 
     for name, values in z_true_columns(beliefs, s).items():  # only when beliefs carry z_true

@@ -135,17 +135,17 @@ def audit_vfe(
     closed_form: bool | None = None,
     model_name: str | None = None,
     model_config=None,
-    sampler: str = "blackjax",
+    sampler: str = "auto",
     chains: int = 4,
     draws: int = 1000,
     tune: int | None = None,
     seed: int = 0,
     batch_size: int | None = None,
-    precision: str = "float64",
+    precision: str = "auto",
     target_accept: float = 0.8,
     max_tree_depth: int = 10,
     dense_mass: bool = False,
-    devices: int | None = None,
+    devices: int | None = -1,
     target_ess: int | None = None,
     max_draws: int | None = None,
     block_draws: int = 100,
@@ -189,7 +189,7 @@ def audit_vfe(
         ``tune=None``: 1000 warmup transitions, or ``WARM_START_TUNE`` when warm-started.
         ``batch_size=None`` picks equal chunks whose in-program draws fit ``chunks.CHUNK_MEMORY_BYTES``.
     devices
-        Local devices to shard each chunk's problems over (None: one; -1: all), see ``batch.py``.
+        Local devices to shard each chunk's problems over (-1, default: all; None or 1: one), see ``batch.py``.
     target_ess, max_draws, block_draws
         Per-problem stopping (see :class:`engine.settings.SamplerConfig`): each token draws in
         blocks until R-hat < 1.01, bulk and tail ESS >= ``target_ess`` and no divergences hold
@@ -375,8 +375,21 @@ def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, ru
     targets = (dedup_module.group_targets(inputs, num_obs) if dedup
                else dedup_module.identity_groups(bs.num_problems))
     model_data = make_problem_data({k: v[targets.first] for k, v in inputs.items()}, num_obs[targets.first])
+    from engine.sampling.auto import choose_precision
+    from engine.sampling.batch import local_devices
+    from engine.sampling.kernels import get_kernel
+    from engine.settings import AUTO
+
+    try:
+        host = get_kernel(sampler.name).runs_on_host
+    except ValueError as err:
+        raise InputError(f"field 'sampler': {err}") from None
+    if runtime.precision == AUTO:
+        runtime = dataclasses.replace(runtime, precision="float64" if host else choose_precision(model_data))
+    devices = [None] if host or runtime.batch_size is not None else local_devices(runtime.devices)
     batch_size = chunk_size(targets.num_targets, int(sampler.chains), int(sampler.max_draws_per_chain), bs.dim,
-                            int(num_q_draws) * targets.max_members, runtime.batch_size)
+                            int(num_q_draws) * targets.max_members, runtime.batch_size, num_devices=len(devices),
+                            platform="cpu" if host or devices[0].platform == "cpu" else "gpu")
     try:
         config = BatchConfig(sampler=sampler, runtime=dataclasses.replace(runtime, batch_size=batch_size),
                              keep_draws=False)
@@ -462,7 +475,7 @@ def audit_table(problems: AuditProblems, summaries):
 
     s = problems.config.sampler
     table, plot_arrays = build_table(problems.beliefs, summaries, problems.model_name, problems.exact,
-                                     problems.interval, problems.num_q_draws, problems.psis)
+                                     problems.interval, problems.num_q_draws, problems.psis, sampler=s.name)
     num_transitions = int(s.chains) * table["num_draws"].to_numpy() if "num_draws" in table else int(s.chains) * int(s.draws)
     return flag_failures(table, problems.init_ok, num_transitions), plot_arrays
 

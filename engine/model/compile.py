@@ -29,7 +29,7 @@ from engine.errors import InputError
 ROW_MASK = "__row_mask__"
 """Key of the boolean row mask ``[n_rows_padded]`` inside a problem's data dict."""
 
-__all__ = ["ROW_MASK", "ProblemData", "CompiledModel", "prepare_data", "compile_model", "graph_fingerprint"]
+__all__ = ["ROW_MASK", "ProblemData", "CompiledModel", "prepare_data", "compile_model", "is_hierarchical", "graph_fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -207,6 +207,9 @@ class CompiledModel:
         Observed variable name -> padded elementwise shape.
     row_indexed_names
         Observed variables indexed by the ragged row axis (their padded rows are masked).
+    is_hierarchical
+        Whether a free variable's prior reads another free variable (a sampled location or scale,
+        :func:`is_hierarchical`); the ``auto`` sampler's choice of kernel reads it.
     """
 
     logdensity_fn: Callable
@@ -219,6 +222,7 @@ class CompiledModel:
     observed_shapes: dict[str, tuple[int, ...]]
     value_slices: dict[str, tuple[slice, tuple[int, ...]]] = field(default_factory=dict)
     row_indexed_names: tuple[str, ...] = ()
+    is_hierarchical: bool = False
 
     @property
     def dim(self) -> int:
@@ -287,6 +291,22 @@ def _row_indexed_observed(model, ragged: set[str]) -> set[str]:
             "ragged data must be observed row by row"
         )
     return row_indexed
+
+
+def is_hierarchical(model) -> bool:
+    """Whether any free variable's distribution parameters depend on another free variable
+    (hierarchical or otherwise dependent priors: funnels, sampled scales), read from the graph."""
+    try:
+        from pytensor.graph.traversal import ancestors
+    except ImportError:  # pytensor < 2.32
+        from pytensor.graph.basic import ancestors
+
+    free = list(model.free_RVs)
+    for rv in free:
+        others = {id(o) for o in free if o is not rv}
+        if any(id(node) in others for node in ancestors(rv.owner.inputs)):
+            return True
+    return False
 
 
 def compile_model(model, problem_data: ProblemData) -> CompiledModel:
@@ -408,6 +428,7 @@ def compile_model(model, problem_data: ProblemData) -> CompiledModel:
         observed_shapes=dict(zip(obs_names, shapes[1])),
         value_slices=slices,
         row_indexed_names=tuple(sorted(row_indexed)),
+        is_hierarchical=is_hierarchical(model),
     )
     return compiled
 

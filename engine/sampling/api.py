@@ -9,7 +9,7 @@ import numpy as np
 from engine import settings as settings_schema
 from engine.caching import LRUCache
 from engine.errors import InputError
-from engine.sampling.batch import BatchConfig, check_init, run_batched
+from engine.sampling.batch import BatchConfig, check_init, resolve_config, run_batched
 from engine.model.compile import CompiledModel, ProblemData, compile_model, prepare_data
 from engine.sampling.kernels import get_kernel
 
@@ -45,7 +45,7 @@ def sample_batched(
     model,
     data: Mapping[str, Any],
     *,
-    sampler: str = "blackjax",
+    sampler: str = settings_schema.AUTO,
     chains: int = 4,
     draws: int = 1000,
     tune: int = 1000,
@@ -63,7 +63,11 @@ def sample_batched(
         Container name -> array ``[num_problems, ...]``, or a list of per-problem arrays whose
         leading (row) axes may differ (ragged; padded and masked).
     sampler
-        NUTS: "blackjax" (default), "numpyro", "stepwise" (the engine's lockstep-free NUTS);
+        "auto" (default): ChEES HMC for small templates with independent priors, BlackJAX NUTS
+        otherwise, and every problem that fails the convergence gate (R-hat, ESS, divergences,
+        E-BFMI) rerun with NUTS at twice the warmup, ``target_accept >= 0.95``, in float64
+        (:mod:`engine.sampling.auto`); a ``RuntimeWarning`` counts those still failing.
+        NUTS: "blackjax", "numpyro", "stepwise" (the engine's lockstep-free NUTS);
         "chees" (ChEES-adapted jittered HMC, tuned across each problem's chains: fastest on
         small well-conditioned posteriors, needs ``chains >= 2`` and ``tune >= 50``, diagonal
         mass only; HMC's optimal ``target_accept`` is 0.651); or "pymc" (a loop of
@@ -73,12 +77,13 @@ def sample_batched(
     seed
         Root seed. Problem ``i`` uses ``fold_in(PRNGKey(seed), i)`` whatever the chunking.
     batch_size
-        Problems per compiled chunk (bounds memory); ``None`` runs all at once.
+        Problems per compiled chunk (bounds memory); ``None``: chosen for speed within a 1 GiB
+        budget (a few hundred problems per device on CPU, :mod:`engine.sampling.chunking`).
     **kw
         ``target_accept`` (0.8), ``max_tree_depth`` (10), ``dense_mass`` (False),
-        ``initial_step_size`` (1.0), ``precision`` ("float64" or "float32"), ``init_tries``
-        (20), ``jitter`` (1.0), ``devices`` (None: one device; N or -1: shard problems over
-        local devices), ``log_likelihood`` (False: add the pointwise log-likelihood
+        ``initial_step_size`` (1.0), ``precision`` ("auto": float32 unless the data's
+        magnitudes or sizes need float64; "float64"; "float32"), ``init_tries`` (20), ``jitter``
+        (1.0), ``devices`` (-1: shard problems over all local devices; None or 1: one device; N), ``log_likelihood`` (False: add the pointwise log-likelihood
         group), ``problem_coords`` (labels of the problem axis), ``progress`` (None: only on
         a terminal). Per-problem stopping (off by default): ``target_ess`` (None; e.g. 400:
         draw in blocks of ``block_draws`` (100) per chain and stop each problem once R-hat <
@@ -96,7 +101,9 @@ def sample_batched(
         ``log_likelihood`` if asked. With ``target_ess`` the ``draw`` axis has ``max_draws``
         entries and problem ``p`` keeps the first ``num_draws[p]``; the rest are NaN (posterior,
         float stats), False or 0. ArviZ's diagnostics of one problem need its kept draws:
-        ``idata.isel(problem=p, draw=slice(0, int(idata.sample_stats.num_draws[p])))``.
+        ``idata.isel(problem=p, draw=slice(0, int(idata.sample_stats.num_draws[p])))``. With
+        ``sampler="auto"`` also per problem ``sampler`` (the kernel whose draws these are) and
+        ``gate_passed``.
 
     Raises
     ------
@@ -115,7 +122,7 @@ def sample_batched(
     sampler_config = sampler_config.checked()
     kernel = get_kernel(sampler_config.name)
     if kernel.runs_on_host:
-        if runtime.precision != "float64":
+        if runtime.precision not in ("float64", settings_schema.AUTO):
             raise InputError(f"sampler={kernel.name!r} runs in PyMC's own precision; drop precision=")
         problem_data = prepare_data(model, data)
         draws_, stats = kernel.host_loop(
@@ -126,6 +133,7 @@ def sample_batched(
     config = BatchConfig(sampler=sampler_config, runtime=runtime, log_likelihood=log_likelihood)
     problem_data = prepare_data(model, data)
     compiled = compile_for(model, problem_data)
+    config = resolve_config(compiled, problem_data, config)
     ok = check_init(compiled, problem_data, config)
     if not ok.all():
         bad = int(np.flatnonzero(~ok)[0])
@@ -136,10 +144,14 @@ def sample_batched(
     result = run_batched(compiled, problem_data, config, progress=progress)
     loglik = _mask_padded_rows(result.log_likelihood, problem_data, compiled.row_indexed_names) if (
         log_likelihood) else None
-    return to_inference_data(
+    idata = to_inference_data(
         result.draws, result.stats, problem_coords=problem_coords, log_likelihood=loglik,
         num_draws=result.num_draws, num_grads=result.num_grads,
     )
+    if result.sampler is not None:
+        idata.sample_stats["sampler"] = ("problem", np.asarray(result.sampler, dtype=str))
+        idata.sample_stats["gate_passed"] = ("problem", np.asarray(result.gate_passed, dtype=bool))
+    return idata
 
 
 def _mask_padded_rows(loglik, problem_data: ProblemData, row_indexed_names):

@@ -39,12 +39,12 @@ from engine.model.compile import CompiledModel, ProblemData
 from engine.sampling import stopping as stopping_mod
 from engine.sampling.kernels import SampleStats, describe, get_kernel
 from engine.sampling.kernels.base import SamplingAlgorithm, Schedule
-from engine.settings import RuntimeConfig, SamplerConfig
+from engine.settings import AUTO, RuntimeConfig, SamplerConfig
 
 __all__ = ["BatchConfig", "BatchResult", "init_positions", "run_batched", "chunk_grid", "check_init",
            "build_chunk_program", "cast_arrays", "chunk_inputs",
            "local_devices", "precision_scope", "problem_starts", "bound_algorithm", "warm_positions",
-           "START_MEAN", "START_SCALE", "START_INVERSE_MASS", "WARM_START_STREAM"]
+           "START_MEAN", "START_SCALE", "START_INVERSE_MASS", "WARM_START_STREAM", "resolve_config"]
 
 MAX_CACHED_PROGRAMS = 32
 """Compiled chunk programs kept per process (least recently used dropped first)."""
@@ -137,6 +137,11 @@ class BatchResult(NamedTuple):
         ``[problem]`` gradient evaluations (leapfrog steps) of all chains, warmup included.
     converged
         ``[problem]`` with ``target_ess``: whether the problem passed the gate (``None`` without).
+            sampler
+        ``[problem]`` name of the kernel whose draws these are (``sampler="auto"`` only).
+    gate_passed
+        ``[problem]`` whether the problem passed the convergence gate (``sampler="auto"`` only,
+        :func:`engine.sampling.auto.gate_passed`).
     """
 
     draws: dict[str, np.ndarray] | None
@@ -147,6 +152,8 @@ class BatchResult(NamedTuple):
     num_draws: np.ndarray | None = None
     num_grads: np.ndarray | None = None
     converged: np.ndarray | None = None
+    sampler: np.ndarray | None = None
+    gate_passed: np.ndarray | None = None
 
 
 def chunk_grid(num_problems: int, batch_size: int | None) -> list[tuple[int, int]]:
@@ -391,8 +398,32 @@ def _progress(total: int, enabled: bool | None, desc: str):
     return tqdm(total=total, desc=desc, unit="problem", disable=disable, leave=False)
 
 
+def resolve_config(compiled: CompiledModel, problem_data: ProblemData, config: BatchConfig,
+                   *, batch_size: bool = True) -> BatchConfig:
+    """``config`` with ``precision="auto"`` and (when ``batch_size``) ``batch_size=None`` made
+    concrete for these problems (:func:`engine.sampling.auto.choose_precision`,
+    :func:`engine.sampling.chunking.auto_batch_size`); unchanged when both are given."""
+    r = config.runtime
+    if r.precision == AUTO:
+        from engine.sampling.auto import choose_precision
+
+        r = dataclasses.replace(r, precision=choose_precision(problem_data))
+    if batch_size and r.batch_size is None:
+        from engine.sampling.chunking import auto_batch_size
+
+        values = sum(int(np.prod(shape, dtype=int)) for shape in compiled.var_shapes.values())
+        devices = local_devices(r.devices)
+        r = dataclasses.replace(r, batch_size=auto_batch_size(
+            problem_data.num_problems, chains=config.sampler.chains, draws=config.sampler.draws,
+            values_per_draw=values, num_devices=len(devices),
+            platform="cpu" if devices[0].platform == "cpu" else "gpu",
+        ))
+    return config if r == config.runtime else dataclasses.replace(config, runtime=r)
+
+
 def check_init(compiled: CompiledModel, problem_data: ProblemData, config: BatchConfig) -> np.ndarray:
     """``[problem]`` flags: every chain of the problem has a finite jittered start."""
+    config = resolve_config(compiled, problem_data, config)
     with precision_scope(config.runtime.precision):
         fn = _build_init_fn(compiled, config)
         arrays = cast_arrays(problem_data.device_arrays(), config.runtime.precision)
@@ -415,6 +446,7 @@ def run_batched(
     on_chunk: Callable | None = None,
     progress: bool | None = None,
     keep_chunks: Collection[tuple[int, int]] = (),
+    problem_index: np.ndarray | None = None,
 ) -> BatchResult:
     """Sample every problem of ``problem_data`` (or of the given ``chunks``) chunk by chunk.
 
@@ -443,7 +475,19 @@ def run_batched(
         Chunks that also bring their full draws back (a ``keep_draws=True`` variant of the
         program) while the others return only summaries; the draws reach ``on_chunk`` only.
         Used to keep the draws of a few chosen problems of a long summary-only run.
+    problem_index
+        ``[problem]`` global indices of ``problem_data``'s problems (their key streams) when they
+        are a selection of a larger run (the ``auto`` sampler's reruns); default ``0..N-1``.
+
+    A kernel with a ``driver`` (``auto``: :func:`engine.sampling.auto.run_auto`) runs instead (same
+    arguments and result, plus ``sampler`` and ``gate_passed``). ``precision="auto"`` and, without ``chunks``,
+    ``batch_size=None`` are resolved first (:func:`resolve_config`).
     """
+    config = resolve_config(compiled, problem_data, config, batch_size=chunks is None)
+    driver = get_kernel(config.sampler.name).driver
+    if driver is not None:
+        return driver(compiled, problem_data, config, summary_fn=summary_fn, chunks=chunks, on_chunk=on_chunk,
+                      progress=progress, keep_chunks=keep_chunks)
     num_problems = problem_data.num_problems
     grid = chunk_grid(num_problems, config.batch_size)
     todo = grid if chunks is None else list(chunks)
@@ -464,6 +508,8 @@ def run_batched(
                 n = stop - start
                 # with stopping, one spare lane more: the target of the block programs' padded lanes
                 index, chunk = chunk_inputs(arrays, start, stop, size + 1 if stopping else size)
+                if problem_index is not None:
+                    index = np.asarray(problem_index)[index]
                 chunk_fn = fn_keep if (start, stop) in keep else fn
                 kept, ok, summary, num_draws, num_grads, converged = chunk_fn(root, index, chunk, n)
                 host = jax.tree.map(lambda a: np.asarray(a)[:n], (kept, ok, summary, num_draws, num_grads))

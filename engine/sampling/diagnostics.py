@@ -31,7 +31,9 @@ __all__ = [
     "mcse_mean",
     "summarize_draws",
     "summarize_idata",
+    "ebfmi",
     "CONVERGENCE_RULES",
+    "EBFMI_MIN",
 ]
 
 CONVERGENCE_RULES = {"r_hat_max": 1.01, "ess_min": 400.0}
@@ -172,6 +174,26 @@ def mcse_mean(x):
     """Monte Carlo standard error of the posterior mean: sd / sqrt(ESS_mean). ``[..., C, D] -> [...]``."""
     flat = x.reshape(x.shape[:-2] + (-1,))
     return flat.std(-1, ddof=1) / jnp.sqrt(ess_mean(x))
+
+
+EBFMI_MIN = 0.3
+"""E-BFMI below this flags a chain whose momentum resampling explores the energy distribution
+poorly (Betancourt 2016, "Diagnosing suboptimal cotangent disintegrations in Hamiltonian Monte
+Carlo", arXiv:1604.00695; Stan's and ArviZ's threshold)."""
+
+
+def ebfmi(energy):
+    """Energy Bayesian fraction of missing information per chain. ``[..., C, D] -> [..., C]``.
+
+    The mean squared energy change between successive draws over the variance of the energy
+    (Betancourt 2016, eq. 3.3), each chain on its own, as ``arviz.bfmi`` estimates it (the
+    mean over ``D - 1`` changes, the variance with ``ddof=1``).
+    """
+    energy = jnp.asarray(energy)
+    dtype = energy.dtype if jnp.issubdtype(energy.dtype, jnp.floating) else jnp.result_type(float)
+    energy = energy.astype(dtype)
+    num = jnp.mean(jnp.square(jnp.diff(energy, axis=-1)), axis=-1)
+    return num / jnp.var(energy, axis=-1, ddof=1)
 
 
 def summarize_draws(x):

@@ -18,6 +18,7 @@ __all__ = ["REGISTRY", "ALIASES", "Kernel", "KernelSettings", "SampleStats", "ge
            "describe", "names"]
 
 REGISTRY = {
+    "auto": "engine.sampling.kernels.auto",
     "blackjax": "engine.sampling.kernels.blackjax_nuts",
     "numpyro": "engine.sampling.kernels.numpyro_nuts",
     "stepwise": "engine.sampling.kernels.stepwise_nuts",

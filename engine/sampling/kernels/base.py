@@ -190,6 +190,10 @@ class Kernel(NamedTuple):
         A host kernel (``pymc``): ``(model, problem_data, *, chains, draws, tune, seed,
         settings, progress) -> (draws {name: [problem, chain, draw, ...]}, SampleStats)``
         instead of a JAX program. ``None`` for JAX kernels.
+    driver
+        A sampler that runs other kernels (``auto``): ``(compiled, problem_data, config, *,
+        summary_fn, chunks, on_chunk, progress, keep_chunks) -> BatchResult``, called by
+        ``engine.sampling.batch.run_batched`` in place of its own loop. ``None`` otherwise.
     """
 
     name: str
@@ -200,6 +204,7 @@ class Kernel(NamedTuple):
     check: Optional[Callable[[int, int, KernelSettings], None]] = None
     target_accept: float = DEFAULT_TARGET_ACCEPT
     host_loop: Optional[Callable[..., tuple[dict, SampleStats]]] = None
+    driver: Optional[Callable[..., Any]] = None
 
     @property
     def runs_on_host(self) -> bool:

@@ -1,0 +1,360 @@
+"""The ``auto`` sampler and the other automatic defaults: kernel per template, precision per data.
+
+``sampler="auto"`` (the default) runs every problem with the fastest kernel that suits the
+template, checks each problem against the convergence gate on the device, and reruns the
+problems that fail with a careful NUTS:
+
+1. Kernel (:func:`choose_kernel`). ChEES-adapted HMC (``chees``) when the template is small
+   (at most :data:`CHEES_MAX_DIM` unconstrained parameters), no free variable's prior reads
+   another free variable (``CompiledModel.is_hierarchical``), there are at least 2 chains and
+   a warmup ChEES can adapt in, and no dense mass matrix is asked for; BlackJAX NUTS otherwise.
+   On this project's CPU benchmarks ChEES was 2.5-10x faster than NUTS per posterior on the
+   1-D conjugate template (w1) and the ragged regressions (w4), both passing the gate, but it
+   certified only 10% of the 40-parameter hierarchical attention template (w3), where one
+   trajectory length per problem cannot serve a funnel; NUTS certified 80% there.
+2. Gate (:func:`gate_stats`, :func:`gate_passed`), per problem over every element of every
+   free variable: rank-normalised split R-hat < 1.01, bulk and tail ESS >= 400 (or a tenth of
+   the draws, ``chains * draws / 10``, when that is fewer: short runs cannot reach 400), no
+   divergent transition, and E-BFMI >= 0.3 in every chain.
+3. Fallback (:func:`fallback_config`): the failing problems of a chunk rerun with BlackJAX NUTS,
+   twice the warmup, ``target_accept`` at least 0.95, in float64, from their own key streams
+   (``fold_in(key, i)`` as before); their rows replace the first run's. Problems failing both
+   keep the fallback's result and are counted in one ``RuntimeWarning``.
+
+Each problem reports which kernel gave its result (``sampler``) and whether it passed the gate
+(``gate_passed``).
+
+Precision (:func:`choose_precision`, ``precision="auto"``): float32, about 1.5x faster on CPU,
+unless the data make it unsafe. float32 resolves 2^-24 ~ 6e-8 relative to a value; measured on
+w1 (``benchmarks/results/defaults.md``), its posterior means stay within Monte Carlo error of
+the closed form while the data's magnitude stays below :data:`FLOAT32_MAX_ABS`, and the
+log density sums at most :data:`FLOAT32_MAX_ROWS` rows per problem; beyond either, float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+__all__ = ["CHEES_MAX_DIM", "FALLBACK_TARGET_ACCEPT", "FALLBACK_TUNE_FACTOR", "FALLBACK_CHUNK_PER_DEVICE", "FLOAT32_MAX_ABS",
+           "FLOAT32_MAX_ROWS", "GateStats", "choose_kernel", "choose_precision", "fallback_config",
+           "gate_ess_min", "gate_passed", "gate_stats", "run_auto", "sampler_names"]
+
+CHEES_MAX_DIM = 16
+"""Largest number of unconstrained parameters for which ``auto`` starts with ChEES."""
+
+FALLBACK_TARGET_ACCEPT = 0.95
+"""Smallest ``target_accept`` of the NUTS fallback (smaller steps through curved regions)."""
+
+FALLBACK_TUNE_FACTOR = 2
+"""The fallback's warmup is this many times the run's ``tune``."""
+
+FALLBACK_CHUNK_PER_DEVICE = 8
+"""Problems per device in a fallback chunk: failures are few, and one fixed size compiles once."""
+
+FLOAT32_MAX_ABS = 1e4
+"""Largest absolute data value for which ``precision="auto"`` picks float32."""
+
+FLOAT32_MAX_ROWS = 10_000
+"""Most elements per problem of any data container for which ``precision="auto"`` picks float32."""
+
+
+class GateStats(NamedTuple):
+    """One problem's worst convergence diagnostics over the elements of its free variables.
+
+    r_hat
+        Largest rank-normalised split R-hat.
+    ess_bulk, ess_tail
+        Smallest bulk and tail ESS.
+    divergences
+        Divergent transitions over all chains.
+    ebfmi
+        Smallest E-BFMI over chains.
+    """
+
+    r_hat: Any
+    ess_bulk: Any
+    ess_tail: Any
+    divergences: Any
+    ebfmi: Any
+
+
+# ------------------------------------------------------------------------------ choices
+
+
+def choose_kernel(compiled, sampler) -> str:
+    """The kernel ``auto`` starts with for this compiled template and ``SamplerConfig``."""
+    from engine.sampling.kernels.chees_hmc import MIN_CHAINS, MIN_TUNE
+
+    small = compiled.dim <= CHEES_MAX_DIM and not compiled.is_hierarchical
+    chees_runs = int(sampler.chains) >= MIN_CHAINS and int(sampler.tune) >= MIN_TUNE and not sampler.dense_mass
+    return "chees" if small and chees_runs else "blackjax"
+
+
+def choose_precision(problem_data) -> str:
+    """``"float32"`` unless a floating data value exceeds :data:`FLOAT32_MAX_ABS` in magnitude or
+    a container holds more than :data:`FLOAT32_MAX_ROWS` elements per problem: ``"float64"``."""
+    for arr in problem_data.arrays.values():
+        arr = np.asarray(arr)
+        if not np.issubdtype(arr.dtype, np.floating):
+            continue
+        if arr.size and np.nanmax(np.abs(arr)) > FLOAT32_MAX_ABS:
+            return "float64"
+        if arr.shape[0] and arr.size // arr.shape[0] > FLOAT32_MAX_ROWS:
+            return "float64"
+    return "float32"
+
+
+def primary_config(config, compiled):
+    """``config`` (a ``BatchConfig`` with ``sampler.name == "auto"``) with the chosen kernel;
+    ChEES gets HMC's optimal acceptance target unless the run asked for another than NUTS's
+    default."""
+    from engine.sampling.kernels import get_kernel
+    from engine.sampling.kernels.base import DEFAULT_TARGET_ACCEPT
+
+    s = config.sampler
+    name = choose_kernel(compiled, s)
+    target = float(s.target_accept)
+    if target == DEFAULT_TARGET_ACCEPT:  # the run kept NUTS's default: each kernel's own
+        target = get_kernel(name).target_accept
+    return dataclasses.replace(config, sampler=dataclasses.replace(s, name=name, target_accept=target))
+
+
+def fallback_config(config):
+    """The careful rerun: BlackJAX NUTS, :data:`FALLBACK_TUNE_FACTOR` x the warmup (at least
+    100 steps), ``target_accept >= FALLBACK_TARGET_ACCEPT``, trees at least as deep as NUTS's
+    default, float64."""
+    s, r = config.sampler, config.runtime
+    from engine.sampling.kernels.base import DEFAULT_MAX_TREE_DEPTH
+
+    sampler = dataclasses.replace(
+        s, name="blackjax", tune=max(FALLBACK_TUNE_FACTOR * int(s.tune), 100),
+        target_accept=max(float(s.target_accept), FALLBACK_TARGET_ACCEPT),
+        max_tree_depth=max(int(s.max_tree_depth), DEFAULT_MAX_TREE_DEPTH),
+    )
+    return dataclasses.replace(config, sampler=sampler, runtime=dataclasses.replace(r, precision="float64"))
+
+
+def sampler_names() -> tuple[str, ...]:
+    """Kernel names in the order of their codes in a summary's ``sampler_code``."""
+    from engine.sampling.kernels import names
+
+    return names()
+
+
+# ------------------------------------------------------------------------------ the gate
+
+
+def gate_ess_min(chains: int, draws: int) -> float:
+    """The gate's ESS threshold: 400, or a tenth of the draws when ``chains * draws < 4000``."""
+    from engine.sampling.diagnostics import CONVERGENCE_RULES
+
+    return float(min(CONVERGENCE_RULES["ess_min"], 0.1 * int(chains) * int(draws)))
+
+
+def gate_stats(values: dict, stats, names, num_draws=None) -> GateStats:
+    """ONE problem's :class:`GateStats` from its constrained ``values {name: [chain, draw, ...]}``
+    (only ``names``, the free variables, are read) and ``stats`` (``SampleStats`` of
+    ``[chain, draw]``); runs on the device inside the chunk program."""
+    import jax.numpy as jnp
+
+    from engine.sampling import diagnostics
+
+    parts = []
+    for name in names:
+        v = values[name]
+        parts.append(jnp.moveaxis(v.reshape(v.shape[:2] + (-1,)), -1, 0))  # [elements, chain, draw]
+    x = jnp.concatenate(parts, axis=0)
+    if num_draws is None:
+        return GateStats(
+            r_hat=jnp.max(diagnostics.rhat(x)),
+            ess_bulk=jnp.min(diagnostics.ess_bulk(x)),
+            ess_tail=jnp.min(diagnostics.ess_tail(x)),
+            divergences=jnp.sum(stats.diverging.astype(jnp.int32)),
+            ebfmi=jnp.min(diagnostics.ebfmi(stats.energy)),
+        )
+    from engine.sampling import gate  # per-problem stopping: only the first num_draws draws count
+
+    kept = jnp.arange(x.shape[-1]) < num_draws
+    return GateStats(
+        r_hat=jnp.max(gate.masked_rhat(x, num_draws)),
+        ess_bulk=jnp.min(gate.masked_ess_bulk(x, num_draws)),
+        ess_tail=jnp.min(gate.masked_ess_tail(x, num_draws)),
+        divergences=jnp.sum(jnp.where(kept, stats.diverging, False).astype(jnp.int32)),
+        ebfmi=jnp.min(masked_ebfmi(stats.energy, num_draws)),
+    )
+
+
+def masked_ebfmi(energy, num_draws):
+    """:func:`engine.sampling.diagnostics.ebfmi` of the first ``num_draws`` (traced) draws of
+    ``energy [chain, draw]`` -> ``[chain]``."""
+    import jax.numpy as jnp
+
+    dtype = energy.dtype if jnp.issubdtype(energy.dtype, jnp.floating) else jnp.result_type(float)
+    energy = energy.astype(dtype)
+    kept = jnp.arange(energy.shape[-1]) < num_draws
+    e = jnp.where(kept, energy, 0.0)
+    mean = e.sum(-1, keepdims=True) / num_draws
+    var = jnp.where(kept, (energy - mean) ** 2, 0.0).sum(-1) / (num_draws - 1)
+    steps = jnp.where(kept[1:], jnp.square(jnp.diff(e, axis=-1)), 0.0).sum(-1) / (num_draws - 1)
+    return steps / var
+
+
+def gate_passed(gate: GateStats, chains: int, draws: int) -> np.ndarray:
+    """``[problem]`` flags of the gate (module docstring); NaN diagnostics fail."""
+    from engine.sampling.diagnostics import CONVERGENCE_RULES, EBFMI_MIN
+
+    ess_min = gate_ess_min(chains, draws)
+    g = GateStats(*(np.asarray(a, dtype=float) for a in gate))
+    with np.errstate(invalid="ignore"):
+        return ((g.r_hat < CONVERGENCE_RULES["r_hat_max"]) & (g.ess_bulk >= ess_min)
+                & (g.ess_tail >= ess_min) & (g.divergences == 0) & (g.ebfmi >= EBFMI_MIN))
+
+
+_WRAPPED: dict = {}
+
+
+def _with_gate(summary_fn, names) -> Callable:
+    """``summary_fn`` extended with the gate: ``(summary, GateStats)``. One wrapper per
+    ``(summary_fn, names)``, so compiled chunk programs are reused across calls."""
+    key = (summary_fn, tuple(names))
+    if key not in _WRAPPED:
+        def wrapped(values, stats, data, num_draws=None):
+            if summary_fn is None:
+                summary = None
+            elif num_draws is None:
+                summary = summary_fn(values, stats, data)
+            else:
+                summary = summary_fn(values, stats, data, num_draws=num_draws)
+            return summary, gate_stats(values, stats, names, num_draws)
+
+        if len(_WRAPPED) > 64:
+            _WRAPPED.clear()
+        _WRAPPED[key] = wrapped
+    return _WRAPPED[key]
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def _fallback_size(count: int, chunk: int, num_devices: int) -> int:
+    """Problems per fallback chunk: :data:`FALLBACK_CHUNK_PER_DEVICE` per device (never more than
+    the run's chunk), whatever ``count`` is, so that ONE fallback program serves every chunk."""
+    del count  # the size must not depend on how many failed: one compile per run
+    size = min(FALLBACK_CHUNK_PER_DEVICE * num_devices, max(chunk, 1))
+    return max(num_devices, size - size % num_devices)
+
+
+def _replace_rows(primary, fallback, rows):
+    """``primary`` (host pytree ``[n, ...]``) with ``rows`` taken from ``fallback`` (``[k, ...]``),
+    in the primary's dtypes."""
+    import jax
+
+    def put(a, b):
+        if a is None:
+            return None
+        a = np.array(a)
+        a[rows] = np.asarray(b)[: len(rows)].astype(a.dtype)
+        return a
+
+    return jax.tree.map(put, primary, fallback, is_leaf=lambda x: x is None)
+
+
+def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on_chunk=None, progress=None,
+             keep_chunks=()):
+    """``run_batched`` for the ``auto`` sampler (same arguments and result): each chunk runs
+    with :func:`choose_kernel`'s kernel, then its problems failing the gate rerun with
+    :func:`fallback_config` (in chunks of a fixed size, one compiled program per run, each problem
+    from its own key stream ``fold_in(key, i)``), before ``on_chunk`` sees the chunk. The result's ``sampler`` names
+    each problem's kernel and ``gate_passed`` flags the gate; a summary that is a dict also gets
+    ``sampler_code`` (index into :func:`sampler_names`) and ``gate_passed`` per problem."""
+    from engine.sampling.batch import BatchResult, chunk_grid, local_devices, run_batched
+
+    num_devices = len(local_devices(config.runtime.devices))
+    primary = primary_config(config, compiled)
+    fallback = fallback_config(config)
+    wrapped = _with_gate(summary_fn, compiled.free_var_names)
+    codes = {name: i for i, name in enumerate(sampler_names())}
+    s = config.sampler
+    grid = chunk_grid(problem_data.num_problems, config.batch_size)
+    todo = grid if chunks is None else [tuple(c) for c in chunks]
+    keep = {(int(a), int(b)) for a, b in keep_chunks}
+    results, names_out, passed_out, counts_out, still_failing, rerun = [], [], [], [], 0, 0
+    gate_draws = s.max_draws_per_chain if s.is_stopping else int(s.draws)  # the gate's ESS bar (gate_ess_min)
+
+    def capture(store):
+        return lambda start, stop, host: store.append(host)
+
+    for start, stop in todo:
+        got: list = []
+        res = run_batched(compiled, problem_data, primary, summary_fn=wrapped, chunks=[(start, stop)],
+                          on_chunk=capture(got), progress=progress,
+                          keep_chunks=[(start, stop)] if (start, stop) in keep else ())
+        kept, ok, (summary, gate) = got[0]
+        n = stop - start
+        counts = [np.array(res.num_draws), np.array(res.num_grads),
+                  None if res.converged is None else np.array(res.converged)]
+        passed = gate_passed(gate, s.chains, gate_draws)
+        used = np.full(n, primary.sampler.name, dtype=object)
+        failing = np.flatnonzero(~passed & np.asarray(ok, bool))
+        if failing.size:
+            rerun += failing.size
+            size = _fallback_size(failing.size, int(config.batch_size or n), num_devices)
+            index = start + failing
+            total = -(-index.size // size) * size
+            padded = np.concatenate([index, np.full(total - index.size, index[-1])])
+            sub = problem_data.select(padded)
+            fb_config = dataclasses.replace(fallback, runtime=dataclasses.replace(fallback.runtime, batch_size=size))
+            fb_got: list = []
+            needs_draws = config.keep_draws or (start, stop) in keep
+            fb_grid = chunk_grid(total, size)
+            fb_res = run_batched(compiled, sub, fb_config, summary_fn=wrapped, on_chunk=capture(fb_got),
+                                 progress=False, keep_chunks=fb_grid if needs_draws else (), problem_index=padded)
+            fb_counts = [fb_res.num_draws, fb_res.num_grads, fb_res.converged]
+            for i, (mine, theirs) in enumerate(zip(counts, fb_counts)):
+                if mine is not None and theirs is not None:
+                    mine[failing] = np.asarray(theirs)[: failing.size]
+                    if i == 1:  # the fallback's gradients come on top of the first kernel's
+                        mine[failing] += np.asarray(res.num_grads)[failing]
+            import jax
+
+            fb_kept, _, (fb_summary, fb_gate) = (
+                jax.tree.map(lambda *xs: np.concatenate(xs), *fb_got) if len(fb_got) > 1 else fb_got[0])
+            kept = _replace_rows(kept, fb_kept, failing) if kept[0] is not None else kept
+            summary = _replace_rows(summary, fb_summary, failing) if summary is not None else None
+            passed[failing] = gate_passed(GateStats(*(np.asarray(a)[: failing.size] for a in fb_gate)),
+                                          s.chains, gate_draws)
+            used[failing] = fallback.sampler.name
+        still_failing += int(np.sum(~passed & np.asarray(ok, bool)))
+        if isinstance(summary, dict):
+            summary = {**summary, "sampler_code": np.array([codes[u] for u in used], np.int8),
+                       "gate_passed": passed.copy(), "num_draws": counts[0], "num_grads": counts[1]}
+        host = (kept, ok, summary)
+        if on_chunk is not None:
+            on_chunk(start, stop, host)
+        if not config.keep_draws:
+            host = ((None, None, None),) + host[1:]
+        results.append(host)
+        counts_out.append(counts)
+        names_out.append(used.astype(str))
+        passed_out.append(passed)
+    if still_failing:
+        warnings.warn(
+            f"sampler 'auto': {still_failing} of {sum(b - a for a, b in todo)} problems fail the convergence gate "
+            f"(R-hat, ESS >= {gate_ess_min(s.chains, gate_draws):g}, divergences, E-BFMI) after the NUTS fallback "
+            f"({rerun} reran); see gate_passed", RuntimeWarning, stacklevel=3)
+    if not results:
+        return BatchResult(None, None, None, np.zeros(0, bool), None)
+    import jax
+
+    concat = lambda *xs: np.concatenate(xs)  # noqa: E731
+    kept, ok, summaries = jax.tree.map(concat, *results) if len(results) > 1 else results[0]
+    values, stats, loglik = kept
+    num_draws, num_grads, converged = (
+        None if parts[0] is None else np.concatenate(parts) for parts in zip(*counts_out))
+    return BatchResult(draws=values, stats=stats, log_likelihood=loglik, init_ok=ok, summaries=summaries,
+                       num_draws=num_draws, num_grads=num_grads, converged=converged,
+                       sampler=np.concatenate(names_out), gate_passed=np.concatenate(passed_out))

@@ -1,0 +1,174 @@
+"""The automatic defaults: the ``auto`` sampler (kernel choice, gate, NUTS fallback), E-BFMI,
+the chunk size rule and the precision rule."""
+
+from __future__ import annotations
+
+import warnings
+
+import arviz as az
+import numpy as np
+import pymc as pm
+import pytest
+
+import engine
+from engine.model.compile import prepare_data
+from engine.sampling import auto, chunking
+from engine.sampling.api import compile_for
+from engine.sampling.diagnostics import ebfmi
+from engine.settings import RuntimeConfig, SamplerConfig
+from tests.models import normal_normal_data, normal_normal_model, normal_normal_posterior
+
+
+def _compiled(model, data):
+    return compile_for(model, prepare_data(model, data))
+
+
+def _hierarchical_model():
+    with pm.Model() as model:
+        y = pm.Data("y", np.zeros(3))
+        tau = pm.HalfNormal("tau", 1.0)
+        theta = pm.Normal("theta", 0.0, tau, shape=3)
+        pm.Normal("obs", theta, 1.0, observed=y)
+    return model
+
+
+def _wide_model(dim):
+    with pm.Model() as model:
+        y = pm.Data("y", np.zeros(dim))
+        theta = pm.Normal("theta", 0.0, 1.0, shape=dim)
+        pm.Normal("obs", theta, 1.0, observed=y)
+    return model
+
+
+def test_auto_picks_the_documented_kernel_per_template():
+    small = _compiled(normal_normal_model(), normal_normal_data(2))
+    assert not small.is_hierarchical and small.dim == 1
+    s = SamplerConfig()
+    assert s.name == "auto" and RuntimeConfig().precision == "auto" and RuntimeConfig().devices == -1
+    assert auto.choose_kernel(small, s) == "chees"
+    # ChEES needs 2 chains and a warmup of 50, and has no dense mass matrix: NUTS then
+    for other in (dict(chains=1), dict(tune=49), dict(dense_mass=True)):
+        assert auto.choose_kernel(small, SamplerConfig(**other)) == "blackjax"
+    hierarchical = _compiled(_hierarchical_model(), {"y": np.zeros((2, 3))})
+    assert hierarchical.is_hierarchical
+    assert auto.choose_kernel(hierarchical, s) == "blackjax"
+    wide = _compiled(_wide_model(auto.CHEES_MAX_DIM + 1), {"y": np.zeros((2, auto.CHEES_MAX_DIM + 1))})
+    assert auto.choose_kernel(wide, s) == "blackjax"
+    # the fallback: NUTS, twice the warmup, target_accept >= 0.95, float64, default-deep trees
+    from engine.sampling.batch import BatchConfig
+
+    fb = auto.fallback_config(BatchConfig(sampler=SamplerConfig(tune=300, max_tree_depth=1)))
+    assert (fb.sampler.name, fb.sampler.tune, fb.sampler.target_accept, fb.runtime.precision,
+            fb.sampler.max_tree_depth) == ("blackjax", 600, 0.95, "float64", 10)
+
+
+def test_ebfmi_matches_arviz():
+    rng = np.random.default_rng(0)
+    # [problem, chain, draw]: an AR(1) energy of different persistence per problem
+    energy = np.zeros((3, 4, 300))
+    for p, phi in enumerate((0.0, 0.6, 0.95)):
+        noise = rng.normal(size=(4, 300))
+        for t in range(1, 300):
+            energy[p, :, t] = phi * energy[p, :, t - 1] + noise[:, t]
+    ours = np.asarray(ebfmi(energy))
+    for p in range(3):
+        idata = az.from_dict(sample_stats={"energy": energy[p]})
+        np.testing.assert_allclose(ours[p], az.bfmi(idata), rtol=1e-10)
+    assert ours[2].max() < 0.3 < ours[0].min()  # a persistent energy is flagged
+
+
+def test_auto_batch_size_rule():
+    per_device = chunking.CPU_PROBLEMS_PER_DEVICE
+    kw = dict(chains=4, draws=1000, values_per_draw=1)
+    # CPU: equal chunks of at most per_device problems per device, a multiple of the devices
+    for n, devices in ((1000, 2), (10_000, 2), (999, 4), (7, 2)):
+        size = chunking.auto_batch_size(n, num_devices=devices, **kw)
+        assert size <= max(per_device * devices, 1) and size % devices == 0
+        chunks = -(-n // size)
+        assert size * chunks - n < chunks * devices  # padding stays small
+    assert chunking.auto_batch_size(5, num_devices=1, **kw) == 5
+    # GPU: one chunk unless memory says otherwise
+    assert chunking.auto_batch_size(3000, platform="gpu", **kw) == 3000
+    per_problem = chunking.bytes_per_problem(4, 1000, 1)
+    capped = chunking.auto_batch_size(10**6, platform="gpu", **kw)
+    assert capped * per_problem <= chunking.CHUNK_MEMORY_BYTES < 2 * capped * per_problem
+    # large draws: memory binds on CPU too
+    big = chunking.auto_batch_size(1000, chains=4, draws=100_000, values_per_draw=40)
+    assert big * chunking.bytes_per_problem(4, 100_000, 40) <= chunking.CHUNK_MEMORY_BYTES
+    # the audit's chunk size is the same rule with its draws from q on top
+    from engine.audit.chunks import chunk_size
+
+    assert chunk_size(1000, 4, 1000, 1, 1000, None, num_devices=2) == chunking.auto_batch_size(
+        1000, num_devices=2, extra_bytes=8 * 1000 * 3, **kw)
+    assert chunk_size(1000, 4, 1000, 1, 1000, 17) == 17
+
+
+def test_precision_rule():
+    data = normal_normal_data(3)
+    assert auto.choose_precision(prepare_data(normal_normal_model(), data)) == "float32"
+    far = {**data, "y": data["y"] + 2 * auto.FLOAT32_MAX_ABS}
+    assert auto.choose_precision(prepare_data(normal_normal_model(), far)) == "float64"
+    rows = auto.FLOAT32_MAX_ROWS + 1
+    long = normal_normal_data(2, num_obs=rows)
+    assert auto.choose_precision(prepare_data(normal_normal_model(rows), long)) == "float64"
+    with pytest.raises(ValueError, match="precision must be"):
+        RuntimeConfig(precision="float16").checked()
+
+
+def _line_model():
+    with pm.Model() as model:
+        x = pm.Data("x", np.zeros(20))
+        y = pm.Data("y", np.zeros(20))
+        a = pm.Normal("a", 0.0, 10.0)
+        b = pm.Normal("b", 0.0, 10.0)
+        pm.Normal("obs", a + b * x, 1.0, observed=y)
+    return model
+
+
+def _line_posterior(x, y):
+    """Closed-form posterior of (a, b): Normal(0, 10^2) priors, unit noise."""
+    design = np.stack([np.ones_like(x), x], axis=-1)
+    precision = design.T @ design + np.eye(2) / 100.0
+    cov = np.linalg.inv(precision)
+    return cov @ design.T @ y, np.sqrt(np.diag(cov))
+
+
+def test_fallback_reruns_a_failing_problem_and_it_then_passes():
+    """ChEES capped at ONE leapfrog step per draw (``max_tree_depth=1``) with the shortest
+    warmup mixes far too slowly on a correlated 2-D posterior (R-hat ~2 at 300 draws);
+    the fallback (NUTS, full-depth trees, 2x warmup) certifies it, and its draws match the
+    closed form."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(1, 3, (1, 20))
+    y = 1.0 + 0.5 * x + rng.normal(size=(1, 20))
+    model = _line_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no problem is left failing
+        idata = engine.sample_batched(model, {"x": x, "y": y}, chains=4, draws=600, tune=50, max_tree_depth=1,
+                                      progress=False)
+    assert idata.sample_stats.sampler.values.tolist() == ["blackjax"]
+    assert idata.sample_stats.gate_passed.values.tolist() == [True]
+    assert idata.posterior.a.dtype == np.float32  # the primary run's precision, fallback cast back
+    mean, sd = _line_posterior(x[0], y[0])
+    post = np.stack([idata.posterior[v].values[..., 0] for v in ("a", "b")])  # [2, chain, draw]
+    ess = az.ess(idata).to_array().values[:, 0]
+    z = (post.mean((1, 2)) - mean) / (sd / np.sqrt(ess))
+    assert np.all(np.abs(z) < 4), z
+    # the first kernel really failed the gate on its own
+    first = engine.sample_batched(model, {"x": x, "y": y}, sampler="chees", target_accept=0.651, chains=4,
+                                  draws=600, tune=50, max_tree_depth=1, progress=False)
+    assert float(az.rhat(first).to_array().max()) > 1.01
+
+
+def test_auto_defaults_sample_the_readme_call():
+    """The README's call with the defaults (auto sampler, auto precision, all devices, auto
+    chunks): ChEES certifies a conjugate template, float32, against the closed form."""
+    data = normal_normal_data(6, seed=4)
+    idata = engine.sample_batched(normal_normal_model(), data, chains=4, draws=500, tune=500, progress=False)
+    assert set(idata.sample_stats.sampler.values) <= {"chees", "blackjax"}
+    assert idata.posterior.theta.dtype == np.float32
+    mean, sd = normal_normal_posterior(data)
+    theta = idata.posterior.theta.values
+    ess = az.ess(idata).theta.values
+    z = (theta.mean((0, 1)) - mean) / (sd / np.sqrt(ess))
+    assert np.all(np.abs(z) < 4.5), z
