@@ -1,0 +1,167 @@
+"""Writing the time-to-certified results: JSON (everything), markdown (tables) and a bar chart.
+
+``python -m benchmarks.certified_report results/certified.json`` re-renders markdown and PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from benchmarks.report import _jsonable
+
+__all__ = ["markdown_table", "write_results", "plot_bars"]
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def _settings(r: dict) -> str:
+    return f"{r['chains']} x ({r['tune']}+{r['draws']})"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One line per workload and contestant: the chosen setting and its time to certified."""
+    head = ("| workload | contestant | settings | problems | certified | run ms/posterior | compile s | "
+            "**time to certified ms** | x nutpie | x pm.sample | note |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        share = f"{r['pass_share']:.1%}" + ("" if r["certified"] else " (**not certified**)")
+        note = r.get("note") or ""
+        if r["sampler"] == "nutpie":
+            note = f"{r.get('backend', '?')} backend" + (f"; {note}" if note else "")
+        lines.append(
+            f"| {r['workload']} | {r['contestant']} | {_settings(r)} | {r['problems_run']} | {share} | "
+            f"{_fmt(r['run_ms_per_posterior'])} | {_fmt(r['compile_s'])} | **{_fmt(r['ttc_ms'])}** | "
+            f"{_fmt(r.get('x_nutpie'))} | {_fmt(r.get('x_pymc'))} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def attempts_table(rows: list[dict]) -> str:
+    """Every setting tried, with the reasons problems failed."""
+    head = ("| workload | contestant | settings | pass | run ms/posterior | compile s | time to certified ms | "
+            "fail R-hat | fail bulk ESS | fail tail ESS | divergent | median min bulk ESS |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        for a in r["attempts"]:
+            f = a["fails"]
+            lines.append(
+                f"| {r['workload']} | {r['contestant']} | {_settings(a)} | {a['pass_share']:.1%} | "
+                f"{_fmt(a['run_ms_per_posterior'])} | {_fmt(a['compile_s'])} | {_fmt(a['ttc_ms'])} | "
+                f"{f['r_hat']} | {f['ess_bulk']} | {f['ess_tail']} | {f['divergent']} | {_fmt(a['ess_bulk_median'])} |"
+            )
+    return "\n".join(lines)
+
+
+def _markdown(results: dict, png: str | None) -> str:
+    meta, s = results["meta"], results["settings"]
+    out = [
+        "# Time to a certified posterior",
+        "",
+        f"{meta.get('date_utc')}, {meta.get('cpu')} ({meta.get('cpu_affinity')} cores), JAX backend "
+        f"{meta.get('jax_backend')}, load average {meta.get('load_avg_start')} -> {meta.get('load_avg_end')}, "
+        f"wall {meta.get('wall_s', 0):.0f} s. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items() if v) + ".",
+        "",
+        f"Certified: R-hat < {s['gate']['r_hat_max']}, bulk and tail ESS >= {s['gate']['ess_bulk_min']:.0f} "
+        f"(ArviZ) for every parameter element, no divergence. Each contestant climbs the ladder "
+        f"{s['ladder']} (tune x draws per chain, {s['chains']} chains) and stops at the first setting "
+        f"certifying >= {s['pass_share']:.0%} of its problems. Time to certified = (run s / problems + "
+        f"compile s / {s['amortise_n']:,}) / pass share. Engine: first {s['n']} problems through "
+        f"`sample_batched` (batch_size {s['batch_size']}, devices {s['devices']}); nutpie: "
+        f"{s['nutpie_problems']} problems, pm.sample: {s['pymc_problems']}, spread over the same set.",
+        "",
+        markdown_table(results["rows"]),
+        "",
+    ]
+    if png:
+        out += [f"![time to certified]({png})", ""]
+    out += ["## Every setting tried", "", attempts_table(results["rows"]), ""]
+    if results.get("notes"):
+        out += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    return "\n".join(out)
+
+
+def plot_bars(rows: list[dict], path: str, title: str = "") -> None:
+    """Time to certified (ms, log scale) per contestant, grouped by workload; hatched = not certified."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    contestants = list(dict.fromkeys(r["contestant"] for r in rows))
+    cmap = plt.get_cmap("tab10" if len(contestants) <= 10 else "tab20")
+    width = 0.8 / max(len(contestants), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(workloads) * max(1, len(contestants) / 3)), 4.5))
+    for j, c in enumerate(contestants):
+        for i, w in enumerate(workloads):
+            r = next((r for r in rows if r["workload"] == w and r["contestant"] == c), None)
+            if r is None or not np.isfinite(r["ttc_ms"]):
+                continue
+            x = i - 0.4 + width * (j + 0.5)
+            ax.bar(x, r["ttc_ms"], width, color=cmap(j), hatch=None if r["certified"] else "//",
+                   edgecolor="black", linewidth=0.5, label=c if i == next(
+                       k for k, ww in enumerate(workloads) if any(
+                           rr["workload"] == ww and rr["contestant"] == c for rr in rows)) else None)
+            ax.text(x, r["ttc_ms"] * 1.08, _fmt(r["ttc_ms"], 2), ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(workloads)))
+    ax.set_xticklabels(workloads)
+    ax.set_ylabel("ms per certified posterior (log)")
+    ax.set_title(title or "time to a certified posterior (hatched: < 99% certified)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", which="both", alpha=0.3)
+    ymin, ymax = ax.get_ylim()
+    ax.set_ylim(ymin, ymax * 3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_results(results: dict, out_dir: str, tag: str, plot: bool = True) -> list[str]:
+    """``<tag>.json``, ``<tag>.md`` and ``<tag>.png`` in ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, tag)
+    results = {**results, "notes": list(dict.fromkeys(results.get("notes", [])))}
+    png = f"{stem}.png"
+    paths = [f"{stem}.json", f"{stem}.md"]
+    if plot and results["rows"]:
+        meta = results["meta"]
+        plot_bars(results["rows"], png, title=f"time to a certified posterior (hatched: < 99% certified)\n"
+                  f"compile amortised at N={results['settings']['amortise_n']:,}; {meta.get('cpu')}, "
+                  f"{meta.get('jax_backend')}, {meta.get('date_utc', '')[:10]}")
+        paths.append(png)
+    tmp = f"{stem}.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(results), f, indent=1)
+    os.replace(tmp, f"{stem}.json")
+    with open(f"{stem}.md", "w") as f:
+        f.write(_markdown(results, os.path.basename(png) if plot else None))
+    return paths
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("usage: python -m benchmarks.certified_report RESULTS.json [...]", file=sys.stderr)
+        return 2
+    for path in argv:
+        with open(path) as f:
+            results = json.load(f)
+        out = write_results(results, os.path.dirname(path) or ".", os.path.splitext(os.path.basename(path))[0])
+        print("wrote " + ", ".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
