@@ -13,7 +13,7 @@ import numpy as np
 
 from benchmarks.report import _jsonable
 
-__all__ = ["markdown_table", "write_results", "plot_bars"]
+__all__ = ["markdown_table", "write_results", "plot_bars", "merge"]
 
 
 def _fmt(x, digits=3) -> str:
@@ -22,6 +22,10 @@ def _fmt(x, digits=3) -> str:
     if abs(x) >= 100:
         return f"{x:,.0f}"
     return f"{x:.{digits}g}"
+
+
+def _loads(values) -> str:
+    return "/".join(f"{v:.1f}" for v in values) if values else "?"
 
 
 def _settings(r: dict) -> str:
@@ -68,7 +72,7 @@ def _markdown(results: dict, png: str | None) -> str:
         "# Time to a certified posterior",
         "",
         f"{meta.get('date_utc')}, {meta.get('cpu')} ({meta.get('cpu_affinity')} cores), JAX backend "
-        f"{meta.get('jax_backend')}, load average {meta.get('load_avg_start')} -> {meta.get('load_avg_end')}, "
+        f"{meta.get('jax_backend')}, load average (1/5/15 min) {_loads(meta.get('load_avg_start'))} -> {_loads(meta.get('load_avg_end'))}, "
         f"wall {meta.get('wall_s', 0):.0f} s. Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items() if v) + ".",
         "",
@@ -80,9 +84,13 @@ def _markdown(results: dict, png: str | None) -> str:
         f"`sample_batched` (batch_size {s['batch_size']}, devices {s['devices']}); nutpie: "
         f"{s['nutpie_problems']} problems, pm.sample: {s['pymc_problems']}, spread over the same set.",
         "",
-        markdown_table(results["rows"]),
-        "",
     ]
+    for run in results.get("runs", []):
+        rs, rm = run["settings"], run["meta"]
+        out.append(f"- run {rm.get('date_utc', '')[:19]}: {rs['workloads']}, engine N={rs['n']}, nutpie "
+                   f"{rs['nutpie_problems']}, pm.sample {rs['pymc_problems']}, contestants {rs['contestants']}, "
+                   f"load {_fmt(rm['load_avg_start'][0])} -> {_fmt(rm['load_avg_end'][0])}, wall {rm.get('wall_s', 0):.0f} s")
+    out += ["", markdown_table(results["rows"]), ""]
     if png:
         out += [f"![time to certified]({png})", ""]
     out += ["## Every setting tried", "", attempts_table(results["rows"]), ""]
@@ -150,11 +158,36 @@ def write_results(results: dict, out_dir: str, tag: str, plot: bool = True) -> l
     return paths
 
 
+def merge(paths: list[str]) -> dict:
+    """Results of several runs (e.g. one per workload) as one: rows and notes joined, ratios
+    recomputed within each workload; ``runs`` keeps each run's machine, load and settings."""
+    from benchmarks.certified import add_ratios
+
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    rows = [r for p in parts for r in p["rows"]]
+    add_ratios(rows)
+    return {
+        "meta": parts[0]["meta"], "settings": parts[0]["settings"], "rows": rows,
+        "notes": [n for p in parts for n in p.get("notes", [])],
+        "runs": [{"meta": p["meta"], "settings": p["settings"]} for p in parts],
+    }
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        print("usage: python -m benchmarks.certified_report RESULTS.json [...]", file=sys.stderr)
+        print("usage: python -m benchmarks.certified_report RESULTS.json [...] | --merge OUT.json A.json B.json ...",
+              file=sys.stderr)
         return 2
+    if argv[0] == "--merge":
+        target, sources = argv[1], argv[2:]
+        out = write_results(merge(sources), os.path.dirname(target) or ".",
+                            os.path.splitext(os.path.basename(target))[0])
+        print("wrote " + ", ".join(out))
+        return 0
     for path in argv:
         with open(path) as f:
             results = json.load(f)
