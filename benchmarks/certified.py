@@ -219,7 +219,12 @@ def run(args, log=print, on_row=None) -> dict:
                     devices=args.devices, batch_size=args.batch_size, conversion_cache=conversion,
                     extra_kw={"dense_mass": True} if c.dense_mass else None, **kw)
             log(f"[{wname}] {c.label} on {len(problems)} problems ...")
-            rows.append({**base, **climb(runner, args.ladder_list, args.chains, args.amortise_n, log, c.label)})
+            try:
+                rows.append({**base, **climb(runner, args.ladder_list, args.chains, args.amortise_n, log, c.label)})
+            except Exception as err:  # a contestant that fails is recorded, not fatal
+                notes.append(f"{wname} {c.label} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                log(notes[-1])
+                continue
             if on_row:
                 on_row(snapshot())
             if stop_kw and c.sampler not in ("nutpie", "pymc"):
