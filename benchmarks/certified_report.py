@@ -109,18 +109,20 @@ def plot_bars(rows: list[dict], path: str, title: str = "") -> None:
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     contestants = list(dict.fromkeys(r["contestant"] for r in rows))
     cmap = plt.get_cmap("tab10" if len(contestants) <= 10 else "tab20")
-    width = 0.8 / max(len(contestants), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(workloads) * max(1, len(contestants) / 3)), 4.5))
-    for j, c in enumerate(contestants):
-        for i, w in enumerate(workloads):
-            r = next((r for r in rows if r["workload"] == w and r["contestant"] == c), None)
-            if r is None or not np.isfinite(r["ttc_ms"]):
-                continue
+    colour = {c: cmap(j) for j, c in enumerate(contestants)}
+    n_bars = sum(1 for r in rows if np.isfinite(r["ttc_ms"]))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.45 * n_bars + 3)), 4.5))
+    labelled = set()
+    for i, w in enumerate(workloads):  # only the contestants a workload ran: no gaps
+        present = [r for c in contestants for r in rows
+                   if r["workload"] == w and r["contestant"] == c and np.isfinite(r["ttc_ms"])]
+        width = 0.8 / max(len(present), 1)
+        for j, r in enumerate(present):
+            c = r["contestant"]
             x = i - 0.4 + width * (j + 0.5)
-            ax.bar(x, r["ttc_ms"], width, color=cmap(j), hatch=None if r["certified"] else "//",
-                   edgecolor="black", linewidth=0.5, label=c if i == next(
-                       k for k, ww in enumerate(workloads) if any(
-                           rr["workload"] == ww and rr["contestant"] == c for rr in rows)) else None)
+            ax.bar(x, r["ttc_ms"], width, color=colour[c], hatch=None if r["certified"] else "//",
+                   edgecolor="black", linewidth=0.5, label=None if c in labelled else c)
+            labelled.add(c)
             ax.text(x, r["ttc_ms"] * 1.08, _fmt(r["ttc_ms"], 2), ha="center", va="bottom", fontsize=6, rotation=90)
     ax.set_yscale("log")
     ax.set_xticks(range(len(workloads)))
