@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test test-slow test-all bench bench-quick clean
+.PHONY: run test test-slow test-all bench bench-quick bench-certified gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,14 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.throughput --quick $(ARGS)
+
+# time to a certified posterior: engine samplers vs a nutpie loop vs pm.sample
+bench-certified: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.certified $(ARGS)
+
+# Python 3.12 wheels for benchmarks/gpu.sh on a machine without internet (into .whl/, git-ignored)
+gpu-wheels:
+	bash benchmarks/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

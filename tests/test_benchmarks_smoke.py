@@ -130,3 +130,109 @@ def test_gate_and_argument_parsing():
     assert (full.chains, full.draws, full.tune) == (4, 1000, 1000)
     assert full.n_map["*"] == [10, 100, 1000, 10000]
     assert throughput.loop_problems(100, 3) == [0, 50, 99]
+
+
+# ------------------------------------------------------------------ time to a certified posterior
+def test_certified_quick_mode_writes_well_formed_results(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.certified", "--quick", "--n", "4", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("certified_quick.json", "certified_quick.md", "certified_quick.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    results = json.loads((tmp_path / "certified_quick.json").read_text())
+    rows = results["rows"]
+    assert [r["contestant"] for r in rows] == ["chees:f32", "pymc"]
+    for r in rows:
+        assert r["tune"] in (150, 300) and r["chains"] == 4
+        assert r["certified"] == (r["pass_share"] >= 0.99)
+        assert 1 <= len(r["attempts"]) <= 2
+        # a certified row is the first setting of the ladder that certified
+        assert all(a["pass_share"] < 0.99 for a in r["attempts"][:-1])
+        if r["certified"]:
+            assert r["attempts"][-1]["tune"] == r["tune"]
+            assert r["ttc_ms"] == pytest.approx(
+                1000 * (r["run_s"] / r["problems_run"] + r["compile_s"] / 10_000) / r["pass_share"])
+    engine_row, pymc_row = rows
+    assert engine_row["problems_run"] == 4 and pymc_row["problems_run"] == 1
+    assert engine_row["compile_s"] > 0 and pymc_row["compile_s"] == 0
+    assert pymc_row["x_pymc"] == pytest.approx(1.0)
+    md = (tmp_path / "certified_quick.md").read_text()
+    assert "time to certified ms" in md and "certified_quick.png" in md and "## Every setting tried" in md
+
+
+def test_certificate_is_arviz_and_fails_what_it_should():
+    import arviz as az
+
+    from benchmarks.certified_runs import certified_mask, certify_draws
+
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(4, 1000))  # [chain, draw]: ESS ~ 4000, R-hat ~ 1
+    shifted = good + np.array([0.0, 0.0, 0.0, 1.0])[:, None]  # one chain off: R-hat >> 1.01
+    sticky = np.zeros_like(good)  # AR(1), rho = 0.95: ESS ~ 4000 x 0.05 / 1.95 ~ 100 < 400
+    for t in range(1, good.shape[1]):
+        sticky[:, t] = 0.95 * sticky[:, t - 1] + np.sqrt(1 - 0.95**2) * good[:, t]
+    x = np.stack([good, shifted, sticky, good])  # [problem, chain, draw]
+    div = np.zeros(x.shape, bool)
+    div[3, 2, 10] = True  # one divergence fails problem 3
+    cert = certify_draws({"theta": x}, div)
+    for p in range(4):
+        assert cert["r_hat_max"][p] == pytest.approx(float(az.rhat(x[p])))
+        assert cert["ess_bulk_min"][p] == pytest.approx(float(az.ess(x[p], method="bulk")))
+        assert cert["ess_tail_min"][p] == pytest.approx(float(az.ess(x[p], method="tail")))
+    assert cert["divergences"].tolist() == [0, 0, 0, 1]
+    assert certified_mask(cert).tolist() == [True, False, False, False]
+
+
+def test_time_to_certified_ladder_and_compile_clock():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import certified
+    from benchmarks.certified_runs import CompileClock
+
+    assert certified.time_to_certified(2.0, 100, 30.0, 1.0) == pytest.approx(0.02 + 0.003)
+    assert certified.time_to_certified(2.0, 100, 0.0, 0.5) == pytest.approx(0.04)
+    assert certified.time_to_certified(2.0, 100, 0.0, 0.0) == float("inf")
+    assert certified.parse_ladder("500x500,200x300") == [(200, 300), (500, 500)]
+    for bad in ("500", "ax5", "5x2"):
+        with pytest.raises(ValueError):
+            certified.parse_ladder(bad)
+    args = certified.resolve_args(["--quick", "--workloads", "w4", "--contestants", "blackjax:f32,nutpie"])
+    assert args.workload_list == ["w4"] and args.n == 8 and args.ladder_list == [(150, 150), (300, 300)]
+    assert [c.label for c in args.contestant_list] == ["blackjax:f32", "nutpie"]
+    assert certified.main(["--workloads", "w9"]) == 2
+    fn = jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)
+    with CompileClock() as clock:
+        fn(jnp.arange(7.0)).block_until_ready()
+    assert clock.seconds > 0
+    with CompileClock() as clock:  # cached: nothing compiles
+        fn(jnp.arange(7.0)).block_until_ready()
+    assert clock.seconds == 0.0
+    rows = [{"workload": "w1", "sampler": "nutpie", "ttc_ms": 100.0}, {"workload": "w1", "sampler": "pymc", "ttc_ms": 1000.0},
+            {"workload": "w1", "sampler": "chees", "ttc_ms": 10.0}]
+    certified.add_ratios(rows)
+    assert (rows[2]["x_nutpie"], rows[2]["x_pymc"], rows[0]["x_pymc"]) == (10.0, 100.0, 10.0)
+
+
+@pytest.mark.slow
+def test_nutpie_loop_certifies_w1_and_falls_back_on_w2():
+    pytest.importorskip("nutpie")
+    from benchmarks.certified_runs import NutpieLoop, certified_mask
+    from benchmarks.workloads import get_workload
+
+    w1 = get_workload("w1")
+    loop = NutpieLoop(w1.build_model(), w1.make_data(3, 0))
+    assert loop.backend == "numba" and loop.note == "" and loop.compile_s > 0
+    run = loop.run([0, 2], tune=500, draws=500, chains=4, seed=0)
+    assert run.problems == [0, 2] and run.run_s > 0
+    assert certified_mask(run.cert).all(), run.cert
+    w2 = get_workload("w2")  # nutpie 0.16's numba backend cannot type w2's MvNormal graph
+    loop = NutpieLoop(w2.build_model(), w2.make_data(2, 0))
+    assert loop.backend in ("numba", "jax")
+    if loop.backend == "jax":
+        assert "numba backend failed" in loop.note
+    run = loop.run([1], tune=300, draws=300, chains=4, seed=0)
+    assert np.isfinite(run.cert["r_hat_max"]).all()

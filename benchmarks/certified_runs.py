@@ -1,0 +1,287 @@
+"""One run of one contestant at one setting, and the ArviZ certificate of its posteriors.
+
+A contestant is run at ``(tune, draws)`` per chain on a set of problems and returns its run
+seconds, its compile seconds (measured apart) and, per problem, the worst R-hat, the smallest
+bulk and tail ESS over all parameter elements and the divergence count, from ArviZ
+(``az.rhat``, ``az.ess``: rank-normalised split R-hat and bulk/tail ESS, Vehtari et al. 2021).
+
+- Engine samplers run through the public ``engine.sample_batched``, so they pick up its
+  defaults (chunking, devices, kernels) as they change. Compile is timed apart: the PyMC -> JAX
+  conversion (``engine.sampling.api.compile_for``, cached per template and padded shape) before
+  the call, and JAX's own tracing, lowering and XLA compilation during it (the union of the
+  time spans JAX reports through ``jax.monitoring``).
+- nutpie is compiled once per template (``compile_pymc_model``) and given each problem's data
+  with ``with_data``; its numba backend is tried first and, if it cannot compile the template,
+  the JAX backend (the row says which).
+- ``pm.sample`` runs with its defaults but ``tune``/``draws``/``chains``; it compiles inside
+  every call, which is what its user pays, so its compile is counted in its run time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "GATE", "Run", "certify_posterior", "certify_draws", "certified_mask", "CompileClock",
+    "pick_problems", "run_engine", "NutpieLoop", "run_pymc", "stopping_keyword",
+]
+
+GATE = {"r_hat_max": 1.01, "ess_bulk_min": 400.0, "ess_tail_min": 400.0, "divergences": 0}
+"""A certified posterior: R-hat < 1.01, bulk and tail ESS >= 400 for every parameter element,
+and no divergent transition (the audit's ``converged``)."""
+
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+"""JAX's compile-phase events (``jax._src.dispatch``): tracing, lowering, XLA compilation."""
+
+
+@dataclass
+class Run:
+    """One contestant at one setting.
+
+    run_s
+        Wall seconds of sampling all ``problems`` (with compile removed where it is measured).
+    compile_s
+        Wall seconds of compilation measured apart (0 where it is inside every call).
+    cert
+        Per-problem arrays ``r_hat_max``, ``ess_bulk_min``, ``ess_tail_min``, ``divergences``.
+    problems
+        Indices of the problems run.
+    note
+        Anything the row should say (backend fallback, ...).
+    """
+
+    run_s: float
+    compile_s: float
+    cert: dict
+    problems: list
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ certificate
+def certify_posterior(posterior, diverging, var_names) -> dict:
+    """ArviZ diagnostics per problem of an xarray posterior with dims ``(chain, draw, problem, ...)``.
+
+    ``diverging`` has dims ``(chain, draw, problem)``. Returns ``[problem]`` arrays: worst R-hat,
+    smallest bulk and tail ESS over all elements of ``var_names``, and divergence counts.
+    """
+    import arviz as az
+
+    post = posterior[list(var_names)]
+    stats = {
+        "r_hat_max": (az.rhat(post), np.nanmax, -np.inf),
+        "ess_bulk_min": (az.ess(post, method="bulk"), np.nanmin, np.inf),
+        "ess_tail_min": (az.ess(post, method="tail"), np.nanmin, np.inf),
+    }
+    out = {}
+    for key, (ds, reduce, _) in stats.items():
+        per_var = []
+        for name in var_names:
+            a = np.asarray(ds[name].transpose("problem", ...).values, dtype=float)
+            a = a.reshape(a.shape[0], -1)
+            bad = np.isnan(a).any(axis=1)  # a NaN diagnostic fails the problem
+            v = reduce(a, axis=1)
+            v[bad] = np.inf if key == "r_hat_max" else 0.0
+            per_var.append(v)
+        out[key] = (np.max if key == "r_hat_max" else np.min)(np.stack(per_var), axis=0)
+    out["divergences"] = np.asarray(diverging.transpose("problem", ...).values).reshape(
+        out["r_hat_max"].shape[0], -1).sum(axis=1).astype(int)
+    return out
+
+
+def certify_draws(draws: dict, diverging: np.ndarray) -> dict:
+    """:func:`certify_posterior` of ``{name: [problem, chain, draw, ...]}`` and ``[problem, chain, draw]``."""
+    import xarray as xr
+
+    data = {}
+    for name, v in draws.items():
+        v = np.moveaxis(np.asarray(v, dtype=float), 0, 2)  # [chain, draw, problem, ...]
+        dims = ["chain", "draw", "problem"] + [f"{name}_dim_{i}" for i in range(v.ndim - 3)]
+        data[name] = (dims, v)
+    div = xr.DataArray(np.moveaxis(np.asarray(diverging), 0, 2), dims=["chain", "draw", "problem"])
+    return certify_posterior(xr.Dataset(data), div, list(draws))
+
+
+def certified_mask(cert: dict) -> np.ndarray:
+    """``[problem]`` passes :data:`GATE` (NaN fails)."""
+    with np.errstate(invalid="ignore"):
+        return (
+            (np.asarray(cert["r_hat_max"], float) < GATE["r_hat_max"])
+            & (np.asarray(cert["ess_bulk_min"], float) >= GATE["ess_bulk_min"])
+            & (np.asarray(cert["ess_tail_min"], float) >= GATE["ess_tail_min"])
+            & (np.asarray(cert["divergences"]) <= GATE["divergences"])
+        )
+
+
+# ------------------------------------------------------------------------------ timing
+class CompileClock:
+    """Seconds JAX spends compiling (tracing, lowering, XLA) while the context is open.
+
+    Overlapping spans (a trace nested in another) are counted once: the length of their union.
+    """
+
+    def __enter__(self):
+        from jax import monitoring
+
+        self._spans = []
+
+        def listener(event, start, end, **kwargs):
+            if event in COMPILE_EVENTS:
+                self._spans.append((start, end))
+
+        self._listener = listener
+        monitoring.register_event_time_span_listener(listener)
+        return self
+
+    def __exit__(self, *exc):
+        from jax import monitoring
+
+        monitoring.unregister_event_time_span_listener(self._listener)
+
+    @property
+    def seconds(self) -> float:
+        total, cur_start, cur_end = 0.0, None, None
+        for start, end in sorted(self._spans):
+            if cur_end is None or start > cur_end:
+                if cur_end is not None:
+                    total += cur_end - cur_start
+                cur_start, cur_end = start, end
+            else:
+                cur_end = max(cur_end, end)
+        if cur_end is not None:
+            total += cur_end - cur_start
+        return total
+
+
+def pick_problems(data: dict, problems) -> dict:
+    """The workload data of ``problems`` only (arrays indexed, ragged lists picked)."""
+    idx = list(problems)
+    return {
+        k: [v[i] for i in idx] if isinstance(v, (list, tuple)) else np.asarray(v)[idx]
+        for k, v in data.items()
+    }
+
+
+# ------------------------------------------------------------------------------ contestants
+def stopping_keyword() -> str | None:
+    """``"target_ess"`` if ``engine.sample_batched`` stops problems early by ESS, else None."""
+    from engine import sample_batched
+
+    return "target_ess" if "target_ess" in inspect.signature(sample_batched).parameters else None
+
+
+def run_engine(model, data, problems, *, sampler, precision, tune, draws, chains, seed,
+               devices=None, batch_size=None, extra_kw=None, conversion_cache=None) -> Run:
+    """``sample_batched`` on ``problems`` at one setting; compile timed apart.
+
+    ``conversion_cache`` (a dict) keeps the PyMC -> JAX conversion time of a template and data
+    shape so later settings, which reuse the converted model, still count it in their compile.
+    """
+    from engine import sample_batched
+    from engine.model.compile import prepare_data
+    from engine.sampling.api import compile_for
+
+    subset = pick_problems(data, problems)
+    key = (id(model), len(problems))
+    cache = conversion_cache if conversion_cache is not None else {}
+    if key not in cache:
+        t = time.perf_counter()
+        compile_for(model, prepare_data(model, subset))
+        cache[key] = time.perf_counter() - t
+    kw = dict(sampler=sampler, chains=chains, draws=draws, tune=tune, seed=seed, precision=precision,
+              batch_size=batch_size, progress=False, **(extra_kw or {}))
+    if devices not in (None, 1):
+        kw["devices"] = devices
+    with CompileClock() as clock:
+        t = time.perf_counter()
+        idata = sample_batched(model, subset, **kw)
+        total = time.perf_counter() - t
+    names = [rv.name for rv in model.free_RVs]
+    cert = certify_posterior(idata.posterior, idata.sample_stats["diverging"], names)
+    return Run(run_s=max(total - clock.seconds, 1e-9), compile_s=cache[key] + clock.seconds,
+               cert=cert, problems=list(problems), extra={"conversion_s": cache[key], "jax_compile_s": clock.seconds})
+
+
+class NutpieLoop:
+    """nutpie compiled once for a template; :meth:`run` samples problems one by one with ``with_data``.
+
+    The numba backend is tried first (nutpie's default); where it fails to compile or to sample
+    the template, the JAX backend (``gradient_backend="jax"``, ``freeze_model=False`` so the
+    data can be swapped) is used and :attr:`note` says why. Compile time = ``compile_pymc_model``
+    + one tiny warm-up sample (the JAX backend traces and compiles on its first call).
+    """
+
+    def __init__(self, model, data, cores=None):
+        import nutpie
+
+        from engine.model.compile import prepare_data
+
+        self.model, self.cores = model, cores
+        self.problem_data = prepare_data(model, data)
+        self.note = ""
+        errors = []
+        for backend in ("numba", "jax"):
+            t = time.perf_counter()
+            try:
+                kw = {} if backend == "numba" else {"gradient_backend": "jax", "freeze_model": False}
+                compiled = nutpie.compile_pymc_model(model, backend=backend, **kw)
+                self.compiled = compiled
+                self.backend = backend
+                self._sample(0, tune=5, draws=5, seed=0)  # warm-up: JIT of the JAX backend
+            except Exception as err:  # noqa: BLE001 - any backend failure moves on to the next
+                errors.append(f"{backend}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                continue
+            self.compile_s = time.perf_counter() - t
+            if errors:
+                self.note = "nutpie numba backend failed (" + errors[0] + "); JAX backend used"
+            return
+        raise RuntimeError("nutpie could not compile the template: " + "; ".join(errors))
+
+    def _sample(self, i, *, tune, draws, seed, chains=4):
+        import nutpie
+
+        from engine.sampling.kernels.pymc_default import problem_inputs
+
+        kw = {} if self.cores is None else {"cores": self.cores}
+        return nutpie.sample(
+            self.compiled.with_data(**problem_inputs(self.problem_data, i)), draws=draws, tune=tune,
+            chains=chains, seed=seed, progress_bar=False, **kw,
+        )
+
+    def run(self, problems, *, tune, draws, chains, seed) -> Run:
+        names = [rv.name for rv in self.model.free_RVs]
+        collected = {n: [] for n in names}
+        div = []
+        t = time.perf_counter()
+        for i in problems:
+            trace = self._sample(i, tune=tune, draws=draws, chains=chains, seed=seed * 1_000_003 + i)
+            for n in names:
+                collected[n].append(trace.posterior[n].values)
+            div.append(trace.sample_stats["diverging"].values)
+        run_s = time.perf_counter() - t
+        cert = certify_draws({n: np.stack(v) for n, v in collected.items()}, np.stack(div))
+        return Run(run_s=run_s, compile_s=self.compile_s, cert=cert, problems=list(problems),
+                   note=self.note, extra={"backend": self.backend})
+
+
+def run_pymc(model, data, problems, *, tune, draws, chains, seed) -> Run:
+    """A loop of plain ``pm.sample`` (through ``sample_batched(sampler="pymc")``) on ``problems``."""
+    from engine import sample_batched
+
+    subset = pick_problems(data, problems)
+    t = time.perf_counter()
+    idata = sample_batched(model, subset, sampler="pymc", chains=chains, draws=draws, tune=tune,
+                           seed=seed, progress=False)
+    run_s = time.perf_counter() - t
+    names = [rv.name for rv in model.free_RVs]
+    cert = certify_posterior(idata.posterior, idata.sample_stats["diverging"], names)
+    return Run(run_s=run_s, compile_s=0.0, cert=cert, problems=list(problems),
+               note="compiles inside every call (counted in run time)")
