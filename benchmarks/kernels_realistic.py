@@ -3,7 +3,7 @@
     nice -n 10 .venv/bin/python -m benchmarks.kernels_realistic --workload w2 --n 64 \
         --samplers blackjax chees chees_dense mams --draws 500 --tune 500
 
-The gate of a problem: rank-normalised split R-hat < 1.01, bulk and tail ESS >= 400 for every
+The gate of a problem: rank-normalised split R-hat < 1.01 (the engine's batched diagnostics), bulk and tail ESS >= 400 for every
 variable of the posterior, and no divergent transition. ESS per gradient is the problem's least
 bulk ESS over the gradient evaluations of its sampling draws (``n_steps`` summed over chains and
 draws; warmup not counted), median over problems.
@@ -20,18 +20,30 @@ from benchmarks.workloads import get_workload
 
 
 def gate_rows(idata, rhat_max=1.01, ess_min=400.0) -> dict:
-    """Per-problem worst diagnostics and gate -> dict of arrays ``[problem]``."""
-    import arviz as az
+    """Per-problem worst diagnostics and gate -> dict of arrays ``[problem]``.
+
+    Diagnostics are the engine's batched ones (rank-normalised split R-hat, bulk and tail ESS;
+    tested against ArviZ in the test suite)."""
+    import jax
+    import jax.numpy as jnp
+
+    from engine.sampling.diagnostics import ess_bulk, ess_tail, rhat as rhat_fn
 
     post = idata.posterior
-
-    def worst(ds, fn):
-        vals = [fn(ds[v], [d for d in ds[v].dims if d != "problem"]).values for v in ds.data_vars]
-        return np.stack(vals)
-
-    rhat = worst(az.rhat(post), lambda a, d: a.max(d)).max(0)
-    bulk = worst(az.ess(post, method="bulk"), lambda a, d: a.min(d)).min(0)
-    tail = worst(az.ess(post, method="tail"), lambda a, d: a.min(d)).min(0)
+    worst = {"r_hat": [], "bulk": [], "tail": []}
+    for name in post.data_vars:
+        arr = post[name]
+        rest = [d for d in arr.dims if d not in ("problem", "chain", "draw")]
+        x = arr.transpose("problem", *rest, "chain", "draw").values
+        x = x.reshape((x.shape[0], -1) + x.shape[-2:])
+        with jax.enable_x64(True):
+            xj = jnp.asarray(x, dtype=jnp.float64)
+            worst["r_hat"].append(np.nanmax(np.asarray(rhat_fn(xj)), axis=1))
+            worst["bulk"].append(np.nanmin(np.asarray(ess_bulk(xj)), axis=1))
+            worst["tail"].append(np.nanmin(np.asarray(ess_tail(xj)), axis=1))
+    rhat = np.max(worst["r_hat"], axis=0)
+    bulk = np.min(worst["bulk"], axis=0)
+    tail = np.min(worst["tail"], axis=0)
     stats = idata.sample_stats
     div = stats["diverging"].sum(("chain", "draw")).values
     grads = stats["n_steps"].sum(("chain", "draw")).values

@@ -15,7 +15,7 @@ The centered form samples ``layer_mean ~ Normal(mu, tau_layer)`` and ``theta ~ N
 tau_head)`` directly; with little data per head it has Neal's funnel and NUTS diverges, which the
 non-centered form removes (Betancourt & Girolami 2015, "Hamiltonian Monte Carlo for hierarchical
 models"). With informative data per head it is the other way round, so ``parameterization=auto``
-(the default) picks the form per checkpoint from its data
+picks the form per checkpoint from its data
 (:func:`~engine.analyses.hierarchical_reliability.choose_parameterization`) and samples each group
 of checkpoints in one batched run. Every checkpoint's row says whether its fit passes the gate
 (R-hat < 1.01, bulk and tail ESS >= 400, no divergences) and, when not, why and what to try. Variants ``pooled`` (one mean for all heads) and ``unpooled`` (independent heads) are the
@@ -408,7 +408,7 @@ def run(cfg, run_dir: Path) -> Result:
     run_dir = C.prepare_run_dir(run_dir)
     opt = functools.partial(C.analysis_option, cfg)
     variant = str(opt("variant", "hierarchical"))
-    parameterization = str(opt("parameterization", "auto"))
+    parameterization = str(opt("parameterization", "noncentered"))
     hdi_prob = float(opt("hdi_prob", C.HDI_PROB))
     units = str(opt("units", "nats"))
     entropies, labels = load_input(cfg)
