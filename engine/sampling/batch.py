@@ -90,8 +90,6 @@ class BatchConfig:
     def __post_init__(self):
         object.__setattr__(self, "sampler", self.sampler.checked())
         object.__setattr__(self, "runtime", self.runtime.checked())
-        if self.sampler.is_stopping and self.runtime.devices not in (None, 1):
-            raise InputError("target_ess: stopping runs each chunk on one device; set devices=1 or target_ess=None")
 
     @property
     def seed(self) -> int:
@@ -506,12 +504,16 @@ def run_batched(
         try:
             for start, stop in todo:
                 n = stop - start
-                # with stopping, one spare lane more: the target of the block programs' padded lanes
-                index, chunk = chunk_inputs(arrays, start, stop, size + 1 if stopping else size)
-                if problem_index is not None:
-                    index = np.asarray(problem_index)[index]
                 chunk_fn = fn_keep if (start, stop) in keep else fn
-                kept, ok, summary, num_draws, num_grads, converged = chunk_fn(root, index, chunk, n)
+                if stopping:
+                    kept, ok, summary, num_draws, num_grads, converged = _stopping_chunk(
+                        chunk_fn, arrays, start, stop, size, local_devices(config.runtime.devices), root,
+                        problem_index)
+                else:
+                    index, chunk = chunk_inputs(arrays, start, stop, size)
+                    if problem_index is not None:
+                        index = np.asarray(problem_index)[index]
+                    kept, ok, summary, num_draws, num_grads, converged = chunk_fn(root, index, chunk, n)
                 host = jax.tree.map(lambda a: np.asarray(a)[:n], (kept, ok, summary, num_draws, num_grads))
                 if stopping:
                     host = (stopping_mod.pad_kept(host[0], host[3]),) + host[1:]
@@ -535,6 +537,34 @@ def run_batched(
         draws=values, stats=stats, log_likelihood=loglik, init_ok=ok, summaries=summaries,
         num_draws=num_draws, num_grads=num_grads, converged=converged,
     )
+
+
+def _stopping_chunk(chunk_fn, arrays, start, stop, size, devices, root, problem_index):
+    """Problems ``start:stop`` with per-problem stopping: the stopping driver loops on the host,
+    so with several devices the chunk is split in one contiguous part per device, each driven
+    by its own thread on its own device (inputs committed there), and the parts are joined.
+    Each part carries one spare lane (the target of the block programs' padded lanes)."""
+    part = -(-size // len(devices))
+    bounds = [(a, min(a + part, stop)) for a in range(start, stop, part)]
+
+    def run(device, a, b):
+        index, chunk = chunk_inputs(arrays, a, b, part + 1)
+        if problem_index is not None:
+            index = np.asarray(problem_index)[index]
+        if len(devices) > 1:
+            chunk, key = jax.device_put((chunk, root), device)
+        else:
+            key = root
+        out = chunk_fn(key, index, chunk, b - a)
+        return jax.tree.map(lambda x: np.asarray(x)[: b - a], out[:5]) + (np.asarray(out[5])[: b - a],)
+
+    if len(bounds) == 1:
+        return run(devices[0], *bounds[0])
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(bounds)) as pool:
+        parts = list(pool.map(lambda job: run(devices[job[0]], *job[1]), enumerate(bounds)))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
 
 
 def _chunk_runner(compiled: CompiledModel, config: BatchConfig, summary_fn):
