@@ -110,7 +110,7 @@ def test_gate_verdict_says_why_and_what_to_try():
     assert gate_verdict(1.005, 800.0, 700.0, 0, "noncentered", 0.9) == ("ok", "")
     why, hint = gate_verdict(1.03, 250.0, 500.0, 7, "noncentered", 0.9)
     assert why == "divergences 7; R-hat 1.030; bulk ESS 250"
-    assert hint == ("analysis.parameterization=centered; analysis.target_accept=0.95; "
+    assert hint == ("analysis.target_accept=0.95; analysis.parameterization=centered; "
                     "a longer warmup (sampler.tune); more draws (sampler.draws)")
     why, hint = gate_verdict(float("nan"), 800.0, 100.0, 0, "centered", 0.99)
     assert why == "R-hat nan; tail ESS 100" and "target_accept" not in hint
