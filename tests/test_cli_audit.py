@@ -135,12 +135,13 @@ def test_small_univariate_demo_via_cli(tmp_path, env):
     draws = az.from_netcdf(run / "draws.nc")
     assert draws.posterior.theta.dims == ("chain", "draw", "checkpoint", "token")
     assert draws.posterior.theta.shape == (2, 300, 3, 2) and draws.posterior.token.values.tolist() == [1, 4]
-    # structured progress: one JSON line per chunk of 4 tokens, and a rate/ETA line in the job log
+    # structured progress: one JSON line per chunk of 4 sampled targets (the 6 tokens' inputs are
+    # the same at the 3 checkpoints: 6 distinct targets), and a rate/ETA line in the job log
     from engine.audit.progress import read_events
 
     events = read_events(run / "progress.jsonl")
-    assert [e["event"] for e in events] == ["start"] + ["chunk"] * 5 + ["finish"]
-    assert events[-2]["done"] == events[-2]["total"] == 18
+    assert [e["event"] for e in events] == ["start"] + ["chunk"] * 2 + ["finish"]
+    assert events[-2]["done"] == events[-2]["total"] == 6
     assert "tokens/s, ETA" in (run / "__main__.log").read_text()
     t = pd.read_parquet(run / "metrics.parquet")
     assert len(t) == 18 and (t.status == "ok").all()
