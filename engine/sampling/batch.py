@@ -49,6 +49,9 @@ __all__ = ["BatchConfig", "BatchResult", "init_positions", "run_batched", "chunk
 MAX_CACHED_PROGRAMS = 32
 """Compiled chunk programs kept per process (least recently used dropped first)."""
 
+STOPPING_SPLIT_MIN = 128
+"""Fewest problems per device for which a chunk with per-problem stopping is split over devices."""
+
 START_MEAN = "__start_mean__"
 """Optional per-problem data ``[dim]`` (unconstrained space): centre of the warm starts."""
 
@@ -543,7 +546,11 @@ def _stopping_chunk(chunk_fn, arrays, start, stop, size, devices, root, problem_
     """Problems ``start:stop`` with per-problem stopping: the stopping driver loops on the host,
     so with several devices the chunk is split in one contiguous part per device, each driven
     by its own thread on its own device (inputs committed there), and the parts are joined.
-    Each part carries one spare lane (the target of the block programs' padded lanes)."""
+    Each part carries one spare lane (the target of the block programs' padded lanes). Chunks
+    under :data:`STOPPING_SPLIT_MIN` problems per device stay on one device: every device
+    compiles the programs anew, which costs more than a small chunk's sampling."""
+    if stop - start < STOPPING_SPLIT_MIN * len(devices):  # each device would compile its own programs
+        devices = devices[:1]
     part = -(-size // len(devices))
     bounds = [(a, min(a + part, stop)) for a in range(start, stop, part)]
 
