@@ -109,7 +109,7 @@ def choose_precision(problem_data) -> str:
 
 
 def primary_config(config, compiled):
-    """``config`` (a ``BatchConfig`` with ``sampler.name == "auto"``) with the chosen kernel;
+    """``config`` (a ``BatchConfig`` of the ``auto`` sampler) with the chosen kernel;
     ChEES gets HMC's optimal acceptance target unless the run asked for another than NUTS's
     default."""
     from engine.sampling.kernels import get_kernel
