@@ -49,9 +49,6 @@ __all__ = ["BatchConfig", "BatchResult", "init_positions", "run_batched", "chunk
 MAX_CACHED_PROGRAMS = 32
 """Compiled chunk programs kept per process (least recently used dropped first)."""
 
-STOPPING_SPLIT_MIN = 128
-"""Fewest problems per device for which a chunk with per-problem stopping is split over devices."""
-
 START_MEAN = "__start_mean__"
 """Optional per-problem data ``[dim]`` (unconstrained space): centre of the warm starts."""
 
@@ -492,10 +489,11 @@ def run_batched(
     num_problems = problem_data.num_problems
     grid = chunk_grid(num_problems, config.batch_size)
     todo = grid if chunks is None else list(chunks)
-    num_devices = len(local_devices(config.runtime.devices))
+    devices = local_devices(config.runtime.devices)
+    stopping = config.sampler.is_stopping
+    num_devices = 1 if stopping else len(devices)  # stopping: whole chunks per device, below
     size = -(-(grid[0][1] - grid[0][0]) // num_devices) * num_devices  # a multiple of devices
     results = []
-    stopping = config.sampler.is_stopping
     with precision_scope(config.runtime.precision):
         fn = _chunk_runner(compiled, config, summary_fn)
         keep = {(int(a), int(b)) for a, b in keep_chunks}
@@ -505,18 +503,11 @@ def run_batched(
         root = jax.random.PRNGKey(config.seed)
         bar = _progress(sum(b - a for a, b in todo), progress, describe(config.sampler.name))
         try:
-            for start, stop in todo:
+            for (start, stop), out in _chunk_outputs(todo, stopping, size, devices, arrays, root, problem_index,
+                                                     lambda c: fn_keep if c in keep else fn):
                 n = stop - start
                 chunk_fn = fn_keep if (start, stop) in keep else fn
-                if stopping:
-                    kept, ok, summary, num_draws, num_grads, converged = _stopping_chunk(
-                        chunk_fn, arrays, start, stop, size, local_devices(config.runtime.devices), root,
-                        problem_index)
-                else:
-                    index, chunk = chunk_inputs(arrays, start, stop, size)
-                    if problem_index is not None:
-                        index = np.asarray(problem_index)[index]
-                    kept, ok, summary, num_draws, num_grads, converged = chunk_fn(root, index, chunk, n)
+                kept, ok, summary, num_draws, num_grads, converged = out
                 host = jax.tree.map(lambda a: np.asarray(a)[:n], (kept, ok, summary, num_draws, num_grads))
                 if stopping:
                     host = (stopping_mod.pad_kept(host[0], host[3]),) + host[1:]
@@ -542,36 +533,47 @@ def run_batched(
     )
 
 
-def _stopping_chunk(chunk_fn, arrays, start, stop, size, devices, root, problem_index):
-    """Problems ``start:stop`` with per-problem stopping: the stopping driver loops on the host,
-    so with several devices the chunk is split in one contiguous part per device, each driven
-    by its own thread on its own device (inputs committed there), and the parts are joined.
-    Each part carries one spare lane (the target of the block programs' padded lanes). Chunks
-    under :data:`STOPPING_SPLIT_MIN` problems per device stay on one device: every device
-    compiles the programs anew, which costs more than a small chunk's sampling."""
-    if stop - start < STOPPING_SPLIT_MIN * len(devices):  # each device would compile its own programs
-        devices = devices[:1]
-    part = -(-size // len(devices))
-    bounds = [(a, min(a + part, stop)) for a in range(start, stop, part)]
+def _chunk_outputs(todo, stopping, size, devices, arrays, root, problem_index, runner_for):
+    """``((start, stop), chunk_fn output)`` for each chunk of ``todo``, in order.
 
-    def run(device, a, b):
-        index, chunk = chunk_inputs(arrays, a, b, part + 1)
+    Without stopping each chunk is one program sharded over ``devices``. With per-problem
+    stopping the driver loops on the host, so whole chunks run side by side instead, one per
+    device, each driven by its own thread with its inputs committed to its device (each device
+    compiles the programs once, so a run of one chunk stays on one device). Stopping chunks
+    carry one spare lane (the target of the block programs' padded lanes)."""
+
+    def run(bounds, device=None):
+        start, stop = bounds
+        index, chunk = chunk_inputs(arrays, start, stop, size + 1 if stopping else size)
         if problem_index is not None:
             index = np.asarray(problem_index)[index]
-        if len(devices) > 1:
+        key = root
+        if device is not None:
             chunk, key = jax.device_put((chunk, root), device)
-        else:
-            key = root
-        out = chunk_fn(key, index, chunk, b - a)
-        return jax.tree.map(lambda x: np.asarray(x)[: b - a], out[:5]) + (np.asarray(out[5])[: b - a],)
+        out = runner_for((int(start), int(stop)))(key, index, chunk, stop - start)
+        if device is not None:  # finish on this thread: the next chunk waits for a free device
+            out = jax.tree.map(np.asarray, out)
+        return bounds, out
 
-    if len(bounds) == 1:
-        return run(devices[0], *bounds[0])
+    if not stopping or len(devices) == 1 or len(todo) == 1:
+        yield from (run(b) for b in todo)
+        return
+    import queue
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(len(bounds)) as pool:
-        parts = list(pool.map(lambda job: run(devices[job[0]], *job[1]), enumerate(bounds)))
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+    free = queue.Queue()
+    for device in devices:
+        free.put(device)
+
+    def on_free_device(bounds):
+        device = free.get()
+        try:
+            return run(bounds, device)
+        finally:
+            free.put(device)
+
+    with ThreadPoolExecutor(len(devices)) as pool:
+        yield from pool.map(on_free_device, todo)
 
 
 def _chunk_runner(compiled: CompiledModel, config: BatchConfig, summary_fn):
