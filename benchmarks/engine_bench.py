@@ -148,7 +148,7 @@ class EngineProgram:
             t0 = time.perf_counter()
             for start, stop in grid:
                 index, chunk = batch.chunk_inputs(arrays, start, stop, self.chunk_size)
-                _, ok, summary = self.executable(root, jnp.asarray(index), chunk)
+                _, ok, summary = self.executable(root, jnp.asarray(index), chunk)[:3]  # then num_grads
                 host = jax.tree.map(np.asarray, summary)
                 host["init_ok"] = np.asarray(ok)
                 host["_n"] = stop - start

@@ -117,6 +117,8 @@ class SamplerConfig:
         if config.target_ess is not None:
             if int(config.target_ess) < 1:
                 raise InputError(f"target_ess must be >= 1 or None, got {config.target_ess}")
+            if int(config.chains) < 2:
+                raise InputError(f"target_ess: the gate's R-hat needs chains >= 2, got {config.chains}")
             if config.max_draws is not None and int(config.max_draws) < int(config.draws):
                 raise InputError(f"max_draws must be >= draws ({config.draws}), got {config.max_draws}")
         kernel = get_kernel(config.name)

@@ -76,15 +76,22 @@ def test_gate_matches_arviz_on_kept_draws(num_draws):
     np.testing.assert_allclose(float(summary["sd"]), draws[:, :num_draws, 1].std(ddof=1), rtol=1e-12)
 
 
-def test_retired_problems_meet_the_gate_and_arviz_reads_the_layout():
-    truth, data = _data(6)
-    target = 150
-    idata = engine.sample_batched(MODEL, data, tune=200, target_ess=target, block_draws=50, max_draws=1000, seed=3)
+@pytest.fixture(scope="module")
+def blackjax_run():
+    """One small blackjax run with stopping, shared by the default-tier tests (one compile)."""
+    _, data = _data(8, seed=11)
+    idata = engine.sample_batched(MODEL, data, tune=200, target_ess=200, block_draws=50, max_draws=1000, seed=5)
+    return data, idata
+
+
+def test_retired_problems_meet_the_gate_and_arviz_reads_the_layout(blackjax_run):
+    _, idata = blackjax_run
+    target = 200
     num_draws = idata.sample_stats["num_draws"].values
     assert idata.sample_stats["num_draws"].dims == ("problem",)
     assert idata.posterior.sizes["draw"] == 1000
     assert np.all(num_draws % 50 == 0) and np.all(num_draws < 1000)
-    for p in range(6):
+    for p in range(8):
         kept, n = _kept(idata, p)
         assert np.all(np.isnan(idata.posterior["theta"].values[:, n:, p]))
         one = idata.isel(problem=p, draw=slice(0, n))
@@ -110,9 +117,14 @@ def test_max_draws_reached_is_not_converged():
     np.testing.assert_array_equal(result.num_draws, [100, 100, 100])
 
 
-@pytest.mark.parametrize("sampler", ["blackjax", "chees"])
-def test_stopping_is_unbiased_quick(sampler):
-    _check_unbiased(sampler, num_problems=8, tune=200, target=200)
+def test_stopping_is_unbiased_quick(blackjax_run):
+    data, idata = blackjax_run
+    _check_unbiased_idata(idata, data)
+
+
+@pytest.mark.slow
+def test_stopping_is_unbiased_quick_chees():
+    _check_unbiased("chees", num_problems=8, tune=200, target=200)
 
 
 @pytest.mark.slow
@@ -127,6 +139,11 @@ def _check_unbiased(sampler, num_problems, tune, target):
     _, data = _data(num_problems, seed=11)
     kw = {"target_accept": 0.651} if sampler == "chees" else {}
     idata = engine.sample_batched(MODEL, data, sampler=sampler, tune=tune, target_ess=target, seed=5, **kw)
+    _check_unbiased_idata(idata, data)
+
+
+def _check_unbiased_idata(idata, data):
+    num_problems = data["y"].shape[0]
     mean, sd = _exact(data["y"])
     z_mean, z_sd = [], []
     for p in range(num_problems):
@@ -157,6 +174,7 @@ def test_rank_calibration_with_stopping():
     assert stats.chisquare(counts).pvalue > 0.001, counts
 
 
+@pytest.mark.slow
 def test_compaction_keeps_results(monkeypatch):
     """Lanes compacted to small buckets give the same first-block draws (same program) and
     satisfy the gate with consistent counts; a run without compaction agrees on both."""

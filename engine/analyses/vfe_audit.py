@@ -171,9 +171,16 @@ def _audit_stopping(cfg, kw: dict) -> None:
     if kw.get("target_ess") is not None or target is None:
         return
     kernel = get_kernel(kw["sampler"])
+    why = None
     if kernel.runs_on_host or kernel.loop != "draws":
+        why = f"sampler {kernel.name} cannot stop"
+    elif int(kw.get("chains", 4)) < 2:
+        why = "R-hat needs 2 chains or more"
+    elif kw.get("devices") not in (None, 1):
+        why = "stopping runs on one device"
+    if why is not None:
         logging.getLogger("engine").warning(
-            "sampler %s cannot stop at analysis.target_ess=%s; it keeps sampler.draws per chain", kernel.name, target)
+            "%s: analysis.target_ess=%s ignored, every token keeps sampler.draws per chain", why, target)
         return
     kw["target_ess"] = int(target)
     kw["block_draws"] = int(cfg.sampler.get("block_draws", 100))
