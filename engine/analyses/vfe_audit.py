@@ -176,8 +176,6 @@ def _audit_stopping(cfg, kw: dict) -> None:
         why = f"sampler {kernel.name} cannot stop"
     elif int(kw.get("chains", 4)) < 2:
         why = "R-hat needs 2 chains or more"
-    elif kw.get("devices") not in (None, 1):
-        why = "stopping runs on one device"
     if why is not None:
         logging.getLogger("engine").warning(
             "%s: analysis.target_ess=%s ignored, every token keeps sampler.draws per chain", why, target)
