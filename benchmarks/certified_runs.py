@@ -67,13 +67,26 @@ class Run:
 
 
 # ------------------------------------------------------------------------------ certificate
-def certify_posterior(posterior, diverging, var_names) -> dict:
+def certify_posterior(posterior, diverging, var_names, num_draws=None) -> dict:
     """ArviZ diagnostics per problem of an xarray posterior with dims ``(chain, draw, problem, ...)``.
 
     ``diverging`` has dims ``(chain, draw, problem)``. Returns ``[problem]`` arrays: worst R-hat,
     smallest bulk and tail ESS over all elements of ``var_names``, and divergence counts.
+    ``num_draws`` (``[problem]``, per-problem stopping): problem ``p`` is judged on its first
+    ``num_draws[p]`` draws only (the rest are NaN padding), one ArviZ call per distinct count.
     """
     import arviz as az
+
+    if num_draws is not None:
+        num_draws = np.asarray(num_draws, dtype=int)
+        out = {}
+        for n in np.unique(num_draws):
+            idx = np.flatnonzero(num_draws == n)
+            part = certify_posterior(posterior.isel(problem=idx, draw=slice(0, int(n))),
+                                     diverging.isel(problem=idx, draw=slice(0, int(n))), var_names)
+            for key, value in part.items():
+                out.setdefault(key, np.zeros(len(num_draws), value.dtype))[idx] = value
+        return out
 
     post = posterior[list(var_names)]
     stats = {
@@ -205,7 +218,8 @@ def run_engine(model, data, problems, *, sampler, precision, tune, draws, chains
         idata = sample_batched(model, subset, **kw)
         total = time.perf_counter() - t
     names = [rv.name for rv in model.free_RVs]
-    cert = certify_posterior(idata.posterior, idata.sample_stats["diverging"], names)
+    num_draws = idata.sample_stats["num_draws"].values if "num_draws" in idata.sample_stats else None
+    cert = certify_posterior(idata.posterior, idata.sample_stats["diverging"], names, num_draws)
     return Run(run_s=max(total - clock.seconds, 1e-9), compile_s=cache[key] + clock.seconds,
                cert=cert, problems=list(problems), extra={"conversion_s": cache[key], "jax_compile_s": clock.seconds})
 

@@ -72,7 +72,7 @@ def parse_contestant(spec: str, default_precision: str = "float64") -> Contestan
     base, *opts = spec.strip().split(":")
     if base not in ENGINE_SAMPLERS + LOOP_SAMPLERS:
         raise ValueError(f"unknown contestant {spec!r}; base must be one of {ENGINE_SAMPLERS + LOOP_SAMPLERS}")
-    dense, precision = False, default_precision
+    dense, precision = False, ("auto" if base == "auto" else default_precision)  # auto: the defaults' row
     for opt in opts:
         if opt == "dense":
             dense = True

@@ -186,6 +186,29 @@ def test_certificate_is_arviz_and_fails_what_it_should():
     assert certified_mask(cert).tolist() == [True, False, False, False]
 
 
+def test_certificate_of_stopped_problems_reads_only_their_kept_draws():
+    import arviz as az
+    import xarray as xr
+
+    from benchmarks.certified_runs import certify_posterior
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 600, 3))  # [chain, draw, problem]
+    kept = np.array([200, 600, 400])
+    padded = x.copy()
+    for p, n in enumerate(kept):
+        padded[:, n:, p] = np.nan
+    posterior = xr.Dataset({"theta": (("chain", "draw", "problem"), padded)})
+    diverging = xr.DataArray(np.zeros(x.shape, bool), dims=("chain", "draw", "problem"))
+    cert = certify_posterior(posterior, diverging, ["theta"], kept)
+    for p, n in enumerate(kept):
+        assert cert["r_hat_max"][p] == pytest.approx(float(az.rhat(x[:, :n, p])))
+        assert cert["ess_bulk_min"][p] == pytest.approx(float(az.ess(x[:, :n, p], method="bulk")))
+        assert cert["ess_tail_min"][p] == pytest.approx(float(az.ess(x[:, :n, p], method="tail")))
+    unmasked = certify_posterior(posterior, diverging, ["theta"])  # NaN padding read as draws fails
+    assert np.isinf(unmasked["r_hat_max"][[0, 2]]).all()
+
+
 def test_time_to_certified_ladder_and_compile_clock():
     import jax
     import jax.numpy as jnp
