@@ -126,7 +126,7 @@ def test_bad_input_exits_2_with_one_line(kind, tmp_path, env):
 def test_small_univariate_demo_via_cli(tmp_path, env):
     run = tmp_path / "run"
     proc = engine(["data.num_tokens=6", "data.checkpoint_steps=[5,30,300]", *TINY, "runtime.batch_size=4",
-                   "analysis.keep_draws=[1,4]", f"hydra.run.dir={run}"], env)
+                   "sampler.max_draws=1000", "analysis.keep_draws=[1,4]", f"hydra.run.dir={run}"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "KL(q|mcmc)" in proc.stdout and f"report: {run / 'report.md'}" in proc.stdout
     # draws of the chosen tokens at every checkpoint, as InferenceData
@@ -134,7 +134,12 @@ def test_small_univariate_demo_via_cli(tmp_path, env):
 
     draws = az.from_netcdf(run / "draws.nc")
     assert draws.posterior.theta.dims == ("chain", "draw", "checkpoint", "token")
-    assert draws.posterior.theta.shape == (2, 300, 3, 2) and draws.posterior.token.values.tolist() == [1, 4]
+    # audits stop each target at ESS 400: the draw axis is max_draws, each target keeps whole
+    # blocks of 100 draws per chain and the rest is NaN padding
+    assert draws.posterior.theta.shape == (2, 1000, 3, 2) and draws.posterior.token.values.tolist() == [1, 4]
+    kept = np.isfinite(draws.posterior.theta.values).all(axis=0).sum(axis=0)  # [checkpoint, token]
+    assert (kept >= 100).all() and (kept % 100 == 0).all()
+    assert np.isnan(draws.posterior.theta.values[:, kept.max():]).all()
     # structured progress: one JSON line per chunk of 4 sampled targets (the 6 tokens' inputs are
     # the same at the 3 checkpoints: 6 distinct targets), and a rate/ETA line in the job log
     from engine.audit.progress import read_events

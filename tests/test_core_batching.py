@@ -220,7 +220,7 @@ def test_ragged_container_not_observed_row_by_row_is_refused():
 
 
 def test_bad_sampler_settings_rejected():
-    with pytest.raises(ValueError, match="unknown sampler 'stan'; choose one of 'blackjax'"):
+    with pytest.raises(ValueError, match="unknown sampler 'stan'; choose one of 'auto', 'blackjax'"):
         engine.sample_batched(normal_normal_model(), normal_normal_data(2), sampler="stan")
     with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
         engine.sample_batched(normal_normal_model(), normal_normal_data(2), bogus=1)

@@ -10,7 +10,7 @@ import pytest
 from engine import audit_vfe
 from engine.errors import InputError
 
-RUN = dict(chains=2, draws=400, tune=400, seed=3, num_q_draws=200, batch_size=5)
+RUN = dict(chains=2, draws=400, tune=400, seed=3, num_q_draws=200, batch_size=5, precision="float64")  # 1e-8 identities
 
 
 def _beliefs(C=2, T=12, n=6, seed=0):

@@ -39,7 +39,8 @@ from engine.analyses.hierarchical_reliability import choose_parameterization, ga
 
 VARIANTS = ("hierarchical", "pooled", "unpooled")
 PARAMETERIZATIONS = ("noncentered", "centered")
-PARAMETERIZATION_OPTIONS = PARAMETERIZATIONS + ("auto",)
+AUTO_FORM = "auto"
+PARAMETERIZATION_OPTIONS = PARAMETERIZATIONS + (AUTO_FORM,)
 """``auto`` picks one of the two per checkpoint from its data (:func:`choose_parameterization`)."""
 
 
@@ -235,7 +236,7 @@ def parameterizations(entropies, variant: str = "hierarchical", parameterization
         raise InputError(
             f"analysis.parameterization must be one of {list(PARAMETERIZATION_OPTIONS)}, got {parameterization!r}"
         )
-    if parameterization != "auto":
+    if parameterization != AUTO_FORM:
         return [parameterization] * len(entropies)
     if variant != "hierarchical":
         return ["noncentered"] * len(entropies)

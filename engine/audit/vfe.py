@@ -389,7 +389,7 @@ def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, ru
     devices = [None] if host or runtime.batch_size is not None else local_devices(runtime.devices)
     batch_size = chunk_size(targets.num_targets, int(sampler.chains), int(sampler.max_draws_per_chain), bs.dim,
                             int(num_q_draws) * targets.max_members, runtime.batch_size, num_devices=len(devices),
-                            platform="cpu" if host or devices[0].platform == "cpu" else "gpu")
+                            platform="cpu" if host or devices[0] is None or devices[0].platform == "cpu" else "gpu")
     try:
         config = BatchConfig(sampler=sampler, runtime=dataclasses.replace(runtime, batch_size=batch_size),
                              keep_draws=False)
