@@ -114,7 +114,8 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
             return adaptation.run(key, positions, step_size=step_size, optim=optax.adam(LEARNING_RATE),
                                   num_steps=num_steps, max_sampling_steps=schedule.num_draws)
 
-    def init(rng_keys, positions) -> DenseChEESState:
+    def init(rng_keys, positions, inverse_mass_matrix=None) -> DenseChEESState:
+        del inverse_mass_matrix  # a warm start's metric is not used: this warmup learns its own from scratch
         num_chains, dim = positions.shape
         hmc = jax.vmap(lambda x: blackjax.dynamic_hmc.init(x, logdensity_fn, jnp.zeros((), int)))(positions)
         return DenseChEESState(

@@ -111,7 +111,8 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
         next_random_arg_fn=lambda i: i + 1,
     )
 
-    def init(rng_keys, positions) -> MAMSState:
+    def init(rng_keys, positions, inverse_mass_matrix=None) -> MAMSState:
+        del inverse_mass_matrix  # a warm start's metric is not used: this warmup learns its own from scratch
         num_chains, dim = positions.shape
         hmc = jax.vmap(lambda x: amd.init(x, logdensity_fn, jnp.zeros((), jnp.int32)))(positions)
         return MAMSState(
