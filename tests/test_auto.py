@@ -172,3 +172,17 @@ def test_auto_defaults_sample_the_readme_call():
     ess = az.ess(idata).theta.values
     z = (theta.mean((0, 1)) - mean) / (sd / np.sqrt(ess))
     assert np.all(np.abs(z) < 4.5), z
+
+
+def test_one_chain_fails_the_gate_without_rerunning_every_problem():
+    """R-hat needs two chains: with one, every problem fails the gate, and ``auto`` says so
+    instead of rerunning them all with NUTS (which could not pass either)."""
+    with pm.Model() as model:
+        y = pm.Data("y", np.zeros(5))
+        mu = pm.Normal("mu", 0.0, 1.0)
+        pm.Normal("obs", mu, 1.0, observed=y)
+    data = {"y": np.random.default_rng(0).normal(size=(6, 5))}
+    with pytest.warns(RuntimeWarning, match="one chain: no R-hat, no fallback"):
+        idata = engine.sample_batched(model, data, chains=1, draws=50, tune=50, progress=False)
+    assert not idata.sample_stats["gate_passed"].values.any()
+    assert set(idata.sample_stats["sampler"].values.tolist()) == {"blackjax"}  # ChEES needs 2 chains

@@ -242,9 +242,11 @@ def _with_gate(summary_fn, names) -> Callable:
 
 def _fallback_size(count: int, chunk: int, num_devices: int) -> int:
     """Problems per fallback chunk: :data:`FALLBACK_CHUNK_PER_DEVICE` per device (never more than
-    the run's chunk), whatever ``count`` is, so that ONE fallback program serves every chunk."""
-    del count  # the size must not depend on how many failed: one compile per run
+    the run's chunk) while few fail, the run's own chunk size when more than that fail: at most
+    two fallback programs per run, and a chunk where most problems fail reruns in full chunks."""
     size = min(FALLBACK_CHUNK_PER_DEVICE * num_devices, max(chunk, 1))
+    if count > size:
+        size = max(chunk, 1)
     return max(num_devices, size - size % num_devices)
 
 
@@ -284,6 +286,8 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     keep = {(int(a), int(b)) for a, b in keep_chunks}
     results, names_out, passed_out, counts_out, still_failing, rerun = [], [], [], [], 0, 0
     gate_draws = s.max_draws_per_chain if s.is_stopping else int(s.draws)  # the gate's ESS bar (gate_ess_min)
+    # R-hat needs 2 chains: with one, no problem can pass, and rerunning them all would not help
+    can_certify = int(s.chains) >= 2
 
     def capture(store):
         return lambda start, stop, host: store.append(host)
@@ -300,7 +304,7 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
         passed = gate_passed(gate, s.chains, gate_draws)
         used = np.full(n, primary.sampler.name, dtype=object)
         failing = np.flatnonzero(~passed & np.asarray(ok, bool))
-        if failing.size:
+        if failing.size and can_certify:
             rerun += failing.size
             size = _fallback_size(failing.size, int(config.batch_size or n), num_devices)
             index = start + failing
@@ -344,8 +348,9 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     if still_failing:
         warnings.warn(
             f"sampler 'auto': {still_failing} of {sum(b - a for a, b in todo)} problems fail the convergence gate "
-            f"(R-hat, ESS >= {gate_ess_min(s.chains, gate_draws):g}, divergences, E-BFMI) after the NUTS fallback "
-            f"({rerun} reran); see gate_passed", RuntimeWarning, stacklevel=3)
+            f"(R-hat, ESS >= {gate_ess_min(s.chains, gate_draws):g}, divergences, E-BFMI) "
+            + (f"after the NUTS fallback ({rerun} reran)" if can_certify else "(one chain: no R-hat, no fallback)")
+            + "; see gate_passed", RuntimeWarning, stacklevel=3)
     if not results:
         return BatchResult(None, None, None, np.zeros(0, bool), None)
     import jax
