@@ -71,8 +71,11 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted_run(tmp_path):
 
     events = read_events(killed / "progress.jsonl")
     starts = [e for e in events if e["event"] == "start"]
-    assert len(starts) == 2 and starts[0]["done"] == 0 and starts[1]["done"] == 5 * finished_before
-    assert starts[1]["chunks_pending"] == 24 - finished_before
+    # a kill between a chunk file's rename and the manifest update leaves one file the manifest
+    # does not list (the store's documented window): the rerun redoes that chunk
+    recorded = starts[1]["done"] // 5
+    assert len(starts) == 2 and starts[0]["done"] == 0 and finished_before - 1 <= recorded <= finished_before
+    assert starts[1]["done"] == 5 * recorded and starts[1]["chunks_pending"] == 24 - recorded
     chunk_events = [e for e in events if e["event"] == "chunk"]
     assert len(chunk_events) >= 24  # the chunk in flight at the kill may have logged before dying
     last = chunk_events[-1]
