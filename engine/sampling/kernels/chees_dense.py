@@ -34,7 +34,7 @@ from engine.errors import InputError
 from engine.sampling.kernels.base import (
     OPTIMAL_HMC_TARGET_ACCEPT, Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
 )
-from engine.sampling.kernels.chees_hmc import LEARNING_RATE, MIN_CHAINS
+from engine.sampling.kernels.chees_hmc import LEARNING_RATE, MIN_CHAINS, chains_step
 from engine.sampling.kernels.chees_hmc import MIN_TUNE as MIN_TUNE_PER_STAGE
 
 MIN_TUNE = 2 * MIN_TUNE_PER_STAGE
@@ -152,29 +152,7 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
         )
 
     def step(state: DenseChEESState) -> tuple[DenseChEESState, Transition]:
-        kernel = blackjax.dynamic_hmc(
-            _whitened(logdensity_fn, state.shift, state.chol),
-            step_size=state.step_size,
-            inverse_mass_matrix=state.inverse_mass_matrix,
-            next_random_arg_fn=lambda i: i + 1,
-            integration_steps_fn=integration_steps_fn,
-            integration_steps_params=(state.mean_num_steps,),
-        )
-        imm = state.inverse_mass_matrix
-        previous_lp = state.hmc.logdensity
-        key = jax.random.fold_in(state.rng_key, state.num_done)
-        with jax.numpy_rank_promotion("allow"):
-            hmc, info = jax.vmap(kernel.step)(jax.random.split(key, previous_lp.shape[0]), state.hmc)
-            start_energy = -previous_lp + 0.5 * jnp.sum(imm * info.momentum**2, axis=-1)
-        stats = SampleStats(
-            diverging=info.is_divergent,
-            tree_depth=jnp.zeros_like(info.num_integration_steps),  # no tree: HMC
-            n_steps=info.num_integration_steps,
-            energy=jnp.where(info.is_accepted, info.energy, start_energy),
-            lp=hmc.logdensity,
-            acceptance_rate=info.acceptance_rate,
-            step_size=jnp.broadcast_to(jnp.asarray(state.step_size), previous_lp.shape),
-        )
+        hmc, _, stats = chains_step(_whitened(logdensity_fn, state.shift, state.chol), integration_steps_fn, state)
         x = state.shift[None, :] + hmc.position @ state.chol.T
         return state._replace(hmc=hmc, num_done=state.num_done + 1), Transition(x, stats)
 

@@ -96,6 +96,37 @@ def check(chains: int, tune: int, settings: KernelSettings) -> None:
         raise InputError("sampler 'chees' adapts a diagonal mass matrix; dense_mass is not available")
 
 
+def chains_step(logdensity_fn, integration_steps_fn, state):
+    """One jittered-HMC transition of every chain of ``state`` (a ChEES-like state: ``hmc``,
+    ``step_size``, ``inverse_mass_matrix``, ``mean_num_steps``, ``rng_key``, ``num_done``)
+    -> ``(hmc states, info, SampleStats)``; shared with ``chees_dense``."""
+    kernel = blackjax.dynamic_hmc(
+        logdensity_fn,
+        step_size=state.step_size,
+        inverse_mass_matrix=state.inverse_mass_matrix,
+        next_random_arg_fn=lambda i: i + 1,
+        integration_steps_fn=integration_steps_fn,
+        integration_steps_params=(state.mean_num_steps,),
+    )
+    imm = state.inverse_mass_matrix
+    previous_lp = state.hmc.logdensity
+    key = jax.random.fold_in(state.rng_key, state.num_done)
+    with jax.numpy_rank_promotion("allow"):
+        hmc, info = jax.vmap(kernel.step)(jax.random.split(key, previous_lp.shape[0]), state.hmc)
+        # the Hamiltonian at the state kept (Stan's energy__), for E-BFMI
+        start_energy = -previous_lp + 0.5 * jnp.sum(imm * info.momentum**2, axis=-1)
+    stats = SampleStats(
+        diverging=info.is_divergent,
+        tree_depth=jnp.zeros_like(info.num_integration_steps),  # no tree: HMC
+        n_steps=info.num_integration_steps,
+        energy=jnp.where(info.is_accepted, info.energy, start_energy),
+        lp=hmc.logdensity,
+        acceptance_rate=info.acceptance_rate,
+        step_size=jnp.broadcast_to(jnp.asarray(state.step_size), previous_lp.shape),
+    )
+    return hmc, info, stats
+
+
 def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Schedule) -> SamplingAlgorithm:
     """ChEES HMC bound to one problem (see :class:`~engine.sampling.kernels.base.Kernel`)."""
     max_steps = 2**settings.max_tree_depth - 1
@@ -157,30 +188,7 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
         )
 
     def step(state: ChEESState) -> tuple[ChEESState, Transition]:
-        kernel = blackjax.dynamic_hmc(
-            logdensity_fn,
-            step_size=state.step_size,
-            inverse_mass_matrix=state.inverse_mass_matrix,
-            next_random_arg_fn=lambda i: i + 1,
-            integration_steps_fn=integration_steps_fn,
-            integration_steps_params=(state.mean_num_steps,),
-        )
-        imm = state.inverse_mass_matrix
-        previous_lp = state.hmc.logdensity
-        key = jax.random.fold_in(state.rng_key, state.num_done)
-        with jax.numpy_rank_promotion("allow"):
-            hmc, info = jax.vmap(kernel.step)(jax.random.split(key, previous_lp.shape[0]), state.hmc)
-            # the Hamiltonian at the state kept (Stan's energy__), for E-BFMI
-            start_energy = -previous_lp + 0.5 * jnp.sum(imm * info.momentum**2, axis=-1)
-        stats = SampleStats(
-            diverging=info.is_divergent,
-            tree_depth=jnp.zeros_like(info.num_integration_steps),  # no tree: HMC
-            n_steps=info.num_integration_steps,
-            energy=jnp.where(info.is_accepted, info.energy, start_energy),
-            lp=hmc.logdensity,
-            acceptance_rate=info.acceptance_rate,
-            step_size=jnp.broadcast_to(jnp.asarray(state.step_size), previous_lp.shape),
-        )
+        hmc, info, stats = chains_step(logdensity_fn, integration_steps_fn, state)
         num_grads = state.num_grads + info.num_integration_steps.sum().astype(jnp.int32)
         return state._replace(hmc=hmc, num_done=state.num_done + 1, num_grads=num_grads), Transition(hmc.position, stats)
 
