@@ -503,7 +503,7 @@ def run_batched(
         root = jax.random.PRNGKey(config.seed)
         bar = _progress(sum(b - a for a, b in todo), progress, describe(config.sampler.name))
         try:
-            for (start, stop), out in _chunk_outputs(todo, stopping, size, devices, arrays, root, problem_index,
+            for (start, stop), out in stopping_mod.chunk_outputs(todo, stopping, size, devices, arrays, root, problem_index,
                                                      lambda c: fn_keep if c in keep else fn):
                 n = stop - start
                 chunk_fn = fn_keep if (start, stop) in keep else fn
@@ -531,49 +531,6 @@ def run_batched(
         draws=values, stats=stats, log_likelihood=loglik, init_ok=ok, summaries=summaries,
         num_draws=num_draws, num_grads=num_grads, converged=converged,
     )
-
-
-def _chunk_outputs(todo, stopping, size, devices, arrays, root, problem_index, runner_for):
-    """``((start, stop), chunk_fn output)`` for each chunk of ``todo``, in order.
-
-    Without stopping each chunk is one program sharded over ``devices``. With per-problem
-    stopping the driver loops on the host, so whole chunks run side by side instead, one per
-    device, each driven by its own thread with its inputs committed to its device (each device
-    compiles the programs once, so a run of one chunk stays on one device). Stopping chunks
-    carry one spare lane (the target of the block programs' padded lanes)."""
-
-    def run(bounds, device=None):
-        start, stop = bounds
-        index, chunk = chunk_inputs(arrays, start, stop, size + 1 if stopping else size)
-        if problem_index is not None:
-            index = np.asarray(problem_index)[index]
-        key = root
-        if device is not None:
-            chunk, key = jax.device_put((chunk, root), device)
-        out = runner_for((int(start), int(stop)))(key, index, chunk, stop - start)
-        if device is not None:  # finish on this thread: the next chunk waits for a free device
-            out = jax.tree.map(np.asarray, out)
-        return bounds, out
-
-    if not stopping or len(devices) == 1 or len(todo) == 1:
-        yield from (run(b) for b in todo)
-        return
-    import queue
-    from concurrent.futures import ThreadPoolExecutor
-
-    free = queue.Queue()
-    for device in devices:
-        free.put(device)
-
-    def on_free_device(bounds):
-        device = free.get()
-        try:
-            return run(bounds, device)
-        finally:
-            free.put(device)
-
-    with ThreadPoolExecutor(len(devices)) as pool:
-        yield from pool.map(on_free_device, todo)
 
 
 def _chunk_runner(compiled: CompiledModel, config: BatchConfig, summary_fn):

@@ -32,7 +32,7 @@ from engine.sampling.gate import gate
 from engine.sampling.kernels import get_kernel
 from engine.sampling.kernels.base import Schedule
 
-__all__ = ["MIN_BUCKET", "StopPrograms", "build_stop_programs", "run_chunk", "bucket_size", "pad_kept"]
+__all__ = ["MIN_BUCKET", "StopPrograms", "build_stop_programs", "run_chunk", "bucket_size", "pad_kept", "chunk_outputs"]
 
 MIN_BUCKET = 64
 """Fewest lanes a block program is compiled for: below it, smaller programs would cost more to
@@ -211,3 +211,48 @@ def pad_kept(kept, num_draws: np.ndarray):
     stats = type(stats)(*(blank(a) for a in stats))
     loglik = None if loglik is None else {k: blank(v) for k, v in loglik.items()}
     return values, stats, loglik
+
+
+def chunk_outputs(todo, stopping, size, devices, arrays, root, problem_index, runner_for):
+    """``((start, stop), chunk_fn output)`` for each chunk of ``todo``, in order.
+
+    Without stopping each chunk is one program sharded over ``devices``. With per-problem
+    stopping the driver loops on the host, so whole chunks run side by side instead, one per
+    device, each driven by its own thread with its inputs committed to its device (each device
+    compiles the programs once, so a run of one chunk stays on one device). Stopping chunks
+    carry one spare lane (the target of the block programs' padded lanes)."""
+
+    from engine.sampling.batch import chunk_inputs
+
+    def run(bounds, device=None):
+        start, stop = bounds
+        index, chunk = chunk_inputs(arrays, start, stop, size + 1 if stopping else size)
+        if problem_index is not None:
+            index = np.asarray(problem_index)[index]
+        key = root
+        if device is not None:
+            chunk, key = jax.device_put((chunk, root), device)
+        out = runner_for((int(start), int(stop)))(key, index, chunk, stop - start)
+        if device is not None:  # finish on this thread: the next chunk waits for a free device
+            out = jax.tree.map(np.asarray, out)
+        return bounds, out
+
+    if not stopping or len(devices) == 1 or len(todo) == 1:
+        yield from (run(b) for b in todo)
+        return
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    free = queue.Queue()
+    for device in devices:
+        free.put(device)
+
+    def on_free_device(bounds):
+        device = free.get()
+        try:
+            return run(bounds, device)
+        finally:
+            free.put(device)
+
+    with ThreadPoolExecutor(len(devices)) as pool:
+        yield from pool.map(on_free_device, todo)
