@@ -2,12 +2,16 @@
 
     nice -n 10 .venv/bin/python -m benchmarks.defaults_bench --n 2000
 
+    nice -n 10 .venv/bin/python -m benchmarks.defaults_bench --n 10000 --ways after --pymc-problems 10
+
 Runs ``engine.sample_batched(model, data, chains=4, draws=1000, tune=1000)`` on w1 three ways:
 ``before`` (the old defaults spelt out: BlackJAX NUTS, float64, one device, one chunk),
 ``after`` (no options: ``auto`` sampler, precision, chunks and devices) and ``best`` (ChEES,
 float32, all devices, 100-problem chunks: the fastest flags of ``benchmarks/results``). Each line:
 wall seconds with compile (a fresh program per way), the share of problems passing the gate
 (R-hat < 1.01, bulk and tail ESS >= 400, no divergences) and, for ``after``, which kernels ran.
+``--pymc-problems K`` adds a loop of plain ``pm.sample`` (same chains, draws and tune) over K
+problems spread over the set, its seconds per posterior, and each way's speed-up over it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--ways", default="after,best,before")
+    p.add_argument("--pymc-problems", type=int, default=0, help="problems of a pm.sample loop (0: none)")
     a = p.parse_args(argv)
     import jax
 
@@ -38,6 +43,15 @@ def main(argv=None):
     from engine.sampling.diagnostics import summarize_idata
 
     data = w1_data(a.n, 0)
+    pymc_ms = None
+    if a.pymc_problems:
+        from benchmarks.loops import bench_pymc, loop_problems
+
+        loop_args = argparse.Namespace(chains=4, draws=1000, tune=1000, seed=0, target_accept=0.8)
+        row = bench_pymc(w1_model(), data, loop_problems(a.n, a.pymc_problems), loop_args)
+        pymc_ms = row["ms_per_posterior_e2e"]
+        print(json.dumps({"way": "pm.sample loop", "problems": row["problems"], "ms_per_posterior": round(pymc_ms, 1),
+                          "pass": row["pass_share"]}), flush=True)
     for way in a.ways.split(","):
         model = w1_model()  # a fresh template: nothing compiled is shared between ways
         t0 = time.perf_counter()
@@ -51,6 +65,8 @@ def main(argv=None):
         row = {"way": way, "n": a.n, "options": WAYS[way], "wall_s": round(wall, 1),
                "ms_per_posterior": round(1000 * wall / a.n, 2), "pass": round(float(ok.mean()), 4),
                "devices": jax.device_count(), "precision": str(idata.posterior.theta.dtype)}
+        if pymc_ms is not None:
+            row["speedup_vs_pm_sample"] = round(pymc_ms / row["ms_per_posterior"], 1)
         if "sampler" in idata.sample_stats:
             names, counts = np.unique(idata.sample_stats.sampler.values, return_counts=True)
             row["kernels"] = dict(zip(names.tolist(), counts.tolist()))
