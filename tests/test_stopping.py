@@ -53,10 +53,11 @@ def _ar_draws(rng, chains, length, rho):
     return x
 
 
-@pytest.mark.parametrize("num_draws", [40, 173, 300])
-def test_gate_matches_arviz_on_kept_draws(num_draws):
+@pytest.mark.parametrize("num_draws,length", [(40, 300), (173, 300), (300, 300), (301, 1100), (600, 1100),
+                                              (1100, 1100)])
+def test_gate_matches_arviz_on_kept_draws(num_draws, length):
+    """Every window of the gate (256, 512, 1024 draws, the whole buffer), odd and even counts."""
     rng = np.random.default_rng(num_draws)
-    length = 300
     draws = np.stack([_ar_draws(rng, 4, length, 0.6), np.round(_ar_draws(rng, 4, length, 0.3), 1)], -1)
     padded = draws.copy()
     padded[:, num_draws:] = 1e6  # garbage past the kept draws must not matter

@@ -13,6 +13,7 @@ kept length. On the kept draws they agree with ArviZ to rounding (tested).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -23,15 +24,16 @@ from jax.scipy.special import ndtri
 from engine.sampling.diagnostics import CONVERGENCE_RULES
 
 __all__ = ["masked_split", "masked_rhat", "masked_ess", "masked_ess_bulk", "masked_ess_tail",
-           "masked_summary", "gate", "GATE_KEYS"]
+           "masked_summary", "gate", "gate_window", "GATE_KEYS", "GATE_WINDOWS"]
 
 GATE_KEYS = ("r_hat", "ess_bulk", "ess_tail", "divergences")
 """What :func:`gate` reports per problem besides its decision."""
 
-SHORT_WINDOW = 1024
-"""Draws per chain of the gate's short window: while a problem holds at most this many, the gate
-sorts only this prefix of its buffer (sorting dominates the gate's cost, and XLA:CPU sorts
-slowly), and the whole buffer afterwards."""
+GATE_WINDOWS = (256, 512, 1024)
+"""Draws per chain of the gate's short windows: while a problem holds at most ``w`` draws, the
+gate sorts and transforms only the first ``w`` of its buffer (the smallest such window; the
+whole buffer past the largest). Sorting dominates the gate's cost and XLA:CPU sorts slowly, so
+a gate over 300 kept draws costs about a third of one over a 1024-draw window."""
 
 
 def _valid(length: int, num_draws):
@@ -53,7 +55,7 @@ def masked_split(x, num_draws):
     return jnp.concatenate([x, second], axis=-2), half
 
 
-def _average_ranks(flat):
+def _average_ranks(flat, return_sorted=False):
     """1-based average ranks of a 1-D array (ties share their mean rank, like scipy's
     'average'), from one stable sort: a tie group's first and last sorted positions come from
     running max / min scans, so no search is needed."""
@@ -65,17 +67,20 @@ def _average_ranks(flat):
     ends = jnp.concatenate([ordered[1:] != ordered[:-1], jnp.ones(1, bool)])
     first = jax.lax.cummax(jnp.where(starts, position, 0))
     last = jax.lax.cummin(jnp.where(ends, position, size - 1), reverse=True)
-    return jnp.zeros(size, jnp.result_type(float)).at[order].set((first + last) / 2.0 + 1.0)
+    ranks = jnp.zeros(size, jnp.result_type(float)).at[order].set((first + last) / 2.0 + 1.0)
+    return (ranks, ordered) if return_sorted else ranks
 
 
-def _masked_z_scale(x, n):
-    """Rank-normalise the first ``n`` draws of every chain of ``x[C, L]`` jointly."""
+def _masked_z_scale(x, n, return_sorted=False):
+    """Rank-normalise the first ``n`` draws of every chain of ``x[C, L]`` jointly; with
+    ``return_sorted`` also the kept draws sorted (padding after them as ``inf``)."""
     valid = jnp.broadcast_to(_valid(x.shape[-1], n), x.shape)
     flat = jnp.where(valid, x, jnp.inf).reshape(-1)
-    ranks = _average_ranks(flat).reshape(x.shape)
+    ranks, ordered = _average_ranks(flat, return_sorted=True)
+    ranks = ranks.reshape(x.shape)
     size = x.shape[-2] * n
-    z = ndtri((ranks - 0.375) / (size + 0.25))
-    return jnp.where(valid, z, 0.0)
+    z = jnp.where(valid, ndtri((ranks - 0.375) / (size + 0.25)), 0.0)
+    return (z, ordered) if return_sorted else z
 
 
 def _masked_rhat_basic(x, n):
@@ -106,11 +111,12 @@ def _sorted_quantile(ordered, size, prob):
     return ordered[lo] + frac * (ordered[hi] - ordered[lo])
 
 
-def _one_rhat(x, n, z_split=None):
+def _one_rhat(x, n, z_split=None, median=None):
     split, half = masked_split(x, n)
     z_split = _masked_z_scale(split, half) if z_split is None else z_split
     bulk = _masked_rhat_basic(z_split, half)
-    folded = jnp.abs(split - _masked_median(split, half))
+    median = _masked_median(split, half) if median is None else median
+    folded = jnp.abs(split - median)
     tail = _masked_rhat_basic(_masked_z_scale(folded, half), half)
     valid = _kept(x, n)
     first = x[..., :1, :1]
@@ -189,11 +195,12 @@ def _z_split(v, n):
     return _masked_z_scale(split, half), half
 
 
-def _one_ess_tail(v, n):
-    valid = jnp.broadcast_to(_valid(v.shape[-1], n), v.shape)
-    flat = jnp.where(valid, v, jnp.inf).reshape(-1)
+def _one_ess_tail(v, n, ordered=None):
+    """``ordered``: the kept draws already sorted (``inf`` after them), if known."""
     size = v.shape[-2] * n
-    ordered = jnp.sort(flat)
+    if ordered is None:
+        valid = jnp.broadcast_to(_valid(v.shape[-1], n), v.shape)
+        ordered = jnp.sort(jnp.where(valid, v, jnp.inf).reshape(-1))
     out = []
     for prob in (0.05, 0.95):
         indicator = (v <= _sorted_quantile(ordered, size, prob)).astype(v.dtype)
@@ -228,7 +235,13 @@ def masked_summary(x, num_draws):
     }
 
 
-def gate(positions, diverging, num_draws, target_ess: float):
+def gate_window(num_draws: int, length: int) -> int:
+    """Draws per chain the gate reads for ``num_draws`` kept draws of a ``length``-draw buffer:
+    the smallest of :data:`GATE_WINDOWS` holding them, else the whole buffer."""
+    return next((w for w in GATE_WINDOWS if num_draws <= w < length), int(length))
+
+
+def gate(positions, diverging, num_draws, target_ess: float, window: int | None = None):
     """The stopping gate of ONE problem over its kept draws.
 
     Parameters
@@ -242,6 +255,10 @@ def gate(positions, diverging, num_draws, target_ess: float):
         Kept draws per chain (traced).
     target_ess
         Bulk and tail ESS every coordinate must reach.
+    window
+        Optional static window (:func:`gate_window`, for a caller that knows ``num_draws`` on
+        the host): only the first ``window`` draws are read and the program has no conditional.
+        Without it, the window is picked inside the program (``lax.switch``).
 
     Returns
     -------
@@ -250,22 +267,36 @@ def gate(positions, diverging, num_draws, target_ess: float):
         tail ESS >= ``target_ess``, no divergence among the kept draws; ``diagnostics`` maps
         :data:`GATE_KEYS` to those worst values.
     """
+    if window is not None:
+        return _gate(positions[:, :window], diverging[:, :window], num_draws, target_ess)
     length = positions.shape[-2]
-    if length <= SHORT_WINDOW:
+    windows = [w for w in GATE_WINDOWS if w < length] + [length]
+    if len(windows) == 1:
         return _gate(positions, diverging, num_draws, target_ess)
-    return jax.lax.cond(
-        num_draws <= SHORT_WINDOW,
-        lambda: _gate(positions[:, :SHORT_WINDOW], diverging[:, :SHORT_WINDOW], num_draws, target_ess),
-        lambda: _gate(positions, diverging, num_draws, target_ess),
-    )
+    branches = [
+        functools.partial(lambda w: _gate(positions[:, :w], diverging[:, :w], num_draws, target_ess), w)
+        for w in windows
+    ]
+    index = jnp.sum(jnp.asarray(num_draws) > jnp.asarray(windows[:-1])).astype(jnp.int32)
+    return jax.lax.switch(index, branches)
 
 
 def _gate(positions, diverging, num_draws, target_ess: float):
     x = jnp.moveaxis(positions, -1, 0)  # [dim, chain, max_draws]
 
-    def one(v):  # the rank-normalised split draws serve both bulk R-hat and bulk ESS
-        z, half = _z_split(v, num_draws)
-        return _one_rhat(v, num_draws, z), _one_ess(z, half), _one_ess_tail(v, num_draws)
+    def one(v):
+        # one sort serves bulk R-hat and ESS (ranks), the folded draws' median and, when the
+        # kept count is even (the split halves then hold every kept draw), the tail quantiles
+        split, half = masked_split(v, num_draws)
+        z, ordered = _masked_z_scale(split, half, return_sorted=True)
+        median = _sorted_quantile(ordered, split.shape[-2] * half, 0.5)
+        kept_sorted = jax.lax.cond(
+            num_draws % 2 == 0,
+            lambda: ordered[: v.size],
+            lambda: jnp.sort(jnp.where(_kept(v, num_draws), v, jnp.inf).reshape(-1)),
+        )
+        return (_one_rhat(v, num_draws, z, median), _one_ess(z, half),
+                _one_ess_tail(v, num_draws, kept_sorted))
 
     r_hats, bulks, tails = jax.vmap(one)(x)
     if x.shape[-2] < 2:
