@@ -187,8 +187,10 @@ def pick_problems(data: dict, problems) -> dict:
 def stopping_keyword() -> str | None:
     """``"target_ess"`` if ``engine.sample_batched`` stops problems early by ESS, else None."""
     from engine import sample_batched
+    from engine.sampling import api
 
-    return "target_ess" if "target_ess" in inspect.signature(sample_batched).parameters else None
+    options = set(inspect.signature(sample_batched).parameters) | set(getattr(api, "_OPTIONS", ()))
+    return "target_ess" if "target_ess" in options else None
 
 
 def run_engine(model, data, problems, *, sampler, precision, tune, draws, chains, seed,
