@@ -13,7 +13,9 @@ A chunk runs as four compiled programs, each cached with the driver's other prog
    ``window`` draws of the buffers only (:func:`engine.sampling.gate.gate_window`: the smallest
    of ``GATE_WINDOWS`` holding the kept draws, a static size chosen on the host, one compile
    per window). The gate dominates a block's cost on CPU (sorting), and a window chosen inside
-   the program (a conditional) saved nothing there.
+   the program (a conditional) saved nothing there. Its lanes are the active ones in buckets
+   down to ``GATE_MIN_BUCKET``, so retired lanes stop costing gates long before they stop
+   costing draws.
 4. ``finish``: constrained values, ``summary_fn`` over each problem's kept draws only (it is
    called with ``num_draws=``, see :func:`run_chunk`), and the gradient counts.
 
@@ -53,6 +55,10 @@ class StopPrograms(NamedTuple):
     gate: object
     """``gate(window)`` -> the gate program over the first ``window`` draws."""
 
+
+GATE_MIN_BUCKET = 4
+"""Fewest lanes the gate program is compiled for: the gate costs far more per lane than a block
+of draws on CPU and compiles quickly, so its lane buckets go much lower than the block's."""
 
 BUCKET_FACTOR = 4
 """Lane buckets shrink by this factor: each new bucket size compiles the block program again
@@ -196,7 +202,8 @@ def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_rea
         )
         count += block
         gate_program = programs.gate(gate_window(count, max_draws))
-        passed, _ = gate_program(buffers, stats.diverging, lanes, jnp.asarray(count, jnp.int32))
+        gate_lanes = lanes[: bucket_size(active.size, size, GATE_MIN_BUCKET)]
+        passed, _ = gate_program(buffers, stats.diverging, gate_lanes, jnp.asarray(count, jnp.int32))
         passed = np.asarray(passed)[: active.size]
         done = passed | (count >= max_draws)
         num_draws[active[done]] = count
