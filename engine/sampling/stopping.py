@@ -173,19 +173,25 @@ def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
     )
 
 
-def compile_ahead(programs: StopPrograms, root_key, index, data, num_real: int) -> None:
-    """Start compiling the chunk's programs for its input shapes, all at once, in the order
-    they run: the warmup, the block for the first bucket, the finish. Each program is traced
-    and lowered here (the next from the previous one's output shapes, placed where the chunk's
-    committed inputs are) and compiled on :mod:`engine.sampling.ahead`'s thread pool; a
-    program already compiled for these shapes is not traced again."""
+def compile_ahead(programs: StopPrograms, root_key, index, data, num_real: int):
+    """Run the chunk's warmup program -> its outputs, with every program of the chunk compiled
+    ahead of time and side by side.
+
+    Each program is traced and lowered here, in the order the chunk runs them, the next from the
+    previous one's output shapes (placed where the chunk's committed inputs are; the block for
+    the first bucket), and compiled on :mod:`engine.sampling.ahead`'s thread pool: the warmup's
+    and the block's compiles start first, the warmup runs as soon as its own is done, and the
+    finish is traced while it runs. A program already compiled for these shapes is not traced
+    again."""
     lanes_total = int(index.shape[0])
     place = placement_of((root_key, data))
-    carry = abstract(programs.warmup.ahead(root_key, index, data)[:4], place)
+    warm = programs.warmup.ahead(root_key, index, data)
     lanes = jax.ShapeDtypeStruct((bucket_size(num_real, lanes_total - 1),), jnp.int32)
     count = jax.ShapeDtypeStruct((), jnp.int32)
-    carry = abstract(programs.block.ahead(*carry, data, lanes, count)[:4], place)
-    programs.finish.ahead(*carry, data, jax.ShapeDtypeStruct((lanes_total,), jnp.int32))
+    blocked = programs.block.ahead(*abstract(warm[:4], place), data, lanes, count)
+    out = programs.warmup(root_key, index, data)  # dispatched: it runs while the rest is traced
+    programs.finish.ahead(*abstract(blocked[:4], place), data, jax.ShapeDtypeStruct((lanes_total,), jnp.int32))
+    return out
 
 
 def plain_programs(programs: StopPrograms) -> StopPrograms:
@@ -204,10 +210,10 @@ def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_rea
     max_draws, block = sampler.max_draws_per_chain, int(sampler.block_draws)
     index = jnp.asarray(index)
     if COMPILE_AHEAD:
-        compile_ahead(programs, root_key, index, data, num_real)
+        states, buffers, stats, grads, ok = compile_ahead(programs, root_key, index, data, num_real)
     else:
         programs = plain_programs(programs)
-    states, buffers, stats, grads, ok = programs.warmup(root_key, index, data)
+        states, buffers, stats, grads, ok = programs.warmup(root_key, index, data)
     lanes_total = int(index.shape[0])
     spare, chunk = lanes_total - 1, lanes_total - 1
     num_draws = np.zeros(lanes_total, np.int32)
