@@ -1,6 +1,8 @@
 """Per-problem stopping: warm up once, then draw in blocks until each problem is certified.
 
-A chunk runs as four compiled programs, each cached with the driver's other programs:
+A chunk runs as four compiled programs, each cached with the driver's other programs (the
+warmup, block and finish compiled ahead of time, side by side: :func:`compile_ahead`,
+:mod:`engine.sampling.ahead`):
 
 1. ``warmup``: starts, the kernel's warmup, and zeroed draw buffers ``[lanes, chain, max_draws,
    ...]`` (one spare lane more than the chunk, which padded lanes point at).
@@ -24,6 +26,10 @@ same number of draws: the count is a scalar argument (traced, so one program ser
 counts). A problem whose kept draws pass the gate retires with them; one that reaches
 ``max_draws`` without passing stops and is reported unconverged (its ``num_draws`` is
 ``max_draws``; the gate is rechecked by the caller's own diagnostics, never assumed).
+
+As soon as a chunk's inputs are known, :func:`compile_ahead` lowers every program from their
+shapes (the block's and the finish's inputs from the previous program's output shapes) and
+compiles them on a thread pool, so their compiles overlap each other and the warmup's run.
 """
 
 from __future__ import annotations
@@ -35,19 +41,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from engine.sampling.ahead import AheadProgram, abstract, placement_of
 from engine.sampling.gate import gate, gate_window
 from engine.sampling.kernels import get_kernel
 from engine.sampling.kernels.base import Schedule
 
-__all__ = ["MIN_BUCKET", "StopPrograms", "build_stop_programs", "run_chunk", "bucket_size", "pad_kept", "chunk_outputs"]
+__all__ = ["MIN_BUCKET", "StopPrograms", "build_stop_programs", "compile_ahead", "run_chunk", "bucket_size", "pad_kept",
+           "chunk_outputs"]
 
 MIN_BUCKET = 64
 """Fewest lanes a block program is compiled for: below it, smaller programs would cost more to
 compile than the retired lanes they skip."""
 
 
+COMPILE_AHEAD = True
+"""Compile a chunk's programs ahead of time and side by side (:func:`compile_ahead`); ``False``
+runs the plain jitted programs, each compiled on its first call (same results, bitwise)."""
+
+
 class StopPrograms(NamedTuple):
-    """The three jitted programs of a stopping run (see the module docstring)."""
+    """The three programs of a stopping run (see the module docstring), each an
+    :class:`~engine.sampling.ahead.AheadProgram` (a jitted program, callable as one)."""
 
     warmup: object
     block: object
@@ -168,12 +182,39 @@ def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
 
     key_fn = functools.partial(_cached, compiled, config=config)
     return StopPrograms(
-        warmup=key_fn("stop_warmup", summary_fn=None, build=lambda: jax.jit(warmup_fn)),
-        block=key_fn("stop_block", summary_fn=None, build=lambda: jax.jit(block_fn, donate_argnums=(0, 1, 2, 3))),
-        finish=key_fn("stop_finish", summary_fn=summary_fn, build=lambda: jax.jit(finish_fn)),
+        warmup=key_fn("stop_warmup", summary_fn=None, build=lambda: AheadProgram(jax.jit(warmup_fn))),
+        block=key_fn("stop_block", summary_fn=None,
+                     build=lambda: AheadProgram(jax.jit(block_fn, donate_argnums=(0, 1, 2, 3)))),
+        finish=key_fn("stop_finish", summary_fn=summary_fn, build=lambda: AheadProgram(jax.jit(finish_fn))),
         gate=lambda window: key_fn(f"stop_gate_{window}", summary_fn=None,
                                    build=lambda: jax.jit(functools.partial(gate_fn, window))),
     )
+
+
+def compile_ahead(programs: StopPrograms, root_key, index, data, num_real: int):
+    """Run the chunk's warmup program -> its outputs, with every program of the chunk compiled
+    ahead of time and side by side.
+
+    Each program is traced and lowered here, in the order the chunk runs them, the next from the
+    previous one's output shapes (placed where the chunk's committed inputs are; the block for
+    the first bucket), and compiled on :mod:`engine.sampling.ahead`'s thread pool: the warmup's
+    and the block's compiles start first, the warmup runs as soon as its own is done, and the
+    finish is traced while it runs. A program already compiled for these shapes is not traced
+    again."""
+    lanes_total = int(index.shape[0])
+    place = placement_of((root_key, data))
+    warm = programs.warmup.ahead(root_key, index, data)
+    lanes = jax.ShapeDtypeStruct((bucket_size(num_real, lanes_total - 1),), jnp.int32)
+    count = jax.ShapeDtypeStruct((), jnp.int32)
+    blocked = programs.block.ahead(*abstract(warm[:4], place), data, lanes, count)
+    out = programs.warmup(root_key, index, data)  # dispatched: it runs while the rest is traced
+    programs.finish.ahead(*abstract(blocked[:4], place), data, jax.ShapeDtypeStruct((lanes_total,), jnp.int32))
+    return out
+
+
+def plain_programs(programs: StopPrograms) -> StopPrograms:
+    """The same programs as plain jitted functions (each compiled on its first call)."""
+    return StopPrograms(*(getattr(p, "jitted", p) for p in programs))
 
 
 def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_real: int, sampler):
@@ -185,7 +226,12 @@ def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_rea
     device arrays over all lanes; ``num_draws``, ``converged`` host arrays.
     """
     max_draws, block = sampler.max_draws_per_chain, int(sampler.block_draws)
-    states, buffers, stats, grads, ok = programs.warmup(root_key, jnp.asarray(index), data)
+    index = jnp.asarray(index)
+    if COMPILE_AHEAD:
+        states, buffers, stats, grads, ok = compile_ahead(programs, root_key, index, data, num_real)
+    else:
+        programs = plain_programs(programs)
+        states, buffers, stats, grads, ok = programs.warmup(root_key, index, data)
     lanes_total = int(index.shape[0])
     spare, chunk = lanes_total - 1, lanes_total - 1
     num_draws = np.zeros(lanes_total, np.int32)
@@ -267,11 +313,13 @@ def chunk_outputs(todo, stopping, size, devices, arrays, root, problem_index, ru
     free = queue.Queue()
     for device in devices:
         free.put(device)
+    x64 = bool(jax.config.jax_enable_x64)  # the caller's precision scope; JAX's is per thread
 
     def on_free_device(bounds):
         device = free.get()
         try:
-            return run(bounds, device)
+            with jax.enable_x64(x64):
+                return run(bounds, device)
         finally:
             free.put(device)
 
