@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtri
 
+from engine.sampling import sorting
 from engine.sampling.diagnostics import CONVERGENCE_RULES
 
 __all__ = ["masked_split", "masked_rhat", "masked_ess", "masked_ess_bulk", "masked_ess_tail",
@@ -53,19 +54,7 @@ def masked_split(x, num_draws):
     return jnp.concatenate([x, second], axis=-2), half
 
 
-def _average_ranks(flat):
-    """1-based average ranks of a 1-D array (ties share their mean rank, like scipy's
-    'average'), from one stable sort: a tie group's first and last sorted positions come from
-    running max / min scans, so no search is needed."""
-    size = flat.shape[0]
-    order = jnp.argsort(flat)
-    ordered = flat[order]
-    position = jnp.arange(size)
-    starts = jnp.concatenate([jnp.ones(1, bool), ordered[1:] != ordered[:-1]])
-    ends = jnp.concatenate([ordered[1:] != ordered[:-1], jnp.ones(1, bool)])
-    first = jax.lax.cummax(jnp.where(starts, position, 0))
-    last = jax.lax.cummin(jnp.where(ends, position, size - 1), reverse=True)
-    return jnp.zeros(size, jnp.result_type(float)).at[order].set((first + last) / 2.0 + 1.0)
+_average_ranks = sorting.average_ranks
 
 
 def _masked_z_scale(x, n):
@@ -95,7 +84,7 @@ def _masked_median(x, n):
 
 def _masked_quantile_flat(flat_inf_padded, size, prob):
     """Linear-interpolation quantile (numpy's default) of the ``size`` finite-first entries."""
-    return _sorted_quantile(jnp.sort(flat_inf_padded), size, prob)
+    return _sorted_quantile(sorting.sort(flat_inf_padded), size, prob)
 
 
 def _sorted_quantile(ordered, size, prob):
@@ -193,7 +182,7 @@ def _one_ess_tail(v, n):
     valid = jnp.broadcast_to(_valid(v.shape[-1], n), v.shape)
     flat = jnp.where(valid, v, jnp.inf).reshape(-1)
     size = v.shape[-2] * n
-    ordered = jnp.sort(flat)
+    ordered = sorting.sort(flat)
     out = []
     for prob in (0.05, 0.95):
         indicator = (v <= _sorted_quantile(ordered, size, prob)).astype(v.dtype)
