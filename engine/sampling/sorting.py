@@ -10,32 +10,56 @@ device there, so nothing is copied across a bus), and lower to ``lax.sort`` on a
 host callback). The results are bitwise those of ``jnp.sort`` / ``jnp.argsort`` (stable, NaN
 last, ``-0.0`` equal to ``0.0``; tested).
 
-Two costs of a host callback, which is why the engine keeps these sorts in small programs of
-their own and out of the kernels' programs: JAX never writes an executable holding a host
-callback to the persistent compilation cache (such a program is compiled again in every
-process), and a callback runs under Python's GIL.
+A host callback has a cost beyond the call: JAX never writes an executable holding one to the
+persistent compilation cache, so such a program compiles again in every process. Host sorting is
+therefore opt-in per program, at trace time: only code traced inside :func:`host_sorts` (the
+stopping gate's program, the ``auto`` sampler's gate program: small programs that compile in
+about a second) sorts on the host; everywhere else (the kernels' programs with their summaries,
+which take tens of seconds to compile and are cached) these functions are ``lax.sort``.
 
-``ENGINE_HOST_SORT=0`` (read when a program is traced) turns host sorting off: every sort is
-``lax.sort`` on every platform.
+``ENGINE_HOST_SORT=0`` turns host sorting off everywhere (read when a program is traced).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["host_sort_enabled", "sort", "argsort", "average_ranks", "quantile", "median", "ENV_VAR"]
+__all__ = ["host_sorts", "host_sort_allowed", "host_sort_enabled", "sort", "argsort", "average_ranks", "quantile", "median", "ENV_VAR"]
 
 ENV_VAR = "ENGINE_HOST_SORT"
 """Environment variable: ``0`` (or ``false``, ``no``, ``off``) sorts with ``lax.sort`` on CPU too."""
 
 
-def host_sort_enabled() -> bool:
-    """Whether programs traced now sort on the host when they run on CPU (:data:`ENV_VAR`)."""
+_MODE = threading.local()
+
+
+@contextlib.contextmanager
+def host_sorts(enabled: bool = True):
+    """Within this context (of the tracing thread), :func:`sort` and the others sort on the host
+    when the program runs on CPU, unless :data:`ENV_VAR` turns host sorting off."""
+    before = getattr(_MODE, "host", False)
+    _MODE.host = bool(enabled)
+    try:
+        yield
+    finally:
+        _MODE.host = before
+
+
+def host_sort_allowed() -> bool:
+    """Whether :data:`ENV_VAR` allows host sorting (it does unless set to ``0``/``off``)."""
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def host_sort_enabled() -> bool:
+    """Whether code traced now sorts on the host when it runs on CPU: inside :func:`host_sorts`
+    and allowed by :data:`ENV_VAR`."""
+    return bool(getattr(_MODE, "host", False)) and host_sort_allowed()
 
 
 def _on_host(np_fn, lax_fn, x, out_dtype):
