@@ -159,33 +159,22 @@ def gate_stats(values: dict, stats, names, num_draws=None) -> GateStats:
     """ONE problem's :class:`GateStats` from its constrained ``values {name: [chain, draw, ...]}``
     (only ``names``, the free variables, are read) and ``stats`` (``SampleStats`` of
     ``[chain, draw]``); runs on the device inside the chunk program."""
-    return _gate_stats_of(*_gate_inputs(values, stats, names), num_draws)
-
-
-def _gate_inputs(values: dict, stats, names):
-    """ONE problem's gate inputs: its free variables' draws ``[element, chain, draw]`` and the
-    ``[chain, draw]`` divergence flags and energies."""
     import jax.numpy as jnp
+
+    from engine.sampling import diagnostics
 
     parts = []
     for name in names:
         v = values[name]
         parts.append(jnp.moveaxis(v.reshape(v.shape[:2] + (-1,)), -1, 0))  # [elements, chain, draw]
-    return jnp.concatenate(parts, axis=0), stats.diverging, stats.energy
-
-
-def _gate_stats_of(x, diverging, energy, num_draws=None) -> GateStats:
-    import jax.numpy as jnp
-
-    from engine.sampling import diagnostics
-
+    x = jnp.concatenate(parts, axis=0)
     if num_draws is None:
         return GateStats(
             r_hat=jnp.max(diagnostics.rhat(x)),
             ess_bulk=jnp.min(diagnostics.ess_bulk(x)),
             ess_tail=jnp.min(diagnostics.ess_tail(x)),
-            divergences=jnp.sum(diverging.astype(jnp.int32)),
-            ebfmi=jnp.min(diagnostics.ebfmi(energy)),
+            divergences=jnp.sum(stats.diverging.astype(jnp.int32)),
+            ebfmi=jnp.min(diagnostics.ebfmi(stats.energy)),
         )
     from engine.sampling import gate  # per-problem stopping: only the first num_draws draws count
 
@@ -194,51 +183,9 @@ def _gate_stats_of(x, diverging, energy, num_draws=None) -> GateStats:
         r_hat=jnp.max(gate.masked_rhat(x, num_draws)),
         ess_bulk=jnp.min(gate.masked_ess_bulk(x, num_draws)),
         ess_tail=jnp.min(gate.masked_ess_tail(x, num_draws)),
-        divergences=jnp.sum(jnp.where(kept, diverging, False).astype(jnp.int32)),
-        ebfmi=jnp.min(masked_ebfmi(energy, num_draws)),
+        divergences=jnp.sum(jnp.where(kept, stats.diverging, False).astype(jnp.int32)),
+        ebfmi=jnp.min(masked_ebfmi(stats.energy, num_draws)),
     )
-
-
-def _gate_apart(config) -> bool:
-    """Whether the gate runs as a program of its own after each chunk (on CPU, where it sorts
-    on the host: :mod:`engine.sampling.sorting`) rather than inside the chunk program (which then
-    stays free of host callbacks, so the persistent compilation cache keeps it). Elsewhere
-    (GPU) the gate stays inside the chunk program and the draws on the device."""
-    from engine.sampling import sorting
-    from engine.sampling.batch import local_devices
-
-    return sorting.host_sort_allowed() and local_devices(config.runtime.devices)[0].platform == "cpu"
-
-
-_GATE_PROGRAMS: dict = {}
-
-
-def _gate_program(stopping: bool):
-    """``jit(vmap(_gate_stats_of))`` over problems, traced with host sorting."""
-    if stopping not in _GATE_PROGRAMS:
-        import jax
-
-        from engine.sampling import sorting
-
-        def one(x, diverging, energy, num_draws=None):
-            with sorting.host_sorts():
-                return _gate_stats_of(x, diverging, energy, num_draws)
-
-        _GATE_PROGRAMS[stopping] = jax.jit(jax.vmap(one))
-    return _GATE_PROGRAMS[stopping]
-
-
-def _run_gate(inputs, num_draws) -> GateStats:
-    """Host :class:`GateStats` ``[problem]`` of the chunk's host gate inputs ``(x [problem,
-    element, chain, draw], diverging, energy)``; ``num_draws [problem]`` with stopping (else
-    ``None``). Runs in the precision of the draws, as the chunk program did."""
-    import jax
-
-    x, diverging, energy = (np.asarray(a) for a in inputs)
-    args = (x, diverging, energy) + (() if num_draws is None else (np.asarray(num_draws, np.int32),))
-    with jax.enable_x64(bool(x.dtype == np.float64 or energy.dtype == np.float64)):
-        out = _gate_program(num_draws is not None)(*args)
-    return GateStats(*(np.asarray(a) for a in out))
 
 
 def masked_ebfmi(energy, num_draws):
@@ -270,11 +217,10 @@ def gate_passed(gate: GateStats, chains: int, draws: int) -> np.ndarray:
 _WRAPPED: dict = {}
 
 
-def _with_gate(summary_fn, names, apart: bool = False) -> Callable:
-    """``summary_fn`` extended with the gate: ``(summary, GateStats)``, or with ``apart``
-    ``(summary, gate inputs)`` for :func:`_run_gate`. One wrapper per ``(summary_fn, names,
-    apart)``, so compiled chunk programs are reused across calls."""
-    key = (summary_fn, tuple(names), bool(apart))
+def _with_gate(summary_fn, names) -> Callable:
+    """``summary_fn`` extended with the gate: ``(summary, GateStats)``. One wrapper per
+    ``(summary_fn, names)``, so compiled chunk programs are reused across calls."""
+    key = (summary_fn, tuple(names))
     if key not in _WRAPPED:
         def wrapped(values, stats, data, num_draws=None):
             if summary_fn is None:
@@ -283,8 +229,6 @@ def _with_gate(summary_fn, names, apart: bool = False) -> Callable:
                 summary = summary_fn(values, stats, data)
             else:
                 summary = summary_fn(values, stats, data, num_draws=num_draws)
-            if apart:
-                return summary, _gate_inputs(values, stats, names)
             return summary, gate_stats(values, stats, names, num_draws)
 
         if len(_WRAPPED) > 64:
@@ -334,8 +278,7 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     num_devices = len(local_devices(config.runtime.devices))
     primary = primary_config(config, compiled)
     fallback = fallback_config(config)
-    apart = _gate_apart(config)
-    wrapped = _with_gate(summary_fn, compiled.free_var_names, apart)
+    wrapped = _with_gate(summary_fn, compiled.free_var_names)
     codes = {name: i for i, name in enumerate(sampler_names())}
     s = config.sampler
     grid = chunk_grid(problem_data.num_problems, config.batch_size)
@@ -358,8 +301,6 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
         n = stop - start
         counts = [np.array(res.num_draws), np.array(res.num_grads),
                   None if res.converged is None else np.array(res.converged)]
-        if apart:
-            gate = _run_gate(gate, counts[0] if s.is_stopping else None)
         passed = gate_passed(gate, s.chains, gate_draws)
         used = np.full(n, primary.sampler.name, dtype=object)
         failing = np.flatnonzero(~passed & np.asarray(ok, bool))
@@ -386,8 +327,6 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
 
             fb_kept, _, (fb_summary, fb_gate) = (
                 jax.tree.map(lambda *xs: np.concatenate(xs), *fb_got) if len(fb_got) > 1 else fb_got[0])
-            if apart:
-                fb_gate = _run_gate(fb_gate, np.asarray(fb_res.num_draws) if fallback.sampler.is_stopping else None)
             kept = _replace_rows(kept, fb_kept, failing) if kept[0] is not None else kept
             summary = _replace_rows(summary, fb_summary, failing) if summary is not None else None
             passed[failing] = gate_passed(GateStats(*(np.asarray(a)[: failing.size] for a in fb_gate)),

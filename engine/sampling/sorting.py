@@ -3,86 +3,57 @@
 XLA:CPU sorts about 20x slower than numpy (a ``(100, 4000)`` float32 sort: 64 ms against 3.6 ms),
 and rank-normalised R-hat and ESS (Vehtari et al. 2021) sort every coordinate's draws several
 times, so on CPU the convergence gate spent most of its time sorting. Here every sort of the
-diagnostics goes through :func:`sort` / :func:`argsort`, which, when the program is lowered for
-the CPU platform, hand the array to ``numpy`` through :func:`jax.pure_callback` (the host IS the
-device there, so nothing is copied across a bus), and lower to ``lax.sort`` on any other platform
-(:func:`jax.lax.platform_dependent`, so a program lowered ahead of time for a GPU never holds a
-host callback). The results are bitwise those of ``jnp.sort`` / ``jnp.argsort`` (stable, NaN
-last, ``-0.0`` equal to ``0.0``; tested).
+diagnostics goes through :func:`sort`, :func:`argsort`, :func:`average_ranks` or
+:func:`quantile`, which, when the program is lowered for the CPU platform, run numpy on the
+host as an XLA custom call (:mod:`engine.sampling.host_ffi`; the host IS the device there, so
+nothing is copied), and lower to ``lax.sort`` on any other platform
+(:func:`jax.lax.platform_dependent`, so a program lowered ahead of time for a GPU holds no
+custom call). The results are bitwise those of ``jnp.sort`` / ``jnp.argsort`` / ``jnp.quantile``
+(stable, NaN last, ``-0.0`` equal to ``0.0``; tested).
 
-A host callback has a cost beyond the call: JAX never writes an executable holding one to the
-persistent compilation cache, so such a program compiles again in every process. Host sorting is
-therefore opt-in per program, at trace time: only code traced inside :func:`host_sorts` (the
-stopping gate's program, the ``auto`` sampler's gate program: small programs that compile in
-about a second) sorts on the host; everywhere else (the kernels' programs with their summaries,
-which take tens of seconds to compile and are cached) these functions are ``lax.sort``.
+Unlike :func:`jax.pure_callback`, whose programs JAX never writes to the persistent compilation
+cache, a custom call leaves the programs holding it cacheable: the kernels' programs with the
+gate inside them compile once per machine, as before.
 
-``ENGINE_HOST_SORT=0`` turns host sorting off everywhere (read when a program is traced).
+``ENGINE_HOST_SORT=0`` turns host sorting off (every sort is ``lax.sort``); it is read when a
+program is traced.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["host_sorts", "host_sort_allowed", "host_sort_enabled", "sort", "argsort", "average_ranks", "quantile", "median", "ENV_VAR"]
+from engine.sampling import host_ffi
+
+__all__ = ["host_sort_enabled", "sort", "argsort", "average_ranks", "quantile", "median", "ENV_VAR"]
 
 ENV_VAR = "ENGINE_HOST_SORT"
 """Environment variable: ``0`` (or ``false``, ``no``, ``off``) sorts with ``lax.sort`` on CPU too."""
 
 
-_MODE = threading.local()
-
-
-@contextlib.contextmanager
-def host_sorts(enabled: bool = True):
-    """Within this context (of the tracing thread), :func:`sort` and the others sort on the host
-    when the program runs on CPU, unless :data:`ENV_VAR` turns host sorting off."""
-    before = getattr(_MODE, "host", False)
-    _MODE.host = bool(enabled)
-    try:
-        yield
-    finally:
-        _MODE.host = before
-
-
-def host_sort_allowed() -> bool:
-    """Whether :data:`ENV_VAR` allows host sorting (it does unless set to ``0``/``off``)."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 def host_sort_enabled() -> bool:
-    """Whether code traced now sorts on the host when it runs on CPU: inside :func:`host_sorts`
-    and allowed by :data:`ENV_VAR`."""
-    return bool(getattr(_MODE, "host", False)) and host_sort_allowed()
+    """Whether programs traced now sort on the host when they run on CPU (:data:`ENV_VAR`, and a
+    JAX whose FFI :mod:`engine.sampling.host_ffi` knows)."""
+    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return host_ffi.available()
 
 
-def _on_host(np_fn, lax_fn, x, out_dtype):
-    """``lax_fn(x)`` on non-CPU platforms; ``np_fn`` on the host on CPU (same shape as ``x``)."""
+def _on_host(name, np_fn, lax_fn, x, out_dtype):
+    """``lax_fn(x)`` on non-CPU platforms; on CPU the custom call ``name`` running ``np_fn``
+    (numpy, along the last axis, any leading axes) on the host. Same shape as ``x``."""
     if not host_sort_enabled() or x.size == 0:
         return lax_fn(x)
-    out_dtype = np.dtype(out_dtype)
-    wide = out_dtype.itemsize == 8
-
-    def host(a):
-        out = np.ascontiguousarray(np_fn(np.asarray(a)), dtype=out_dtype)
-        # JAX checks a callback's results against dtypes canonicalised under the x64 setting of
-        # the thread the callback runs on, which need not be the tracing thread's
-        # (``jax.enable_x64`` is thread-local): 64-bit results travel as pairs of uint32
-        return out.view(np.uint32).reshape(out.shape + (2,)) if wide else out
+    host_ffi.register(name, np_fn)
 
     def on_cpu(a):
-        # vmap_method="expand_dims": a batched call gets the batch axes in front, so the host
-        # function (written for negative axes) sorts every batch member in ONE numpy call
-        shape = a.shape + (2,) if wide else a.shape
-        result = jax.ShapeDtypeStruct(shape, np.uint32 if wide else out_dtype)
-        out = jax.pure_callback(host, result, a, vmap_method="expand_dims")
-        return jax.lax.bitcast_convert_type(out, out_dtype) if wide else out
+        # vmap_method="expand_dims": a batched call gets the batch axes in front, so the numpy
+        # function (along the last axis) sorts every batch member in ONE call
+        return host_ffi.ffi_call(name, jax.ShapeDtypeStruct(a.shape, out_dtype), a, vmap_method="expand_dims")
 
     return jax.lax.platform_dependent(x, cpu=on_cpu, default=lax_fn)
 
@@ -102,15 +73,28 @@ def _needs_stable(a) -> bool:
     return bool(np.isnan(a).any() or (np.signbit(a) & (a == 0)).any())
 
 
-def _np_sort(a, axis):
-    return np.sort(a, axis=axis, kind="stable" if _needs_stable(a) else "quicksort")
+def _np_sort(a):
+    """``np.sort`` along the last axis with ``lax.sort``'s order of ties."""
+    return (np.sort(a, axis=-1, kind="stable" if _needs_stable(a) else "quicksort"),)
+
+
+def _np_argsort(a):
+    """Stable ``np.argsort`` along the last axis."""
+    return (np.argsort(a, axis=-1, kind="stable"),)
+
+
+def _along_last(fn, x, axis):
+    """``fn`` (along the last axis) applied along ``axis`` of ``x``."""
+    if axis == -1:
+        return fn(x)
+    return jnp.moveaxis(fn(jnp.moveaxis(x, axis, -1)), -1, axis)
 
 
 def sort(x, axis: int = -1):
     """``jnp.sort(x, axis=axis)`` (stable; NaN last), on the host on CPU."""
     x = jnp.asarray(x)
     axis = _negative_axis(x, axis)
-    return _on_host(lambda a: _np_sort(a, axis), lambda a: jnp.sort(a, axis=axis), x, x.dtype)
+    return _along_last(lambda a: _on_host("engine_host_sort", _np_sort, jnp.sort, a, a.dtype), x, axis)
 
 
 def argsort(x, axis: int = -1):
@@ -118,9 +102,9 @@ def argsort(x, axis: int = -1):
     host on CPU; indices in ``jnp.argsort``'s integer dtype."""
     x = jnp.asarray(x)
     axis = _negative_axis(x, axis)
-    lax_fn = lambda a: jnp.argsort(a, axis=axis, stable=True)  # noqa: E731
+    lax_fn = lambda a: jnp.argsort(a, stable=True)  # noqa: E731
     out_dtype = jax.eval_shape(lax_fn, x).dtype
-    return _on_host(lambda a: np.argsort(a, axis=axis, kind="stable"), lax_fn, x, out_dtype)
+    return _along_last(lambda a: _on_host("engine_host_argsort", _np_argsort, lax_fn, a, out_dtype), x, axis)
 
 
 def _np_average_ranks(a):
@@ -138,7 +122,7 @@ def _np_average_ranks(a):
     last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, position, size - 1), -1), axis=-1), -1)
     ranks = np.empty(a.shape, np.float64)
     np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=-1)
-    return ranks
+    return (ranks,)
 
 
 def average_ranks(flat):
@@ -150,7 +134,7 @@ def average_ranks(flat):
     if flat.ndim != 1:
         raise ValueError(f"average_ranks takes a 1-D array (vmap it), got shape {flat.shape}")
     out_dtype = jnp.result_type(float)
-    return _on_host(_np_average_ranks, _lax_average_ranks, flat, out_dtype)
+    return _on_host("engine_host_average_ranks", _np_average_ranks, _lax_average_ranks, flat, out_dtype)
 
 
 def _lax_average_ranks(flat):

@@ -1,19 +1,15 @@
 """Per-problem stopping: warm up once, then draw in blocks until each problem is certified.
 
-A chunk runs as four compiled programs, each cached with the driver's other programs:
+A chunk runs as three compiled programs, each cached with the driver's other programs:
 
 1. ``warmup``: starts, the kernel's warmup, and zeroed draw buffers ``[lanes, chain, max_draws,
    ...]`` (one spare lane more than the chunk, which padded lanes point at).
 2. ``block``: for the lanes still active (an index vector, padded to a bucket), ``block_draws``
    transitions per chain from the kernel state each lane stopped at, written into the buffers at
-   the current draw count. One compile per bucket size: the chunk size, then ``MIN_BUCKET * 4**k``
-   lanes once one of them holds the active lanes in at most half the chunk, so lanes that retired
-   cost nothing once enough of them have.
-3. ``gate``: :func:`engine.sampling.gate.gate` over the same lanes' kept draws, a program of its
-   own: it sorts on the host on CPU (:mod:`engine.sampling.sorting`), and an executable holding a
-   host callback never enters the persistent compilation cache, which the block program (the
-   kernel, slow to compile) keeps.
-4. ``finish``: constrained values, ``summary_fn`` over each problem's kept draws only (it is
+   the current draw count, then :func:`engine.sampling.gate.gate` over the lane's kept draws, all
+   in ONE program. One compile per bucket size: the chunk size, then ``MIN_BUCKET * 4**k`` lanes
+   once one of them holds the active lanes in at most half the chunk, so lanes that retired cost nothing once enough of them have.
+3. ``finish``: constrained values, ``summary_fn`` over each problem's kept draws only (it is
    called with ``num_draws=``, see :func:`run_chunk`), and the gradient counts.
 
 Every problem of a chunk starts drawing at the same time, so all active lanes always hold the
@@ -32,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.sampling import sorting
 from engine.sampling.gate import gate
 from engine.sampling.kernels import get_kernel
 from engine.sampling.kernels.base import Schedule
@@ -45,12 +40,11 @@ compile than the retired lanes they skip."""
 
 
 class StopPrograms(NamedTuple):
-    """The jitted programs of a stopping run (see the module docstring)."""
+    """The three jitted programs of a stopping run (see the module docstring)."""
 
     warmup: object
     block: object
     finish: object
-    gate: object
 
 
 BUCKET_FACTOR = 4
@@ -127,21 +121,18 @@ def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
         stats = jax.tree.map(
             lambda b, v: jax.lax.dynamic_update_slice_in_dim(b, v.astype(b.dtype), count, axis=1), stats, new_stats
         )
-        return state, buffer, stats, jnp.sum(grads)
+        passed, diagnostics = gate(buffer, stats.diverging, count + block, target)
+        return state, buffer, stats, jnp.sum(grads), passed, diagnostics
 
     def block_fn(states, buffers, stats, grads, data, lanes, count):
         take = lambda a: a[lanes]  # noqa: E731
         new = jax.vmap(block_lane, in_axes=(0, 0, 0, 0, None))(
             jax.tree.map(take, states), jax.tree.map(take, data), buffers[lanes], jax.tree.map(take, stats), count
         )
-        state, buffer, stat, grad = new
+        state, buffer, stat, grad, passed, diagnostics = new
         put = lambda full, part: full.at[lanes].set(part)  # noqa: E731
         return (jax.tree.map(put, states, state), buffers.at[lanes].set(buffer), jax.tree.map(put, stats, stat),
-                grads.at[lanes].add(grad))
-
-    def gate_fn(buffers, diverging, lanes, count):
-        with sorting.host_sorts():  # traced here: this program alone holds host callbacks
-            return jax.vmap(lambda b, d: gate(b, d, count + block, target))(buffers[lanes], diverging[lanes])
+                grads.at[lanes].add(grad), passed, diagnostics)
 
     def finish_lane(state, buffer, stats, grads, data, num_draws):
         values = jax.vmap(jax.vmap(lambda x: compiled.constrain_fn(x, data)))(buffer)
@@ -165,7 +156,6 @@ def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
         warmup=key_fn("stop_warmup", summary_fn=None, build=lambda: jax.jit(warmup_fn)),
         block=key_fn("stop_block", summary_fn=None, build=lambda: jax.jit(block_fn, donate_argnums=(0, 1, 2, 3))),
         finish=key_fn("stop_finish", summary_fn=summary_fn, build=lambda: jax.jit(finish_fn)),
-        gate=key_fn("stop_gate", summary_fn=None, build=lambda: jax.jit(gate_fn)),
     )
 
 
@@ -189,9 +179,9 @@ def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_rea
         size = bucket_size(active.size, chunk)
         lanes = np.full(size, spare, np.int32)
         lanes[: active.size] = active
-        lanes, count_arg = jnp.asarray(lanes), jnp.asarray(count, jnp.int32)
-        states, buffers, stats, grads = programs.block(states, buffers, stats, grads, data, lanes, count_arg)
-        passed, _ = programs.gate(buffers, stats.diverging, lanes, count_arg)
+        states, buffers, stats, grads, passed, _ = programs.block(
+            states, buffers, stats, grads, data, jnp.asarray(lanes), jnp.asarray(count, jnp.int32)
+        )
         count += block
         passed = np.asarray(passed)[: active.size]
         done = passed | (count >= max_draws)
