@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtri
 
+from engine.sampling import sorting
+
 __all__ = [
     "split_chains",
     "z_scale",
@@ -54,12 +56,8 @@ def _flat_batch(fn, x, sample_axes: int):
     return out.reshape(batch + out.shape[1:])
 
 
-def _average_ranks(values):
-    """1-based average ranks of a 1-D array (ties share their mean rank, like scipy's 'average')."""
-    ordered = jnp.sort(values)
-    left = jnp.searchsorted(ordered, values, side="left")
-    right = jnp.searchsorted(ordered, values, side="right")
-    return (left + right + 1) / 2.0
+_average_ranks = sorting.average_ranks
+"""1-based average ranks of a 1-D array (ties share their mean rank, like scipy's 'average')."""
 
 
 def z_scale(x):
@@ -83,7 +81,7 @@ def rhat(x):
     """Rank-normalised split R-hat, the max of bulk and folded (tail) versions. ``[..., C, D] -> [...]``."""
     split = split_chains(x)
     bulk = _rhat_basic(z_scale(split))
-    median = jnp.median(split.reshape(split.shape[:-2] + (-1,)), axis=-1)
+    median = sorting.median(split.reshape(split.shape[:-2] + (-1,)))
     folded = jnp.abs(split - median[..., None, None])
     tail = _rhat_basic(z_scale(folded))
     out = jnp.maximum(bulk, tail)
@@ -152,16 +150,12 @@ def ess_bulk(x):
     return ess(z_scale(split_chains(x)))
 
 
-def _quantile(x, prob):
-    flat = x.reshape(x.shape[:-2] + (-1,))
-    return jnp.quantile(flat, prob, axis=-1)
-
-
 def ess_tail(x):
     """Tail ESS: the smaller ESS of the 5% and 95% quantile indicators. ``[..., C, D] -> [...]``."""
     dtype = x.dtype
-    low = ess(split_chains((x <= _quantile(x, 0.05)[..., None, None]).astype(dtype)))
-    high = ess(split_chains((x <= _quantile(x, 0.95)[..., None, None]).astype(dtype)))
+    q05, q95 = sorting.quantile(x.reshape(x.shape[:-2] + (-1,)), (0.05, 0.95))  # numpy's linear quantiles
+    low = ess(split_chains((x <= q05[..., None, None]).astype(dtype)))
+    high = ess(split_chains((x <= q95[..., None, None]).astype(dtype)))
     return jnp.minimum(low, high)
 
 

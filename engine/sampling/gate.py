@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtri
 
+from engine.sampling import sorting
 from engine.sampling.diagnostics import CONVERGENCE_RULES
 
 __all__ = ["masked_split", "masked_rhat", "masked_ess", "masked_ess_bulk", "masked_ess_tail",
@@ -56,19 +57,10 @@ def masked_split(x, num_draws):
 
 
 def _average_ranks(flat, return_sorted=False):
-    """1-based average ranks of a 1-D array (ties share their mean rank, like scipy's
-    'average'), from one stable sort: a tie group's first and last sorted positions come from
-    running max / min scans, so no search is needed."""
-    size = flat.shape[0]
-    order = jnp.argsort(flat)
-    ordered = flat[order]
-    position = jnp.arange(size)
-    starts = jnp.concatenate([jnp.ones(1, bool), ordered[1:] != ordered[:-1]])
-    ends = jnp.concatenate([ordered[1:] != ordered[:-1], jnp.ones(1, bool)])
-    first = jax.lax.cummax(jnp.where(starts, position, 0))
-    last = jax.lax.cummin(jnp.where(ends, position, size - 1), reverse=True)
-    ranks = jnp.zeros(size, jnp.result_type(float)).at[order].set((first + last) / 2.0 + 1.0)
-    return (ranks, ordered) if return_sorted else ranks
+    """1-based average ranks of a 1-D array (:func:`engine.sampling.sorting.average_ranks`); with
+    ``return_sorted`` also the array sorted."""
+    ranks = sorting.average_ranks(flat)
+    return (ranks, sorting.sort(flat)) if return_sorted else ranks
 
 
 def _masked_z_scale(x, n, return_sorted=False):
@@ -100,7 +92,7 @@ def _masked_median(x, n):
 
 def _masked_quantile_flat(flat_inf_padded, size, prob):
     """Linear-interpolation quantile (numpy's default) of the ``size`` finite-first entries."""
-    return _sorted_quantile(jnp.sort(flat_inf_padded), size, prob)
+    return _sorted_quantile(sorting.sort(flat_inf_padded), size, prob)
 
 
 def _sorted_quantile(ordered, size, prob):
@@ -200,7 +192,7 @@ def _one_ess_tail(v, n, ordered=None):
     size = v.shape[-2] * n
     if ordered is None:
         valid = jnp.broadcast_to(_valid(v.shape[-1], n), v.shape)
-        ordered = jnp.sort(jnp.where(valid, v, jnp.inf).reshape(-1))
+        ordered = sorting.sort(jnp.where(valid, v, jnp.inf).reshape(-1))
     out = []
     for prob in (0.05, 0.95):
         indicator = (v <= _sorted_quantile(ordered, size, prob)).astype(v.dtype)
@@ -293,7 +285,7 @@ def _gate(positions, diverging, num_draws, target_ess: float):
         kept_sorted = jax.lax.cond(
             num_draws % 2 == 0,
             lambda: ordered[: v.size],
-            lambda: jnp.sort(jnp.where(_kept(v, num_draws), v, jnp.inf).reshape(-1)),
+            lambda: sorting.sort(jnp.where(_kept(v, num_draws), v, jnp.inf).reshape(-1)),
         )
         return (_one_rhat(v, num_draws, z, median), _one_ess(z, half),
                 _one_ess_tail(v, num_draws, kept_sorted))
