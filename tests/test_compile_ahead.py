@@ -49,7 +49,8 @@ def test_compiled_ahead_matches_plain_jit_bitwise(monkeypatch, precision):
     compiled = compile_for(MODEL, problem_data)
     config = BatchConfig(sampler=SamplerConfig(**SAMPLER), runtime=RuntimeConfig(seed=7, batch_size=4, precision=precision))
     ahead = run_batched(compiled, problem_data, config, progress=False)
-    programs = stopping.build_stop_programs(compiled, resolve_config(compiled, problem_data, config), None, None)
+    built = stopping.build_stop_programs(compiled, resolve_config(compiled, problem_data, config), None, None)
+    programs = (built.warmup, built.block, built.finish)  # the gate programs are plain jit, one per window
     for program in programs:
         assert program.jitted._cache_size() == 0  # every call ran an executable compiled ahead
     entries = [len(program._entries) for program in programs]
@@ -90,7 +91,7 @@ SCRIPT = textwrap.dedent(
         programs = stopping.build_stop_programs(compiled, resolve_config(compiled, problem_data, config), None, None)
         return result, programs
     two, programs = run(2)
-    fallbacks = [p.jitted._cache_size() for p in programs]
+    fallbacks = [p.jitted._cache_size() for p in programs[:3]]  # warmup, block, finish (gates: plain jit)
     stopping.COMPILE_AHEAD = False
     plain, _ = run(1)
     leaves = lambda r: [r.draws["theta"], r.num_draws, r.num_grads, r.converged, r.stats.energy]
