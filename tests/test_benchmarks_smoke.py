@@ -144,7 +144,7 @@ def test_certified_quick_mode_writes_well_formed_results(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     results = json.loads((tmp_path / "certified_quick.json").read_text())
     rows = results["rows"]
-    assert [r["contestant"] for r in rows] == ["chees:f32", "pymc"]
+    assert [r["contestant"] for r in rows] == ["chees:f32", "chees:f32+stop", "pymc"]  # +stop: target_ess=400
     for r in rows:
         assert r["tune"] in (150, 300) and r["chains"] == 4
         assert r["certified"] == (r["pass_share"] >= 0.99)
@@ -155,8 +155,8 @@ def test_certified_quick_mode_writes_well_formed_results(tmp_path):
             assert r["attempts"][-1]["tune"] == r["tune"]
             assert r["ttc_ms"] == pytest.approx(
                 1000 * (r["run_s"] / r["problems_run"] + r["compile_s"] / 10_000) / r["pass_share"])
-    engine_row, pymc_row = rows
-    assert engine_row["problems_run"] == 4 and pymc_row["problems_run"] == 1
+    engine_row, stop_row, pymc_row = rows
+    assert engine_row["problems_run"] == 4 and stop_row["problems_run"] == 4 and pymc_row["problems_run"] == 1
     assert engine_row["compile_s"] > 0 and pymc_row["compile_s"] == 0
     assert pymc_row["x_pymc"] == pytest.approx(1.0)
     md = (tmp_path / "certified_quick.md").read_text()
