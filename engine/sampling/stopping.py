@@ -79,11 +79,11 @@ BUCKET_FACTOR = 4
 (tens of seconds on a small CPU), so there are few sizes: ``MIN_BUCKET * 4**k``."""
 
 
-def bucket_size(num_active: int, chunk_size: int, min_bucket: int = MIN_BUCKET) -> int:
+def bucket_size(num_active: int, chunk_size: int, min_bucket: int | None = None) -> int:
     """Lanes of the block program for ``num_active`` active problems: the chunk size, or the
-    smallest ``min_bucket * BUCKET_FACTOR**k`` (k >= 0) that holds them when that is at most
-    half the chunk."""
-    size = int(min_bucket)
+    smallest ``min_bucket * BUCKET_FACTOR**k`` (k >= 0; default :data:`MIN_BUCKET`, read at the
+    call) that holds them when that is at most half the chunk."""
+    size = int(MIN_BUCKET if min_bucket is None else min_bucket)
     while size < num_active:
         size *= BUCKET_FACTOR
     return int(chunk_size) if 2 * size > chunk_size else size
