@@ -11,7 +11,9 @@ float32, all devices, 100-problem chunks: the fastest flags of ``benchmarks/resu
 wall seconds with compile (a fresh program per way), the share of problems passing the gate
 (R-hat < 1.01, bulk and tail ESS >= 400, no divergences) and, for ``after``, which kernels ran.
 ``--pymc-problems K`` adds a loop of plain ``pm.sample`` (same chains, draws and tune) over K
-problems spread over the set, its seconds per posterior, and each way's speed-up over it.
+problems spread over the set, its seconds per posterior, and each way's speed-up over it;
+``--nutpie-problems K`` the same for a nutpie loop (compiled once, ``with_data`` per problem; its
+compile amortised over ``--n``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--ways", default="after,best,before")
     p.add_argument("--pymc-problems", type=int, default=0, help="problems of a pm.sample loop (0: none)")
+    p.add_argument("--nutpie-problems", type=int, default=0, help="problems of a nutpie loop (0: none)")
     a = p.parse_args(argv)
     import jax
 
@@ -43,14 +46,20 @@ def main(argv=None):
     from engine.sampling.diagnostics import summarize_idata
 
     data = w1_data(a.n, 0)
-    pymc_ms = None
-    if a.pymc_problems:
-        from benchmarks.loops import bench_pymc, loop_problems
+    loops = {}  # peer -> ms per posterior (compile amortised over --n)
+    for peer, k in (("pm.sample", a.pymc_problems), ("nutpie", a.nutpie_problems)):
+        if not k:
+            continue
+        from benchmarks.loops import bench_nutpie, bench_pymc, loop_problems
 
         loop_args = argparse.Namespace(chains=4, draws=1000, tune=1000, seed=0, target_accept=0.8)
-        row = bench_pymc(w1_model(), data, loop_problems(a.n, a.pymc_problems), loop_args)
-        pymc_ms = row["ms_per_posterior_e2e"]
-        print(json.dumps({"way": "pm.sample loop", "problems": row["problems"], "ms_per_posterior": round(pymc_ms, 1),
+        row = (bench_pymc if peer == "pm.sample" else bench_nutpie)(
+            w1_model(), data, loop_problems(a.n, k), loop_args)
+        if peer == "nutpie":
+            loops[peer] = 1000 * (row["run_s"] / len(row["problems"]) + row["compile_s"] / a.n)
+        else:
+            loops[peer] = row["ms_per_posterior_e2e"]
+        print(json.dumps({"way": f"{peer} loop", "problems": row["problems"], "ms_per_posterior": round(loops[peer], 1),
                           "pass": row["pass_share"]}), flush=True)
     for way in a.ways.split(","):
         model = w1_model()  # a fresh template: nothing compiled is shared between ways
@@ -65,8 +74,8 @@ def main(argv=None):
         row = {"way": way, "n": a.n, "options": WAYS[way], "wall_s": round(wall, 1),
                "ms_per_posterior": round(1000 * wall / a.n, 2), "pass": round(float(ok.mean()), 4),
                "devices": jax.device_count(), "precision": str(idata.posterior.theta.dtype)}
-        if pymc_ms is not None:
-            row["speedup_vs_pm_sample"] = round(pymc_ms / row["ms_per_posterior"], 1)
+        for peer, ms in loops.items():
+            row[f"speedup_vs_{peer.replace('.', '_')}"] = round(ms / row["ms_per_posterior"], 1)
         if "sampler" in idata.sample_stats:
             names, counts = np.unique(idata.sample_stats.sampler.values, return_counts=True)
             row["kernels"] = dict(zip(names.tolist(), counts.tolist()))
