@@ -51,6 +51,14 @@ COMPILE_CACHE_ENV = "ENGINE_COMPILE_CACHE"
 """Environment variable: ``0``/``off`` disables the persistent compilation cache, a path moves it."""
 
 
+COMPILE_CACHE_MIN_SECONDS = 0.1
+"""Programs that compiled in at least this long are written to the persistent cache (JAX's
+default, 1 s, leaves out the stopping gate's programs, which compile in about a second on a
+small CPU and are many); ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` overrides it."""
+
+CACHE_MIN_SECONDS_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+
+
 def compile_cache_dir() -> str | None:
     """Where compiled programs persist (workaround 5): ``ENGINE_COMPILE_CACHE`` if it names a
     path, else ``$XDG_CACHE_HOME/engine/jax`` (``~/.cache/engine/jax``); ``None`` when turned off."""
@@ -74,10 +82,12 @@ def _enable_compile_cache() -> None:
     except OSError:  # a read-only home: run without the cache
         return
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-    if "jax" in sys.modules:  # imported already (JAX reads the variable when it loads its config)
+    min_seconds = os.environ.setdefault(CACHE_MIN_SECONDS_ENV, str(COMPILE_CACHE_MIN_SECONDS))
+    if "jax" in sys.modules:  # imported already (JAX reads the variables when it loads its config)
         import jax
 
         jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_seconds))
 
 
 def backend_started() -> bool:

@@ -217,3 +217,37 @@ def test_bucket_sizes_are_few():
     sizes = {stopping.bucket_size(a, 1000) for a in range(1, 1001)}
     assert sizes == {1000, 256, 64}
     assert stopping.bucket_size(5, 10) == 10
+
+
+def test_gate_shape_rent_or_buy():
+    """The gate runs on the smallest compiled shape holding it until the run time wasted on it
+    reaches a compile's cost; then, or when none holds it, on its own (ideal) shape."""
+    family = stopping.GatePrograms(gate_fn=None)
+    family.compile_seconds = 1.0
+    dev = (0,)
+    assert family.choose(dev, 16, 256) == (16, 256)  # nothing compiled: the ideal
+    family._run_seconds[(dev, 96, 256)] = None  # compiled ahead, never run: free to use
+    assert family.choose(dev, 16, 256) == (96, 256)
+    family._run_seconds[(dev, 96, 256)] = 0.24  # each call wastes 0.24 * (1 - 16/96) = 0.2 s
+    chosen = [family.choose(dev, 16, 256) for _ in range(6)]
+    assert chosen[:4] == [(96, 256)] * 4 and chosen[4] == (16, 256)
+    assert family.choose(dev, 16, 512) == (16, 512)  # no compiled window holds 512 draws
+    assert family.choose((1,), 16, 256) == (16, 256)  # another device compiles its own
+    family._run_seconds[(dev, 4, 1024)] = 0.01
+    family._run_seconds[(dev, 96, 1024)] = 0.3
+    assert family.choose(dev, 4, 512) == (4, 1024)  # the smallest holding shape
+
+
+@pytest.mark.slow
+def test_gate_shape_does_not_change_the_run(monkeypatch):
+    """Gates run on the whole chunk (no lane buckets) and on rent-or-buy shapes retire the same
+    problems after the same draws: a gate's shape decides its cost, never its result."""
+    _, data = _data(12)
+    runs = []
+    for min_bucket in (1000, stopping.GATE_MIN_BUCKET):
+        monkeypatch.setattr(stopping, "GATE_MIN_BUCKET", min_bucket)
+        runs.append(engine.sample_batched(MODEL, data, tune=150, draws=400, target_ess=150, block_draws=40, max_draws=800,
+                                          seed=5))
+    for key in ("num_draws", "gate_passed"):
+        np.testing.assert_array_equal(runs[0].sample_stats[key].values, runs[1].sample_stats[key].values)
+    np.testing.assert_array_equal(runs[0].posterior["theta"].values, runs[1].posterior["theta"].values)

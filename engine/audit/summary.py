@@ -37,7 +37,7 @@ def problem_summary_fn(compiled, kind: str, dim: int, seed: int, num_q_draws: in
     value of the arguments, so the chunk program that closes over it is compiled once."""
     import jax
     import jax.numpy as jnp
-    from jax.scipy.special import ndtri
+    from scipy.special import ndtri  # on the host: JAX's would compile a dozen tiny programs
     from scipy.stats import chi2
 
     from engine.sampling.diagnostics import summarize_draws

@@ -111,6 +111,13 @@ class AheadProgram:
         with self._lock:
             return signature(args) in self._entries
 
+    def wait(self, *args) -> None:
+        """Block until the executable compiling ahead for ``args`` is ready (if there is one)."""
+        with self._lock:
+            entry = self._entries.get(signature(args))
+        if entry is not None:
+            entry[0].result()
+
     def __call__(self, *args):
         with self._lock:
             entry = self._entries.get(signature(args))

@@ -216,14 +216,18 @@ def masked_summary(x, num_draws):
     mean = jnp.where(valid, x, 0.0).sum((-2, -1)) / size
     sq = jnp.where(valid, (x - mean[..., None, None]) ** 2, 0.0).sum((-2, -1))
     sd = jnp.sqrt(sq / (size - 1))
-    ess_mean = _batched(lambda v, n: _one_ess(*masked_split(v, n)), x, num_draws)
+    batch = x.shape[:-2]
+    flat = x.reshape((-1,) + x.shape[-2:])
+    d = jax.vmap(lambda v: _coordinate(v, jnp.asarray(num_draws), with_mean_ess=True))(flat)
+    d = {k: v.reshape(batch) for k, v in d.items()}
+    r_hat = d["r_hat"] if x.shape[-2] >= 2 else jnp.full(batch, jnp.nan)
     return {
         "mean": mean,
         "sd": sd,
-        "mcse_mean": sd / jnp.sqrt(ess_mean),
-        "r_hat": masked_rhat(x, num_draws),
-        "ess_bulk": masked_ess_bulk(x, num_draws),
-        "ess_tail": masked_ess_tail(x, num_draws),
+        "mcse_mean": sd / jnp.sqrt(d["ess_mean"]),
+        "r_hat": r_hat,
+        "ess_bulk": d["ess_bulk"],
+        "ess_tail": d["ess_tail"],
     }
 
 
@@ -273,24 +277,46 @@ def gate(positions, diverging, num_draws, target_ess: float, window: int | None 
     return jax.lax.switch(index, branches)
 
 
+def _coordinate(v, n, with_mean_ess: bool = False):
+    """R-hat, bulk ESS and tail ESS (and, with ``with_mean_ess``, the ESS of the split draws
+    themselves, for the MCSE of the mean) of ONE coordinate's kept draws ``v[C, L]``.
+
+    The same arithmetic as :func:`masked_rhat`, :func:`masked_ess_bulk` and
+    :func:`masked_ess_tail`, arranged to compile small: one sort serves the ranks, the median
+    and (when the kept count is even, so the split halves hold every kept draw) the tail
+    quantiles, and the two R-hats and the three or four ESS are each ONE batched computation
+    over stacked series instead of separate copies of it."""
+    split, half = masked_split(v, n)
+    z, ordered = _masked_z_scale(split, half, return_sorted=True)
+    size = split.shape[-2] * half
+    median = _sorted_quantile(ordered, size, 0.5)
+    kept_sorted = jax.lax.cond(
+        n % 2 == 0,
+        lambda: ordered[: v.size],
+        lambda: sorting.sort(jnp.where(_kept(v, n), v, jnp.inf).reshape(-1)),
+    )
+    z_folded = _masked_z_scale(jnp.abs(split - median), half)
+    basic = jax.vmap(_masked_rhat_basic, in_axes=(0, None))(jnp.stack([z, z_folded]), half)
+    valid = _kept(v, n)
+    is_constant = jnp.all(jnp.where(valid, v == v[:1, :1], True))
+    r_hat = jnp.where(is_constant | (n < 4), jnp.nan, jnp.maximum(basic[0], basic[1]))
+    tail_size = v.shape[-2] * n
+    series = [z] + [masked_split((v <= _sorted_quantile(kept_sorted, tail_size, prob)).astype(v.dtype), n)[0]
+                    for prob in (0.05, 0.95)]
+    if with_mean_ess:
+        series.append(split)
+    dtype = jnp.result_type(*series)
+    ess = jax.vmap(_one_ess, in_axes=(0, None))(jnp.stack([s.astype(dtype) for s in series]), half)
+    out = {"r_hat": r_hat, "ess_bulk": ess[0], "ess_tail": jnp.minimum(ess[1], ess[2])}
+    if with_mean_ess:
+        out["ess_mean"] = ess[3]
+    return out
+
+
 def _gate(positions, diverging, num_draws, target_ess: float):
     x = jnp.moveaxis(positions, -1, 0)  # [dim, chain, max_draws]
-
-    def one(v):
-        # one sort serves bulk R-hat and ESS (ranks), the folded draws' median and, when the
-        # kept count is even (the split halves then hold every kept draw), the tail quantiles
-        split, half = masked_split(v, num_draws)
-        z, ordered = _masked_z_scale(split, half, return_sorted=True)
-        median = _sorted_quantile(ordered, split.shape[-2] * half, 0.5)
-        kept_sorted = jax.lax.cond(
-            num_draws % 2 == 0,
-            lambda: ordered[: v.size],
-            lambda: sorting.sort(jnp.where(_kept(v, num_draws), v, jnp.inf).reshape(-1)),
-        )
-        return (_one_rhat(v, num_draws, z, median), _one_ess(z, half),
-                _one_ess_tail(v, num_draws, kept_sorted))
-
-    r_hats, bulks, tails = jax.vmap(one)(x)
+    d = jax.vmap(lambda v: _coordinate(v, num_draws))(x)
+    r_hats, bulks, tails = d["r_hat"], d["ess_bulk"], d["ess_tail"]
     if x.shape[-2] < 2:
         r_hats = jnp.full_like(r_hats, jnp.nan)
     r_hat, bulk, tail = r_hats.max(), bulks.min(), tails.min()

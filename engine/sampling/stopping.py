@@ -35,6 +35,8 @@ compiles them on a thread pool, so their compiles overlap each other and the war
 from __future__ import annotations
 
 import functools
+import threading
+import time
 from typing import NamedTuple
 
 import jax
@@ -60,14 +62,14 @@ runs the plain jitted programs, each compiled on its first call (same results, b
 
 
 class StopPrograms(NamedTuple):
-    """The three programs of a stopping run (see the module docstring), each an
-    :class:`~engine.sampling.ahead.AheadProgram` (a jitted program, callable as one)."""
+    """The programs of a stopping run (see the module docstring): the warmup, block and finish,
+    each an :class:`~engine.sampling.ahead.AheadProgram` (a jitted program, callable as one),
+    and the gate's family of programs (:class:`GatePrograms`)."""
 
     warmup: object
     block: object
     finish: object
     gate: object
-    """``gate(window)`` -> the gate program over the first ``window`` draws."""
 
 
 GATE_MIN_BUCKET = 4
@@ -87,6 +89,90 @@ def bucket_size(num_active: int, chunk_size: int, min_bucket: int | None = None)
     while size < num_active:
         size *= BUCKET_FACTOR
     return int(chunk_size) if 2 * size > chunk_size else size
+
+
+GATE_COMPILE_SECONDS = 1.0
+"""What compiling one more gate program is assumed to cost until one has been timed."""
+
+
+class GatePrograms:
+    """The gate's programs, one per (lanes, window) shape, and the choice of the shape each
+    block's gate runs on.
+
+    The smallest shape for a gate (its *ideal*: the active lanes in a bucket down to
+    :data:`GATE_MIN_BUCKET`, the smallest window of :func:`engine.sampling.gate.gate_window`)
+    costs least to run, but each new shape is one more XLA compile, which on a small CPU costs
+    as much as many runs of the gate. So a gate runs on the smallest program already compiled
+    whose shape holds it, and its ideal program is compiled only once the run time spent on the
+    larger one beyond the ideal's share (summed over the gates that would have used it) reaches
+    what a compile has cost: the rent-or-buy rule, never more than twice the best choice made
+    knowing the future. Without a program holding the gate, the ideal one is compiled at once.
+    Compiles and runs are timed as they happen (a program the persistent compilation cache
+    holds "compiles" in a fraction of a second, so the rule then buys at once). The bookkeeping
+    is per device (each device compiles its own executables) and thread-safe.
+    """
+
+    def __init__(self, gate_fn):
+        self._gate_fn = gate_fn
+        self._programs: dict[int, AheadProgram] = {}
+        self._lock = threading.Lock()
+        self._run_seconds: dict[tuple, float] = {}  # (device, lanes, window) -> last run, s
+        self._waste: dict[tuple, float] = {}  # (device, lanes, window) -> run time wasted, s
+        self.compile_seconds = GATE_COMPILE_SECONDS
+
+    def program(self, window: int) -> AheadProgram:
+        """The gate program over the first ``window`` draws (any lanes)."""
+        with self._lock:
+            if window not in self._programs:
+                self._programs[window] = AheadProgram(jax.jit(functools.partial(self._gate_fn, window)))
+            return self._programs[window]
+
+    def ahead(self, window: int, device, lanes: int, buffers, diverging):
+        """Compile the gate of ``lanes`` lanes over ``window`` draws ahead (abstract inputs)."""
+        count = jax.ShapeDtypeStruct((), jnp.int32)
+        self.program(window).ahead(buffers, diverging, jax.ShapeDtypeStruct((lanes,), jnp.int32), count)
+        with self._lock:
+            self._run_seconds.setdefault((device, lanes, window), None)
+
+    def choose(self, device, ideal_lanes: int, ideal_window: int) -> tuple[int, int]:
+        """The (lanes, window) a gate whose ideal shape is ``(ideal_lanes, ideal_window)`` runs
+        on, by the rent-or-buy rule of the class docstring."""
+        ideal = (device, ideal_lanes, ideal_window)
+        with self._lock:
+            if ideal in self._run_seconds:
+                return ideal_lanes, ideal_window
+            held = [(lanes * window, lanes, window) for (dev, lanes, window) in self._run_seconds
+                    if dev == device and lanes >= ideal_lanes and window >= ideal_window]
+            if not held:
+                return ideal_lanes, ideal_window
+            size, lanes, window = min(held)
+            seconds = self._run_seconds[(device, lanes, window)]
+            if seconds is None:  # compiled ahead, not run yet: no cost known, use it
+                return lanes, window
+            waste = self._waste.get(ideal, 0.0) + seconds * (1.0 - ideal_lanes * ideal_window / size)
+            if waste >= self.compile_seconds:
+                return ideal_lanes, ideal_window
+            self._waste[ideal] = waste
+            return lanes, window
+
+    def __call__(self, device, lanes: int, window: int, buffers, diverging, lane_index, count):
+        """Run the gate of shape ``(lanes, window)`` (``lane_index`` has ``lanes`` entries) ->
+        host ``passed`` flags, timing it for :meth:`choose`."""
+        key = (device, lanes, window)
+        program = self.program(window)
+        with self._lock:
+            new = key not in self._run_seconds
+        program.wait(buffers, diverging, lane_index, count)  # a compile ahead is not a run
+        started = time.perf_counter()
+        passed = np.asarray(program(buffers, diverging, lane_index, count)[0])
+        seconds = time.perf_counter() - started
+        with self._lock:
+            if new:  # compiled by this call: what a compile costs here (the run is a small part)
+                self.compile_seconds = seconds
+                self._run_seconds[key] = None
+            else:
+                self._run_seconds[key] = seconds
+        return passed
 
 
 def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
@@ -186,12 +272,11 @@ def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
         block=key_fn("stop_block", summary_fn=None,
                      build=lambda: AheadProgram(jax.jit(block_fn, donate_argnums=(0, 1, 2, 3)))),
         finish=key_fn("stop_finish", summary_fn=summary_fn, build=lambda: AheadProgram(jax.jit(finish_fn))),
-        gate=lambda window: key_fn(f"stop_gate_{window}", summary_fn=None,
-                                   build=lambda: jax.jit(functools.partial(gate_fn, window))),
+        gate=key_fn("stop_gate", summary_fn=None, build=lambda: GatePrograms(gate_fn)),
     )
 
 
-def compile_ahead(programs: StopPrograms, root_key, index, data, num_real: int):
+def compile_ahead(programs: StopPrograms, root_key, index, data, num_real: int, block: int, max_draws: int):
     """Run the chunk's warmup program -> its outputs, with every program of the chunk compiled
     ahead of time and side by side.
 
@@ -208,6 +293,9 @@ def compile_ahead(programs: StopPrograms, root_key, index, data, num_real: int):
     count = jax.ShapeDtypeStruct((), jnp.int32)
     blocked = programs.block.ahead(*abstract(warm[:4], place), data, lanes, count)
     out = programs.warmup(root_key, index, data)  # dispatched: it runs while the rest is traced
+    buffers, stats = abstract((warm[1], warm[2].diverging), place)
+    programs.gate.ahead(gate_window(block, max_draws), _device_key(out[1]), bucket_size(num_real, lanes.shape[0], GATE_MIN_BUCKET),
+                        buffers, stats)
     programs.finish.ahead(*abstract(blocked[:4], place), data, jax.ShapeDtypeStruct((lanes_total,), jnp.int32))
     return out
 
@@ -228,12 +316,13 @@ def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_rea
     max_draws, block = sampler.max_draws_per_chain, int(sampler.block_draws)
     index = jnp.asarray(index)
     if COMPILE_AHEAD:
-        states, buffers, stats, grads, ok = compile_ahead(programs, root_key, index, data, num_real)
+        states, buffers, stats, grads, ok = compile_ahead(programs, root_key, index, data, num_real, block, max_draws)
     else:
         programs = plain_programs(programs)
         states, buffers, stats, grads, ok = programs.warmup(root_key, index, data)
     lanes_total = int(index.shape[0])
     spare, chunk = lanes_total - 1, lanes_total - 1
+    device = _device_key(buffers)
     num_draws = np.zeros(lanes_total, np.int32)
     converged = np.zeros(lanes_total, bool)
     active = np.flatnonzero(np.asarray(ok)[:num_real])
@@ -242,21 +331,27 @@ def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_rea
         size = bucket_size(active.size, chunk)
         lanes = np.full(size, spare, np.int32)
         lanes[: active.size] = active
-        lanes = jnp.asarray(lanes)
         states, buffers, stats, grads = programs.block(
-            states, buffers, stats, grads, data, lanes, jnp.asarray(count, jnp.int32)
+            states, buffers, stats, grads, data, jnp.asarray(lanes), np.int32(count)
         )
         count += block
-        gate_program = programs.gate(gate_window(count, max_draws))
-        gate_lanes = lanes[: bucket_size(active.size, size, GATE_MIN_BUCKET)]
-        passed, _ = gate_program(buffers, stats.diverging, gate_lanes, jnp.asarray(count, jnp.int32))
-        passed = np.asarray(passed)[: active.size]
+        gate_lanes, window = programs.gate.choose(
+            device, bucket_size(active.size, size, GATE_MIN_BUCKET), gate_window(count, max_draws))
+        gate_index = np.full(gate_lanes, spare, np.int32)
+        gate_index[: active.size] = active
+        passed = programs.gate(device, gate_lanes, window, buffers, stats.diverging, jnp.asarray(gate_index),
+                               np.int32(count))
+        passed = passed[: active.size]
         done = passed | (count >= max_draws)
         num_draws[active[done]] = count
         converged[active[passed]] = True
         active = active[~done]
     kept, summary, num_grads = programs.finish(states, buffers, stats, grads, data, jnp.asarray(num_draws))
     return kept, ok, summary, num_draws, num_grads, converged
+
+
+def _device_key(array) -> tuple:
+    return tuple(sorted(d.id for d in array.sharding.device_set))
 
 
 def pad_kept(kept, num_draws: np.ndarray):
