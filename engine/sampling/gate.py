@@ -47,13 +47,15 @@ def _kept(x, num_draws):
 
 
 def masked_split(x, num_draws):
-    """``x[..., C, L]`` with ``num_draws`` kept -> ``(split [..., 2C, L], half)``: the first and
-    last ``half = num_draws // 2`` kept draws of each chain as two chains (ArviZ's
-    ``_split_chains``), left-aligned; entries at or after ``half`` are padding."""
+    """``x[..., C, L]`` with ``num_draws <= L`` kept -> ``(split [..., 2C, ceil(L / 2)], half)``:
+    the first and last ``half = num_draws // 2`` kept draws of each chain as two chains (ArviZ's
+    ``_split_chains``), left-aligned; entries at or after ``half`` are padding. Half the buffer
+    holds every split chain, so the sorts and transforms after it touch no more than they need."""
     length = x.shape[-1]
     half = num_draws // 2
     second = jnp.roll(x, -(num_draws - half), axis=-1)  # draws num_draws-half.. first
-    return jnp.concatenate([x, second], axis=-2), half
+    keep = (length + 1) // 2
+    return jnp.concatenate([x[..., :keep], second[..., :keep]], axis=-2), half
 
 
 def _average_ranks(flat, return_sorted=False):
