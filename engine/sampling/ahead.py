@@ -17,6 +17,7 @@ same way, since the wrapper is cached where the jitted program was.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -26,9 +27,12 @@ import numpy as np
 __all__ = ["AheadProgram", "placement_of", "abstract"]
 
 COMPILE_THREADS: int | None = None
-"""Threads compiling ahead (``None``: one less than :func:`engine.platform.num_cores`, at least
-one: the calling thread traces the next program and runs the warmup meanwhile; on 2 cores one
+"""Threads compiling ahead (``None``: :data:`THREADS_ENV` if set, else one less than
+:func:`engine.platform.num_cores`, at least one: the calling thread traces the next program and runs the warmup meanwhile; on 2 cores one
 compile thread measured faster than two)."""
+
+THREADS_ENV = "ENGINE_COMPILE_THREADS"
+"""Environment variable: the number of compile threads (read when the pool starts)."""
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -40,7 +44,10 @@ def _pool() -> ThreadPoolExecutor:
         if _POOL is None:
             from engine.platform import num_cores
 
-            threads = num_cores() - 1 if COMPILE_THREADS is None else COMPILE_THREADS
+            threads = COMPILE_THREADS
+            if threads is None:
+                env = os.environ.get(THREADS_ENV, "").strip()
+                threads = int(env) if env.isdigit() else num_cores() - 1
             _POOL = ThreadPoolExecutor(max(1, int(threads)), thread_name_prefix="engine-compile")
         return _POOL
 

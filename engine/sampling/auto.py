@@ -179,10 +179,11 @@ def gate_stats(values: dict, stats, names, num_draws=None) -> GateStats:
     from engine.sampling import gate  # per-problem stopping: only the first num_draws draws count
 
     kept = jnp.arange(x.shape[-1]) < num_draws
+    d = gate.masked_diagnostics(x, num_draws)
     return GateStats(
-        r_hat=jnp.max(gate.masked_rhat(x, num_draws)),
-        ess_bulk=jnp.min(gate.masked_ess_bulk(x, num_draws)),
-        ess_tail=jnp.min(gate.masked_ess_tail(x, num_draws)),
+        r_hat=jnp.max(d["r_hat"]),
+        ess_bulk=jnp.min(d["ess_bulk"]),
+        ess_tail=jnp.min(d["ess_tail"]),
         divergences=jnp.sum(jnp.where(kept, stats.diverging, False).astype(jnp.int32)),
         ebfmi=jnp.min(masked_ebfmi(stats.energy, num_draws)),
     )

@@ -25,7 +25,7 @@ from engine.sampling import sorting
 from engine.sampling.diagnostics import CONVERGENCE_RULES
 
 __all__ = ["masked_split", "masked_rhat", "masked_ess", "masked_ess_bulk", "masked_ess_tail",
-           "masked_summary", "gate", "gate_window", "GATE_KEYS", "GATE_WINDOWS"]
+           "masked_diagnostics", "masked_summary", "gate", "gate_window", "GATE_KEYS", "GATE_WINDOWS"]
 
 GATE_KEYS = ("r_hat", "ess_bulk", "ess_tail", "divergences")
 """What :func:`gate` reports per problem besides its decision."""
@@ -70,7 +70,7 @@ def _masked_z_scale(x, n, return_sorted=False):
     ``return_sorted`` also the kept draws sorted (padding after them as ``inf``)."""
     valid = jnp.broadcast_to(_valid(x.shape[-1], n), x.shape)
     flat = jnp.where(valid, x, jnp.inf).reshape(-1)
-    ranks, ordered = _average_ranks(flat, return_sorted=True)
+    ranks, ordered = _average_ranks(flat, return_sorted=True) if return_sorted else (_average_ranks(flat), None)
     ranks = ranks.reshape(x.shape)
     size = x.shape[-2] * n
     z = jnp.where(valid, ndtri((ranks - 0.375) / (size + 0.25)), 0.0)
@@ -86,17 +86,6 @@ def _masked_rhat_basic(x, n):
     return jnp.sqrt((between / within + n - 1) / n)
 
 
-def _masked_median(x, n):
-    """Median of the first ``n`` draws of every chain of ``x[C, L]`` (all chains pooled)."""
-    valid = jnp.broadcast_to(_valid(x.shape[-1], n), x.shape)
-    return _masked_quantile_flat(jnp.where(valid, x, jnp.inf).reshape(-1), x.shape[-2] * n, 0.5)
-
-
-def _masked_quantile_flat(flat_inf_padded, size, prob):
-    """Linear-interpolation quantile (numpy's default) of the ``size`` finite-first entries."""
-    return _sorted_quantile(sorting.sort(flat_inf_padded), size, prob)
-
-
 def _sorted_quantile(ordered, size, prob):
     pos = prob * (size - 1)
     lo = jnp.floor(pos).astype(jnp.int32)
@@ -105,24 +94,9 @@ def _sorted_quantile(ordered, size, prob):
     return ordered[lo] + frac * (ordered[hi] - ordered[lo])
 
 
-def _one_rhat(x, n, z_split=None, median=None):
-    split, half = masked_split(x, n)
-    z_split = _masked_z_scale(split, half) if z_split is None else z_split
-    bulk = _masked_rhat_basic(z_split, half)
-    median = _masked_median(split, half) if median is None else median
-    folded = jnp.abs(split - median)
-    tail = _masked_rhat_basic(_masked_z_scale(folded, half), half)
-    valid = _kept(x, n)
-    first = x[..., :1, :1]
-    is_constant = jnp.all(jnp.where(valid, x == first, True))
-    return jnp.where(is_constant | (n < 4), jnp.nan, jnp.maximum(bulk, tail))
-
-
 def masked_rhat(x, num_draws):
     """Rank-normalised split R-hat of the kept draws of ``x[..., C, L]`` -> ``[...]``."""
-    if x.shape[-2] < 2:
-        return jnp.full(x.shape[:-2], jnp.nan)
-    return _batched(_one_rhat, x, num_draws)
+    return masked_diagnostics(x, num_draws)["r_hat"]
 
 
 def _one_ess(x, n):
@@ -181,31 +155,26 @@ def masked_ess(x, num_draws):
 
 def masked_ess_bulk(x, num_draws):
     """Bulk ESS: ESS of the rank-normalised split kept draws. ``[..., C, L] -> [...]``."""
-    return _batched(lambda v, n: _one_ess(*_z_split(v, n)), x, num_draws)
-
-
-def _z_split(v, n):
-    split, half = masked_split(v, n)
-    return _masked_z_scale(split, half), half
-
-
-def _one_ess_tail(v, n, ordered=None):
-    """``ordered``: the kept draws already sorted (``inf`` after them), if known."""
-    size = v.shape[-2] * n
-    if ordered is None:
-        valid = jnp.broadcast_to(_valid(v.shape[-1], n), v.shape)
-        ordered = sorting.sort(jnp.where(valid, v, jnp.inf).reshape(-1))
-    out = []
-    for prob in (0.05, 0.95):
-        indicator = (v <= _sorted_quantile(ordered, size, prob)).astype(v.dtype)
-        split, half = masked_split(indicator, n)
-        out.append(_one_ess(split, half))
-    return jnp.minimum(*out)
+    return masked_diagnostics(x, num_draws)["ess_bulk"]
 
 
 def masked_ess_tail(x, num_draws):
     """Tail ESS: the smaller ESS of the kept draws' 5% and 95% quantile indicators."""
-    return _batched(_one_ess_tail, x, num_draws)
+    return masked_diagnostics(x, num_draws)["ess_tail"]
+
+
+def masked_diagnostics(x, num_draws, with_mean_ess: bool = False):
+    """R-hat, bulk and tail ESS (``r_hat``, ``ess_bulk``, ``ess_tail``; with ``with_mean_ess``
+    also ``ess_mean``, the ESS of the split draws for the MCSE of the mean) of the kept draws of
+    ``x[..., C, L]`` -> ``{key: [...]}``; one fused computation per coordinate, equal to
+    :func:`masked_rhat`, :func:`masked_ess_bulk` and :func:`masked_ess_tail`."""
+    batch = x.shape[:-2]
+    flat = x.reshape((-1,) + x.shape[-2:])
+    out = jax.vmap(lambda v: _coordinate(v, jnp.asarray(num_draws), with_mean_ess=with_mean_ess))(flat)
+    out = {k: v.reshape(batch) for k, v in out.items()}
+    if x.shape[-2] < 2:
+        out["r_hat"] = jnp.full(batch, jnp.nan, out["r_hat"].dtype)
+    return out
 
 
 def masked_summary(x, num_draws):
@@ -218,16 +187,12 @@ def masked_summary(x, num_draws):
     mean = jnp.where(valid, x, 0.0).sum((-2, -1)) / size
     sq = jnp.where(valid, (x - mean[..., None, None]) ** 2, 0.0).sum((-2, -1))
     sd = jnp.sqrt(sq / (size - 1))
-    batch = x.shape[:-2]
-    flat = x.reshape((-1,) + x.shape[-2:])
-    d = jax.vmap(lambda v: _coordinate(v, jnp.asarray(num_draws), with_mean_ess=True))(flat)
-    d = {k: v.reshape(batch) for k, v in d.items()}
-    r_hat = d["r_hat"] if x.shape[-2] >= 2 else jnp.full(batch, jnp.nan)
+    d = masked_diagnostics(x, num_draws, with_mean_ess=True)
     return {
         "mean": mean,
         "sd": sd,
         "mcse_mean": sd / jnp.sqrt(d["ess_mean"]),
-        "r_hat": r_hat,
+        "r_hat": d["r_hat"],
         "ess_bulk": d["ess_bulk"],
         "ess_tail": d["ess_tail"],
     }
