@@ -1,7 +1,7 @@
 """Per-problem stopping: warm up once, then draw in blocks until each problem is certified.
 
-A chunk runs as four compiled programs, each cached with the driver's other programs (the
-warmup, block and finish compiled ahead of time, side by side: :func:`compile_ahead`,
+A chunk runs as four kinds of compiled programs, each cached with the driver's other programs
+(the warmup, block, first gate and finish compiled ahead of time, side by side: :func:`compile_ahead`,
 :mod:`engine.sampling.ahead`):
 
 1. ``warmup``: starts, the kernel's warmup, and zeroed draw buffers ``[lanes, chain, max_draws,
@@ -13,11 +13,11 @@ warmup, block and finish compiled ahead of time, side by side: :func:`compile_ah
    retired cost nothing once enough of them have.
 3. ``gate``: :func:`engine.sampling.gate.gate` over the same lanes' kept draws, on the first
    ``window`` draws of the buffers only (:func:`engine.sampling.gate.gate_window`: the smallest
-   of ``GATE_WINDOWS`` holding the kept draws, a static size chosen on the host, one compile
-   per window). The gate dominates a block's cost on CPU (sorting), and a window chosen inside
-   the program (a conditional) saved nothing there. Its lanes are the active ones in buckets
-   down to ``GATE_MIN_BUCKET``, so retired lanes stop costing gates long before they stop
-   costing draws.
+   of ``GATE_WINDOWS`` holding the kept draws, a static size chosen on the host) and on the
+   active lanes in buckets down to ``GATE_MIN_BUCKET``. Each (lanes, window) shape is one more
+   compile, as costly on a small CPU as many gates, so :class:`GatePrograms` runs a gate on the
+   smallest shape already compiled that holds it until the time that wastes pays for compiling
+   its own (rent or buy); the gate over the chunk's lanes and 512 draws is compiled ahead.
 4. ``finish``: constrained values, ``summary_fn`` over each problem's kept draws only (it is
    called with ``num_draws=``, see :func:`run_chunk`), and the gradient counts.
 
