@@ -65,16 +65,25 @@ def _average_ranks(flat, return_sorted=False):
     return (ranks, sorting.sort(flat)) if return_sorted else ranks
 
 
-def _masked_z_scale(x, n, return_sorted=False):
-    """Rank-normalise the first ``n`` draws of every chain of ``x[C, L]`` jointly; with
-    ``return_sorted`` also the kept draws sorted (padding after them as ``inf``)."""
+def _masked_ranks(x, n, return_sorted=False):
+    """Average ranks ``[C, L]`` of the first ``n`` draws of every chain of ``x[C, L]``, ranked
+    jointly (padding ranks last); with ``return_sorted`` also the kept draws sorted (padding
+    after them as ``inf``)."""
     valid = jnp.broadcast_to(_valid(x.shape[-1], n), x.shape)
     flat = jnp.where(valid, x, jnp.inf).reshape(-1)
-    ranks, ordered = _average_ranks(flat, return_sorted=True) if return_sorted else (_average_ranks(flat), None)
-    ranks = ranks.reshape(x.shape)
-    size = x.shape[-2] * n
-    z = jnp.where(valid, ndtri((ranks - 0.375) / (size + 0.25)), 0.0)
-    return (z, ordered) if return_sorted else z
+    if return_sorted:
+        ranks, ordered = _average_ranks(flat, return_sorted=True)
+        return ranks.reshape(x.shape), ordered
+    return _average_ranks(flat).reshape(x.shape), None
+
+
+def _z_scores(ranks, n):
+    """Rank normalisation of ``ranks [..., C, L]`` (:func:`_masked_ranks`, ``n`` kept per chain):
+    ``ndtri((rank - 3/8) / (size + 1/4))`` on the kept entries, 0 on the padding. One call for
+    every stacked series: ``ndtri`` is a large program."""
+    valid = jnp.broadcast_to(_valid(ranks.shape[-1], n), ranks.shape)
+    size = ranks.shape[-2] * n
+    return jnp.where(valid, ndtri((ranks - 0.375) / (size + 0.25)), 0.0)
 
 
 def _masked_rhat_basic(x, n):
@@ -254,7 +263,7 @@ def _coordinate(v, n, with_mean_ess: bool = False):
     quantiles, and the two R-hats and the three or four ESS are each ONE batched computation
     over stacked series instead of separate copies of it."""
     split, half = masked_split(v, n)
-    z, ordered = _masked_z_scale(split, half, return_sorted=True)
+    ranks, ordered = _masked_ranks(split, half, return_sorted=True)
     size = split.shape[-2] * half
     median = _sorted_quantile(ordered, size, 0.5)
     kept_sorted = jax.lax.cond(
@@ -262,8 +271,9 @@ def _coordinate(v, n, with_mean_ess: bool = False):
         lambda: ordered[: v.size],
         lambda: sorting.sort(jnp.where(_kept(v, n), v, jnp.inf).reshape(-1)),
     )
-    z_folded = _masked_z_scale(jnp.abs(split - median), half)
-    basic = jax.vmap(_masked_rhat_basic, in_axes=(0, None))(jnp.stack([z, z_folded]), half)
+    z_both = _z_scores(jnp.stack([ranks, _masked_ranks(jnp.abs(split - median), half)[0]]), half)
+    z = z_both[0]
+    basic = jax.vmap(_masked_rhat_basic, in_axes=(0, None))(z_both, half)
     valid = _kept(v, n)
     is_constant = jnp.all(jnp.where(valid, v == v[:1, :1], True))
     r_hat = jnp.where(is_constant | (n < 4), jnp.nan, jnp.maximum(basic[0], basic[1]))
