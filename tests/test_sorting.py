@@ -93,6 +93,20 @@ def test_average_ranks_equal_lax_and_scipy(dtype, lax_sorts):
         np.testing.assert_array_equal(np.asarray(host[3:]), scipy.stats.rankdata(clean, axis=-1, method="average"))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ranks_and_sort_from_one_sort_equal_the_two_calls(dtype, lax_sorts):
+    """One sort for both (one host call on CPU, one argsort elsewhere), bitwise as two calls."""
+    with jax.enable_x64(dtype == "float64"):
+        x = jnp.asarray(_data(dtype).reshape(-1, 240))
+        both = jax.jit(jax.vmap(sorting.average_ranks_and_sort))
+        ranks, ordered = both(x)
+        assert _bitwise_equal(ranks, jax.jit(jax.vmap(sorting.average_ranks))(x))
+        assert _bitwise_equal(ordered, jnp.sort(x, axis=-1))
+        lax_ranks, lax_ordered = jax.jit(lax_sorts(jax.vmap(sorting.average_ranks_and_sort)))(x)
+        assert _bitwise_equal(lax_ranks, ranks) and _bitwise_equal(lax_ordered, ordered)
+        assert jax.jit(jax.vmap(sorting.average_ranks_and_sort)).lower(x).as_text().count(HOST_CALL) == 1
+
+
 def test_argsort_is_stable_and_sorts_integers():
     x = jnp.asarray(np.random.default_rng(1).integers(0, 4, size=(6, 500)).astype(np.int32))
     order = jax.jit(jax.vmap(sorting.argsort))(x)

@@ -61,8 +61,7 @@ def masked_split(x, num_draws):
 def _average_ranks(flat, return_sorted=False):
     """1-based average ranks of a 1-D array (:func:`engine.sampling.sorting.average_ranks`); with
     ``return_sorted`` also the array sorted."""
-    ranks = sorting.average_ranks(flat)
-    return (ranks, sorting.sort(flat)) if return_sorted else ranks
+    return sorting.average_ranks_and_sort(flat) if return_sorted else sorting.average_ranks(flat)
 
 
 def _masked_ranks(x, n, return_sorted=False):

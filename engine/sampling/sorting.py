@@ -29,7 +29,8 @@ import numpy as np
 
 from engine.sampling import host_ffi
 
-__all__ = ["host_sort_enabled", "sort", "argsort", "average_ranks", "quantile", "median", "ENV_VAR"]
+__all__ = ["host_sort_enabled", "sort", "argsort", "average_ranks", "average_ranks_and_sort", "quantile", "median",
+           "ENV_VAR"]
 
 ENV_VAR = "ENGINE_HOST_SORT"
 """Environment variable: ``0`` (or ``false``, ``no``, ``off``) sorts with ``lax.sort`` on CPU too."""
@@ -45,15 +46,19 @@ def host_sort_enabled() -> bool:
 
 def _on_host(name, np_fn, lax_fn, x, out_dtype):
     """``lax_fn(x)`` on non-CPU platforms; on CPU the custom call ``name`` running ``np_fn``
-    (numpy, along the last axis, any leading axes) on the host. Same shape as ``x``."""
+    (numpy, along the last axis, any leading axes) on the host. Same shape as ``x``; a tuple
+    ``out_dtype`` gives a tuple of results (``np_fn`` and ``lax_fn`` return one per dtype)."""
     if not host_sort_enabled() or x.size == 0:
         return lax_fn(x)
     host_ffi.register(name, np_fn)
+    several = isinstance(out_dtype, tuple)
+    results = tuple(jax.ShapeDtypeStruct(x.shape, d) for d in (out_dtype if several else (out_dtype,)))
 
     def on_cpu(a):
         # vmap_method="expand_dims": a batched call gets the batch axes in front, so the numpy
         # function (along the last axis) sorts every batch member in ONE call
-        return host_ffi.ffi_call(name, jax.ShapeDtypeStruct(a.shape, out_dtype), a, vmap_method="expand_dims")
+        out = host_ffi.ffi_call(name, results if several else results[0], a, vmap_method="expand_dims")
+        return tuple(out) if several else out
 
     return jax.lax.platform_dependent(x, cpu=on_cpu, default=lax_fn)
 
@@ -107,22 +112,36 @@ def argsort(x, axis: int = -1):
     return _along_last(lambda a: _on_host("engine_host_argsort", _np_argsort, lax_fn, a, out_dtype), x, axis)
 
 
-def _np_average_ranks(a):
-    """:func:`average_ranks` in numpy along the last axis (any leading axes)."""
-    size = a.shape[-1]
-    # the order among ties does not change their (shared) rank, so the fast unstable sort serves
-    # unless NaNs (each its own tie group) are present
-    order = np.argsort(a, axis=-1, kind="stable" if a.dtype.kind == "f" and np.isnan(a).any() else "quicksort")
-    ordered = np.take_along_axis(a, order, axis=-1)
+def _np_ranks_of_sorted(order, ordered):
+    """1-based average ranks from a sort's ``order`` and the ``ordered`` values (last axis)."""
+    size = order.shape[-1]
     differ = ordered[..., 1:] != ordered[..., :-1]
-    edge = np.ones(a.shape[:-1] + (1,), bool)
-    position = np.broadcast_to(np.arange(size), a.shape)
+    edge = np.ones(order.shape[:-1] + (1,), bool)
+    position = np.broadcast_to(np.arange(size), order.shape)
     first = np.maximum.accumulate(np.where(np.concatenate([edge, differ], -1), position, 0), axis=-1)
     ends = np.concatenate([differ, edge], -1)
     last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, position, size - 1), -1), axis=-1), -1)
-    ranks = np.empty(a.shape, np.float64)
+    ranks = np.empty(order.shape, np.float64)
     np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=-1)
-    return (ranks,)
+    return ranks
+
+
+def _np_sorted_order(a):
+    # the order among ties changes no (shared) rank, and shows in the sorted values only when
+    # equal entries differ in bits, so the fast unstable sort serves unless they do
+    order = np.argsort(a, axis=-1, kind="stable" if _needs_stable(a) else "quicksort")
+    return order, np.take_along_axis(a, order, axis=-1)
+
+
+def _np_average_ranks(a):
+    """:func:`average_ranks` in numpy along the last axis (any leading axes)."""
+    return (_np_ranks_of_sorted(*_np_sorted_order(a)),)
+
+
+def _np_ranks_and_sort(a):
+    """:func:`average_ranks_and_sort` in numpy along the last axis (any leading axes)."""
+    order, ordered = _np_sorted_order(a)
+    return _np_ranks_of_sorted(order, ordered), ordered
 
 
 def average_ranks(flat):
@@ -138,6 +157,10 @@ def average_ranks(flat):
 
 
 def _lax_average_ranks(flat):
+    return _lax_ranks_and_sort(flat)[0]
+
+
+def _lax_ranks_and_sort(flat):
     size = flat.shape[0]
     order = jnp.argsort(flat, stable=True)
     ordered = flat[order]
@@ -146,7 +169,17 @@ def _lax_average_ranks(flat):
     ends = jnp.concatenate([ordered[1:] != ordered[:-1], jnp.ones(1, bool)])
     first = jax.lax.cummax(jnp.where(starts, position, 0))
     last = jax.lax.cummin(jnp.where(ends, position, size - 1), reverse=True)
-    return jnp.zeros(size, jnp.result_type(float)).at[order].set((first + last) / 2.0 + 1.0)
+    return jnp.zeros(size, jnp.result_type(float)).at[order].set((first + last) / 2.0 + 1.0), ordered
+
+
+def average_ranks_and_sort(flat):
+    """``(average_ranks(flat), sort(flat))`` of a 1-D array from ONE sort (on the host on CPU,
+    one ``lax`` argsort elsewhere); bitwise the same as the two calls."""
+    flat = jnp.asarray(flat)
+    if flat.ndim != 1:
+        raise ValueError(f"average_ranks_and_sort takes a 1-D array (vmap it), got shape {flat.shape}")
+    return _on_host("engine_host_ranks_and_sort", _np_ranks_and_sort, _lax_ranks_and_sort, flat,
+                    (jnp.result_type(float), flat.dtype))
 
 
 def _static_positions(prob: float, n: int, dtype):
