@@ -164,14 +164,15 @@ class GatePrograms:
 
     def __call__(self, device, lanes: int, window: int, buffers, diverging, lane_index, count):
         """Run the gate of shape ``(lanes, window)`` (``lane_index`` has ``lanes`` entries) ->
-        host ``passed`` flags, timing it for :meth:`choose`."""
+        host ``(passed, diagnostics)`` (:func:`engine.sampling.gate.gate`'s, per lane), timing it
+        for :meth:`choose`."""
         key = (device, lanes, window)
         program = self.program(window)
         with self._lock:
             new = key not in self._run_seconds
         program.wait(buffers, diverging, lane_index, count)  # a compile ahead is not a run
         started = time.perf_counter()
-        passed = np.asarray(program(buffers, diverging, lane_index, count)[0])
+        passed, diagnostics = jax.device_get(program(buffers, diverging, lane_index, count))
         seconds = time.perf_counter() - started
         with self._lock:
             if new:  # compiled by this call: what a compile costs here (the run is a small part)
@@ -179,7 +180,7 @@ class GatePrograms:
                 self._run_seconds[key] = None
             else:
                 self._run_seconds[key] = seconds
-        return passed
+        return np.asarray(passed), diagnostics
 
 
 def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
@@ -346,8 +347,8 @@ def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_rea
             device, bucket_size(active.size, size, GATE_MIN_BUCKET), gate_window(count, max_draws))
         gate_index = np.full(gate_lanes, spare, np.int32)
         gate_index[: active.size] = active
-        passed = programs.gate(device, gate_lanes, window, buffers, stats.diverging, jnp.asarray(gate_index),
-                               np.int32(count))
+        passed, _ = programs.gate(device, gate_lanes, window, buffers, stats.diverging, jnp.asarray(gate_index),
+                                  np.int32(count))
         passed = passed[: active.size]
         done = passed | (count >= max_draws)
         num_draws[active[done]] = count
