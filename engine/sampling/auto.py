@@ -294,7 +294,7 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     from its own key stream ``fold_in(key, i)``), before ``on_chunk`` sees the chunk. The result's ``sampler`` names
     each problem's kernel and ``gate_passed`` flags the gate; a summary that is a dict also gets
     ``sampler_code`` (index into :func:`sampler_names`) and ``gate_passed`` per problem."""
-    from engine.sampling.batch import BatchResult, chunk_grid, local_devices, run_batched
+    from engine.sampling.batch import BatchResult, chunk_grid, iter_chunks, local_devices, run_batched
 
     num_devices = len(local_devices(config.runtime.devices))
     primary = primary_config(config, compiled)
@@ -320,16 +320,14 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     def capture(store):
         return lambda start, stop, host: store.append(host)
 
-    for start, stop in todo:
-        got: list = []
-        res = run_batched(compiled, problem_data, primary, summary_fn=wrapped, chunks=[(start, stop)],
-                          on_chunk=capture(got), progress=progress,
-                          keep_chunks=[(start, stop)] if (start, stop) in keep else ())
-        kept, ok, (summary, gate) = got[0]
+    # one generator over the primary chunks: with stopping and several devices, later chunks run
+    # on the other devices while this loop reruns a chunk's failures
+    primary_chunks = iter_chunks(compiled, problem_data, primary, summary_fn=wrapped, chunks=todo, progress=progress,
+                                 keep_chunks=[c for c in todo if c in keep])
+    for start, stop, (kept, ok, (summary, gate), num_draws, num_grads, converged), _ in primary_chunks:
         n = stop - start
-        counts = [np.array(res.num_draws), np.array(res.num_grads),
-                  None if res.converged is None else np.array(res.converged)]
-        passed = judge(gate, res.converged)
+        counts = [np.array(num_draws), np.array(num_grads), None if converged is None else np.array(converged)]
+        passed = judge(gate, converged)
         used = np.full(n, primary.sampler.name, dtype=object)
         failing = np.flatnonzero(~passed & np.asarray(ok, bool))
         if failing.size and can_certify:
@@ -350,7 +348,7 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
                 if mine is not None and theirs is not None:
                     mine[failing] = np.asarray(theirs)[: failing.size]
                     if i == 1:  # the fallback's gradients come on top of the first kernel's
-                        mine[failing] += np.asarray(res.num_grads)[failing]
+                        mine[failing] += np.asarray(num_grads)[failing]
             import jax
 
             fb_kept, _, (fb_summary, fb_gate) = (
