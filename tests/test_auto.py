@@ -186,3 +186,25 @@ def test_one_chain_fails_the_gate_without_rerunning_every_problem():
         idata = engine.sample_batched(model, data, chains=1, draws=50, tune=50, progress=False)
     assert not idata.sample_stats["gate_passed"].values.any()
     assert set(idata.sample_stats["sampler"].values.tolist()) == {"blackjax"}  # ChEES needs 2 chains
+
+
+def test_stopping_gate_is_the_stopping_verdict_and_ebfmi():
+    passed = auto.stopping_gate_passed([True, True, False, True], [0.5, 0.1, 0.9, np.nan])
+    assert passed.tolist() == [True, False, False, False]
+
+
+def test_auto_with_stopping_judges_ess_against_target_ess():
+    """With ``target_ess`` below 400 a problem retires certified at that ESS; ``auto`` takes the
+    stopping gate's verdict (its ESS bar is ``target_ess``), so no problem is rerun and none warns."""
+    data = normal_normal_data(4, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        idata = engine.sample_batched(normal_normal_model(), data, chains=4, tune=200, target_ess=100,
+                                      block_draws=50, max_draws=1000, progress=False)
+    assert idata.sample_stats.sampler.values.tolist() == ["chees"] * 4
+    assert idata.sample_stats.gate_passed.values.all()
+    num_draws = idata.sample_stats.num_draws.values
+    assert np.all(num_draws < 1000)
+    for p, n in enumerate(num_draws):
+        one = idata.isel(problem=p, draw=slice(0, int(n)))
+        assert float(az.ess(one, method="bulk").theta) >= 100 and float(az.rhat(one).theta) < 1.01

@@ -259,3 +259,13 @@ def test_nutpie_loop_certifies_w1_and_falls_back_on_w2():
         assert "numba backend failed" in loop.note
     run = loop.run([1], tune=300, draws=300, chains=4, seed=0)
     assert np.isfinite(run.cert["r_hat_max"]).all()
+
+
+def test_warm_pair_reads_contestant_flags():
+    from benchmarks.warm_pair import parse
+
+    assert parse("chees:f32:stop") == ("chees", {"precision": "float32", "target_ess": 400})
+    assert parse("auto") == ("auto", {})
+    assert parse("blackjax:f64:dense") == ("blackjax", {"precision": "float64", "dense_mass": True})
+    with pytest.raises(ValueError, match="unknown flag"):
+        parse("chees:fast")

@@ -251,3 +251,38 @@ def test_gate_shape_does_not_change_the_run(monkeypatch):
     for key in ("num_draws", "gate_passed"):
         np.testing.assert_array_equal(runs[0].sample_stats[key].values, runs[1].sample_stats[key].values)
     np.testing.assert_array_equal(runs[0].posterior["theta"].values, runs[1].posterior["theta"].values)
+
+
+def _funnel():
+    """Neal's funnel, centred: v ~ N(0, 3), x_k ~ N(0, exp(v / 2)), weak data y_k ~ N(x_k, 10).
+    NUTS diverges in its neck."""
+    with pm.Model() as model:
+        y = pm.Data("y", np.zeros(4))
+        v = pm.Normal("v", 0.0, 3.0)
+        x = pm.Normal("x", 0.0, pm.math.exp(v / 2), shape=4)
+        pm.Normal("obs", x, 10.0, observed=y)
+    return model
+
+
+def test_a_divergent_problem_retires_at_once():
+    """Once its kept draws hold a divergence the gate can never pass, so the problem stops at the
+    block where the first divergence shows (not at ``max_draws``), unconverged."""
+    from engine.model.compile import prepare_data
+    from engine.sampling.api import compile_for
+    from engine.sampling.batch import BatchConfig, run_batched
+    from engine.settings import RuntimeConfig, SamplerConfig
+
+    model, block, max_draws = _funnel(), 50, 2000
+    problem_data = prepare_data(model, {"y": np.zeros((4, 4))})
+    config = BatchConfig(sampler=SamplerConfig(name="blackjax", tune=100, draws=100, target_ess=400, max_draws=max_draws,
+                                               block_draws=block), runtime=RuntimeConfig(seed=3))
+    result = run_batched(compile_for(model, problem_data), problem_data, config)
+    diverging = np.asarray(result.stats.diverging)  # [problem, chain, draw]
+    seen = 0
+    for p, n in enumerate(result.num_draws):
+        first = np.flatnonzero(diverging[p, :, :n].any(0))
+        if first.size:
+            seen += 1
+            assert n - block <= first[0] < n < max_draws  # it stopped with the block that diverged
+            assert not result.converged[p]
+    assert seen >= 1  # the funnel did diverge: the check above ran

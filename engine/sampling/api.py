@@ -64,8 +64,8 @@ def sample_batched(
         leading (row) axes may differ (ragged; padded and masked).
     sampler
         "auto" (default): ChEES HMC for small templates with independent priors, BlackJAX NUTS
-        otherwise, and every problem that fails the convergence gate (R-hat, ESS, divergences,
-        E-BFMI) rerun with NUTS at twice the warmup, ``target_accept >= 0.95``, in float64
+        otherwise, and every problem that fails the convergence gate (R-hat, ESS >= 400 or
+        ``target_ess`` with stopping, divergences, E-BFMI) rerun with NUTS at twice the warmup, ``target_accept >= 0.95``, in float64
         (:mod:`engine.sampling.auto`); a ``RuntimeWarning`` counts those still failing.
         NUTS: "blackjax", "numpyro", "stepwise" (the engine's lockstep-free NUTS);
         "chees" (ChEES-adapted jittered HMC, tuned across each problem's chains: fastest on

@@ -15,7 +15,10 @@ problems that fail with a careful NUTS:
 2. Gate (:func:`gate_stats`, :func:`gate_passed`), per problem over every element of every
    free variable: rank-normalised split R-hat < 1.01, bulk and tail ESS >= 400 (or a tenth of
    the draws, ``chains * draws / 10``, when that is fewer: short runs cannot reach 400), no
-   divergent transition, and E-BFMI >= 0.3 in every chain.
+   divergent transition, and E-BFMI >= 0.3 in every chain. With per-problem stopping
+   (``target_ess``) the ESS bar is ``target_ess`` and R-hat, ESS and divergences are the
+   stopping gate's verdict when the problem retired (:func:`stopping_gate_passed`; the same
+   rule, so it is not recomputed over the whole draw buffer); E-BFMI is checked on top.
 3. Fallback (:func:`fallback_config`): the failing problems of a chunk rerun with BlackJAX NUTS,
    twice the warmup, ``target_accept`` at least 0.95, in float64, from their own key streams
    (``fold_in(key, i)`` as before); their rows replace the first run's. Problems failing both
@@ -41,7 +44,7 @@ import numpy as np
 
 __all__ = ["CHEES_MAX_DIM", "FALLBACK_TARGET_ACCEPT", "FALLBACK_TUNE_FACTOR", "FALLBACK_CHUNK_PER_DEVICE", "FLOAT32_MAX_ABS",
            "FLOAT32_MAX_ROWS", "GateStats", "choose_kernel", "choose_precision", "fallback_config",
-           "gate_ess_min", "gate_passed", "gate_stats", "run_auto", "sampler_names"]
+           "gate_ess_min", "gate_passed", "gate_stats", "run_auto", "sampler_names", "stopping_gate_passed"]
 
 CHEES_MAX_DIM = 16
 """Largest number of unconstrained parameters for which ``auto`` starts with ChEES."""
@@ -215,13 +218,27 @@ def gate_passed(gate: GateStats, chains: int, draws: int) -> np.ndarray:
                 & (g.ess_tail >= ess_min) & (g.divergences == 0) & (g.ebfmi >= EBFMI_MIN))
 
 
+def stopping_gate_passed(converged, ebfmi) -> np.ndarray:
+    """``[problem]`` flags of the gate for a run with per-problem stopping: the stopping gate's
+    verdict ``converged`` (R-hat, bulk and tail ESS >= ``target_ess``, no divergence over the
+    kept draws: the same rule, already checked on the device when each problem retired) and the
+    smallest E-BFMI over chains ``ebfmi`` >= ``EBFMI_MIN`` (NaN fails)."""
+    from engine.sampling.diagnostics import EBFMI_MIN
+
+    with np.errstate(invalid="ignore"):
+        return np.asarray(converged, bool) & (np.asarray(ebfmi, dtype=float) >= EBFMI_MIN)
+
+
 _WRAPPED: dict = {}
 
 
-def _with_gate(summary_fn, names) -> Callable:
-    """``summary_fn`` extended with the gate: ``(summary, GateStats)``. One wrapper per
-    ``(summary_fn, names)``, so compiled chunk programs are reused across calls."""
-    key = (summary_fn, tuple(names))
+def _with_gate(summary_fn, names, stopping: bool = False) -> Callable:
+    """``summary_fn`` extended with the gate: ``(summary, GateStats)``; with per-problem stopping
+    ``(summary, smallest E-BFMI over chains)`` (the stopping gate already judged R-hat, ESS and
+    divergences: recomputing them over the whole ``max_draws`` buffer cost more than sampling).
+    One wrapper per ``(summary_fn, names, stopping)``, so compiled chunk programs are reused
+    across calls."""
+    key = (summary_fn, tuple(names), bool(stopping))
     if key not in _WRAPPED:
         def wrapped(values, stats, data, num_draws=None):
             if summary_fn is None:
@@ -230,6 +247,10 @@ def _with_gate(summary_fn, names) -> Callable:
                 summary = summary_fn(values, stats, data)
             else:
                 summary = summary_fn(values, stats, data, num_draws=num_draws)
+            if stopping:
+                import jax.numpy as jnp
+
+                return summary, jnp.min(masked_ebfmi(stats.energy, num_draws))
             return summary, gate_stats(values, stats, names, num_draws)
 
         if len(_WRAPPED) > 64:
@@ -274,35 +295,40 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     from its own key stream ``fold_in(key, i)``), before ``on_chunk`` sees the chunk. The result's ``sampler`` names
     each problem's kernel and ``gate_passed`` flags the gate; a summary that is a dict also gets
     ``sampler_code`` (index into :func:`sampler_names`) and ``gate_passed`` per problem."""
-    from engine.sampling.batch import BatchResult, chunk_grid, local_devices, run_batched
+    from engine.sampling.batch import BatchResult, chunk_grid, iter_chunks, local_devices, run_batched
 
     num_devices = len(local_devices(config.runtime.devices))
     primary = primary_config(config, compiled)
     fallback = fallback_config(config)
-    wrapped = _with_gate(summary_fn, compiled.free_var_names)
-    codes = {name: i for i, name in enumerate(sampler_names())}
     s = config.sampler
+    stopping = s.is_stopping
+    wrapped = _with_gate(summary_fn, compiled.free_var_names, stopping)
+    codes = {name: i for i, name in enumerate(sampler_names())}
     grid = chunk_grid(problem_data.num_problems, config.batch_size)
     todo = grid if chunks is None else [tuple(c) for c in chunks]
     keep = {(int(a), int(b)) for a, b in keep_chunks}
     results, names_out, passed_out, counts_out, still_failing, rerun = [], [], [], [], 0, 0
-    gate_draws = s.max_draws_per_chain if s.is_stopping else int(s.draws)  # the gate's ESS bar (gate_ess_min)
+    # the gate's ESS bar: target_ess with stopping (the stopping gate's own), else gate_ess_min
+    ess_bar = float(s.target_ess) if stopping else gate_ess_min(s.chains, s.draws)
+
+    def judge(gate, converged):
+        if stopping:
+            return stopping_gate_passed(converged, gate)
+        return gate_passed(gate, s.chains, int(s.draws))
     # R-hat needs 2 chains: with one, no problem can pass, and rerunning them all would not help
     can_certify = int(s.chains) >= 2
 
     def capture(store):
         return lambda start, stop, host: store.append(host)
 
-    for start, stop in todo:
-        got: list = []
-        res = run_batched(compiled, problem_data, primary, summary_fn=wrapped, chunks=[(start, stop)],
-                          on_chunk=capture(got), progress=progress,
-                          keep_chunks=[(start, stop)] if (start, stop) in keep else ())
-        kept, ok, (summary, gate) = got[0]
+    # one generator over the primary chunks: with stopping and several devices, later chunks run
+    # on the other devices while this loop reruns a chunk's failures
+    primary_chunks = iter_chunks(compiled, problem_data, primary, summary_fn=wrapped, chunks=todo, progress=progress,
+                                 keep_chunks=[c for c in todo if c in keep])
+    for start, stop, (kept, ok, (summary, gate), num_draws, num_grads, converged), _ in primary_chunks:
         n = stop - start
-        counts = [np.array(res.num_draws), np.array(res.num_grads),
-                  None if res.converged is None else np.array(res.converged)]
-        passed = gate_passed(gate, s.chains, gate_draws)
+        counts = [np.array(num_draws), np.array(num_grads), None if converged is None else np.array(converged)]
+        passed = judge(gate, converged)
         used = np.full(n, primary.sampler.name, dtype=object)
         failing = np.flatnonzero(~passed & np.asarray(ok, bool))
         if failing.size and can_certify:
@@ -323,15 +349,15 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
                 if mine is not None and theirs is not None:
                     mine[failing] = np.asarray(theirs)[: failing.size]
                     if i == 1:  # the fallback's gradients come on top of the first kernel's
-                        mine[failing] += np.asarray(res.num_grads)[failing]
+                        mine[failing] += np.asarray(num_grads)[failing]
             import jax
 
             fb_kept, _, (fb_summary, fb_gate) = (
                 jax.tree.map(lambda *xs: np.concatenate(xs), *fb_got) if len(fb_got) > 1 else fb_got[0])
             kept = _replace_rows(kept, fb_kept, failing) if kept[0] is not None else kept
             summary = _replace_rows(summary, fb_summary, failing) if summary is not None else None
-            passed[failing] = gate_passed(GateStats(*(np.asarray(a)[: failing.size] for a in fb_gate)),
-                                          s.chains, gate_draws)
+            passed[failing] = judge(jax.tree.map(lambda a: np.asarray(a)[: failing.size], fb_gate),
+                                    None if fb_res.converged is None else np.asarray(fb_res.converged)[: failing.size])
             used[failing] = fallback.sampler.name
         still_failing += int(np.sum(~passed & np.asarray(ok, bool)))
         if isinstance(summary, dict):
@@ -349,7 +375,7 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     if still_failing:
         warnings.warn(
             f"sampler 'auto': {still_failing} of {sum(b - a for a, b in todo)} problems fail the convergence gate "
-            f"(R-hat, ESS >= {gate_ess_min(s.chains, gate_draws):g}, divergences, E-BFMI) "
+            f"(R-hat, ESS >= {ess_bar:g}, divergences, E-BFMI) "
             + (f"after the NUTS fallback ({rerun} reran)" if can_certify else "(one chain: no R-hat, no fallback)")
             + "; see gate_passed", RuntimeWarning, stacklevel=3)
     if not results:

@@ -45,7 +45,7 @@ from engine.sampling.starts import (  # noqa: F401 (re-exported: the batch API's
 )
 from engine.settings import AUTO, RuntimeConfig, SamplerConfig
 
-__all__ = ["BatchConfig", "BatchResult", "init_positions", "run_batched", "chunk_grid", "check_init",
+__all__ = ["BatchConfig", "BatchResult", "init_positions", "run_batched", "iter_chunks", "chunk_grid", "check_init",
            "build_chunk_program", "cast_arrays", "chunk_inputs",
            "local_devices", "precision_scope", "problem_starts", "bound_algorithm", "warm_positions",
            "START_MEAN", "START_SCALE", "START_INVERSE_MASS", "WARM_START_STREAM", "resolve_config"]
@@ -409,6 +409,39 @@ def run_batched(
     if driver is not None:
         return driver(compiled, problem_data, config, summary_fn=summary_fn, chunks=chunks, on_chunk=on_chunk,
                       progress=progress, keep_chunks=keep_chunks)
+    results = []
+    for start, stop, host, kept_for_callback_only in iter_chunks(
+            compiled, problem_data, config, summary_fn=summary_fn, chunks=chunks, progress=progress,
+            keep_chunks=keep_chunks, problem_index=problem_index):
+        if on_chunk is not None:
+            on_chunk(start, stop, host[:3])
+        if kept_for_callback_only:
+            host = ((None, None, None),) + host[1:]
+        results.append(host)
+    if not results:
+        return BatchResult(None, None, None, np.zeros(0, bool), None)
+    concat = lambda *xs: np.concatenate(xs)  # noqa: E731
+    kept, ok, summaries, num_draws, num_grads, converged = (
+        jax.tree.map(concat, *results) if len(results) > 1 else results[0])
+    values, stats, loglik = kept
+    return BatchResult(
+        draws=values, stats=stats, log_likelihood=loglik, init_ok=ok, summaries=summaries,
+        num_draws=num_draws, num_grads=num_grads, converged=converged,
+    )
+
+
+def iter_chunks(compiled: CompiledModel, problem_data: ProblemData, config: BatchConfig, *,
+                summary_fn: Callable | None = None, chunks: list[tuple[int, int]] | None = None,
+                progress: bool | None = None, keep_chunks: Collection[tuple[int, int]] = (),
+                problem_index: np.ndarray | None = None):
+    """:func:`run_batched`'s chunks one by one, in order, for a kernel without a driver and a
+    resolved ``config`` (:func:`resolve_config`): yields ``(start, stop, host, kept_for_callback_only)``
+    with ``host = (kept, ok, summary, num_draws, num_grads, converged)`` on the host, cut to the
+    chunk's problems (``converged`` None without stopping), and whether ``kept`` holds draws only
+    because the chunk is in ``keep_chunks``.
+
+    With per-problem stopping and several devices, later chunks keep running on the other
+    devices while the caller handles one (the ``auto`` driver reruns its failures meanwhile)."""
     num_problems = problem_data.num_problems
     grid = chunk_grid(num_problems, config.batch_size)
     todo = grid if chunks is None else list(chunks)
@@ -416,7 +449,6 @@ def run_batched(
     stopping = config.sampler.is_stopping
     num_devices = 1 if stopping else len(devices)  # stopping: whole chunks per device, below
     size = -(-(grid[0][1] - grid[0][0]) // num_devices) * num_devices  # a multiple of devices
-    results = []
     with precision_scope(config.runtime.precision):
         fn = _chunk_runner(compiled, config, summary_fn)
         keep = {(int(a), int(b)) for a, b in keep_chunks}
@@ -429,31 +461,17 @@ def run_batched(
             for (start, stop), out in stopping_mod.chunk_outputs(todo, stopping, size, devices, arrays, root, problem_index,
                                                      lambda c: fn_keep if c in keep else fn):
                 n = stop - start
-                chunk_fn = fn_keep if (start, stop) in keep else fn
                 kept, ok, summary, num_draws, num_grads, converged = out
                 host = jax.tree.map(lambda a: np.asarray(a)[:n], (kept, ok, summary, num_draws, num_grads))
                 if stopping:
                     host = (stopping_mod.pad_kept(host[0], host[3]),) + host[1:]
                 if isinstance(host[2], dict):
                     host[2].update(num_draws=host[3], num_grads=host[4])
-                if on_chunk is not None:
-                    on_chunk(start, stop, host[:3])
-                if chunk_fn is not fn:
-                    host = ((None, None, None),) + host[1:]
-                results.append(host + (None if converged is None else np.asarray(converged)[:n],))
                 bar.update(n)
+                yield start, stop, host + (None if converged is None else np.asarray(converged)[:n],), (
+                    (start, stop) in keep and fn_keep is not fn)
         finally:
             bar.close()
-    if not results:
-        return BatchResult(None, None, None, np.zeros(0, bool), None)
-    concat = lambda *xs: np.concatenate(xs)  # noqa: E731
-    kept, ok, summaries, num_draws, num_grads, converged = (
-        jax.tree.map(concat, *results) if len(results) > 1 else results[0])
-    values, stats, loglik = kept
-    return BatchResult(
-        draws=values, stats=stats, log_likelihood=loglik, init_ok=ok, summaries=summaries,
-        num_draws=num_draws, num_grads=num_grads, converged=converged,
-    )
 
 
 def _chunk_runner(compiled: CompiledModel, config: BatchConfig, summary_fn):

@@ -23,9 +23,12 @@ A chunk runs as four kinds of compiled programs, each cached with the driver's o
 
 Every problem of a chunk starts drawing at the same time, so all active lanes always hold the
 same number of draws: the count is a scalar argument (traced, so one program serves all
-counts). A problem whose kept draws pass the gate retires with them; one that reaches
-``max_draws`` without passing stops and is reported unconverged (its ``num_draws`` is
-``max_draws``; the gate is rechecked by the caller's own diagnostics, never assumed).
+counts). A problem whose kept draws pass the gate retires with them. One whose kept draws hold a
+divergent transition retires at once, unconverged: its kept draws only grow, so the gate's "no
+divergence" can never hold again, and drawing on to ``max_draws`` would only cost time (for
+``sampler="auto"``, time before its NUTS rerun). One that reaches ``max_draws`` without passing
+stops, unconverged (its ``num_draws`` is ``max_draws``). The gate is rechecked by the caller's
+own diagnostics, never assumed.
 
 As soon as a chunk's inputs are known, :func:`compile_ahead` lowers every program from their
 shapes (the block's and the finish's inputs from the previous program's output shapes) and
@@ -347,10 +350,11 @@ def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_rea
             device, bucket_size(active.size, size, GATE_MIN_BUCKET), gate_window(count, max_draws))
         gate_index = np.full(gate_lanes, spare, np.int32)
         gate_index[: active.size] = active
-        passed, _ = programs.gate(device, gate_lanes, window, buffers, stats.diverging, jnp.asarray(gate_index),
-                                  np.int32(count))
+        passed, diagnostics = programs.gate(device, gate_lanes, window, buffers, stats.diverging,
+                                            jnp.asarray(gate_index), np.int32(count))
         passed = passed[: active.size]
-        done = passed | (count >= max_draws)
+        diverged = np.asarray(diagnostics["divergences"])[: active.size] > 0  # can never pass: kept draws only grow
+        done = passed | diverged | (count >= max_draws)
         num_draws[active[done]] = count
         converged[active[passed]] = True
         active = active[~done]
