@@ -29,6 +29,15 @@ The workarounds, each for jaxlib 0.10.2 on CPU:
    ``ENGINE_COMPILE_CACHE=0`` turns it off, ``ENGINE_COMPILE_CACHE=/path`` moves it, and a
    user's own ``JAX_COMPILATION_CACHE_DIR`` wins. The cache key is XLA's (program, compile
    options, devices, jax version), so a changed program never loads a stale executable.
+6. XLA:CPU's intra-op (Eigen) thread pool deadlocks when the ops it runs split work over that
+   same pool and wait for it: batched LAPACK (``ParallelBatchMap``: BlackJAX's dense mass matrix
+   solves) and ducc FFTs (the diagnostics' autocovariances). Two host devices running programs at
+   once (stopping chunks side by side) each block one pool thread of a 2-core machine, and
+   neither returns: seen on w2 with ``dense_mass`` and per-problem stopping, 1 of 2 runs, all
+   threads in ``futex`` wait with both pool threads in ``TriMatrixEquationSolver``'s
+   ``BlockingCounter::Wait``. ``--xla_cpu_multi_thread_eigen=false`` runs those ops on the
+   calling thread; the engine's parallelism is one host device per core, so the intra-op pool
+   has no cores to spare anyway. Set unless the user's ``XLA_FLAGS`` already names the flag.
 """
 
 from __future__ import annotations
@@ -38,8 +47,8 @@ import sys
 
 __all__ = ["CPU_XLA_FLAGS", "COMPILE_CACHE_ENV", "compile_cache_dir", "apply_workarounds", "configure", "add_xla_flags", "backend_started", "num_cores"]
 
-CPU_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
-"""XLA:CPU flags every run gets (workaround 1)."""
+CPU_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false", "--xla_cpu_multi_thread_eigen=false")
+"""XLA:CPU flags every run gets (workarounds 1 and 6)."""
 
 HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
