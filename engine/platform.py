@@ -15,7 +15,8 @@ The workarounds, each for jaxlib 0.10.2 on CPU:
    pool and blocks its own thread; with every pool thread doing so the multivariate audit never
    finished. ``engine.model.linalg`` writes small triangular solves and Cholesky factors in plain XLA
    ops instead (also for PyTensor's ``SolveTriangular``/``Cholesky`` when a template compiles,
-   see ``engine.model._pymc_jax``). Templates calling other batched LAPACK routines on CPU can still
+   see ``engine.model._pymc_jax``, for BlackJAX's dense Euclidean metric and for the engine's
+   dense kernels). Templates calling other batched LAPACK routines on CPU can still
    hit it on few cores; ``NPROC`` at twice the cores avoids it at 28-56% throughput.
 3. ``pymc.sampling.jax`` rewrites ``XLA_FLAGS`` on import (100 host devices);
    ``engine.model._pymc_jax`` imports it lazily and restores the variable.
@@ -29,15 +30,19 @@ The workarounds, each for jaxlib 0.10.2 on CPU:
    ``ENGINE_COMPILE_CACHE=0`` turns it off, ``ENGINE_COMPILE_CACHE=/path`` moves it, and a
    user's own ``JAX_COMPILATION_CACHE_DIR`` wins. The cache key is XLA's (program, compile
    options, devices, jax version), so a changed program never loads a stale executable.
-6. XLA:CPU's intra-op (Eigen) thread pool deadlocks when the ops it runs split work over that
-   same pool and wait for it: batched LAPACK (``ParallelBatchMap``: BlackJAX's dense mass matrix
-   solves) and ducc FFTs (the diagnostics' autocovariances). Two host devices running programs at
-   once (stopping chunks side by side) each block one pool thread of a 2-core machine, and
-   neither returns: seen on w2 with ``dense_mass`` and per-problem stopping, 1 of 2 runs, all
-   threads in ``futex`` wait with both pool threads in ``TriMatrixEquationSolver``'s
-   ``BlockingCounter::Wait``. ``--xla_cpu_multi_thread_eigen=false`` runs those ops on the
-   calling thread; the engine's parallelism is one host device per core, so the intra-op pool
-   has no cores to spare anyway. Set unless the user's ``XLA_FLAGS`` already names the flag.
+6. XLA:CPU's intra-op (Eigen) thread pool deadlocks when an op splits its work over that same
+   pool and blocks its pool thread until the pieces finish, and every pool thread does so at
+   once: batched LAPACK (workaround 2) and, as reported upstream for ducc FFTs, the diagnostics'
+   autocovariances. Two host devices running programs at once (stopping chunks side by side)
+   make that likely on 2 cores: w2 with ``dense_mass`` and per-problem stopping hung in 2 of 3
+   runs, both pool threads in ``TriMatrixEquationSolver``'s ``BlockingCounter::Wait``.
+   BlackJAX's dense metric and the engine's dense kernels now factor the mass matrix with
+   ``engine.model.linalg`` (no LAPACK call); ``--xla_cpu_multi_thread_eigen=false`` keeps
+   XLA's own ops (the FFTs among them) on the calling thread, with no loss measured (w1, N=2000:
+   4.54 s against 4.57 s; the demo audit 3.1 s against 3.3 s): the engine's parallelism is one
+   host device per core, so the intra-op pool has no cores to spare. The LAPACK FFI calls still
+   use the pool whatever this flag, hence workaround 2. Set unless the user's ``XLA_FLAGS``
+   already names the flag.
 """
 
 from __future__ import annotations

@@ -76,3 +76,30 @@ def test_mvnormal_template_compiles_without_lapack_trsm():
         pm.set_data({"y": data["y"][p], "chol": L[p]}, model=model)
         want = model.compile_logp()({"theta": np.asarray(x)})
         np.testing.assert_allclose(got[p], want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("is_inv", [True, False])
+def test_blackjax_dense_metric_factors_without_lapack(is_inv):
+    """BlackJAX's dense Euclidean metric, as the engine registers it, gives the factors of its own
+    (LAPACK) version and lowers with no LAPACK call, vmapped as the kernels run it."""
+    from blackjax.mcmc import metrics
+
+    from engine.model import linalg
+
+    linalg.register_blackjax()
+    original = linalg._BLACKJAX_FORMAT_COVARIANCE[0]
+    assert metrics._format_covariance is linalg._format_covariance
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        m = rng.normal(size=(6, 5, 5))
+        cov = jnp.asarray(m @ np.swapaxes(m, 1, 2) + 5 * np.eye(5))
+        ours = jax.vmap(lambda c: linalg._format_covariance(c, is_inv)[:2])(cov)
+        ref = jax.vmap(lambda c: original(c, is_inv)[:2])(cov)
+        for a, b in zip(ours, ref):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+        metric = jax.vmap(lambda c, p: metrics.gaussian_euclidean(c).kinetic_energy(p))
+        text = jax.jit(metric).lower(cov, jnp.ones((6, 5))).as_text()
+        assert "lapack" not in text
+        diagonal = jnp.ones((6, 5)) * 4.0  # a diagonal metric: BlackJAX's own code
+        np.testing.assert_array_equal(np.asarray(jax.vmap(lambda c: linalg._format_covariance(c, True)[0])(diagonal)),
+                                      np.asarray(jax.vmap(lambda c: original(c, True)[0])(diagonal)))

@@ -16,7 +16,9 @@ holds for the Cholesky factor (``lapack_?potrf_ffi``, K^3/6 operations). Larger 
 
 :func:`register_pytensor` makes PyTensor's JAX backend use them for ``SolveTriangular`` and
 ``Cholesky`` (what ``pm.MvNormal``'s logp compiles to); ``engine.model.compile`` calls it
-before converting a template. It is the same mathematics, so other PyTensor-to-JAX users in the
+before converting a template. :func:`register_blackjax` does the same for BlackJAX's dense
+Euclidean metric (a dense mass matrix's factors), which the kernels import it for; the
+engine's own dense kernels call these functions directly. It is the same mathematics, so other PyTensor-to-JAX users in the
 process are unaffected in their results.
 """
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["solve_triangular", "cholesky", "register_pytensor", "MAX_UNROLLED"]
+__all__ = ["solve_triangular", "cholesky", "register_pytensor", "register_blackjax", "MAX_UNROLLED"]
 
 MAX_UNROLLED = 16
 """Largest matrix side solved by written-out substitution."""
@@ -107,3 +109,32 @@ def register_pytensor() -> None:
         return solve
 
     register_pytensor.done = True
+
+
+def _format_covariance(cov, is_inv):
+    """``blackjax.mcmc.metrics._format_covariance`` with :func:`cholesky` and
+    :func:`solve_triangular` (the same factors; no LAPACK call for the engine's sizes)."""
+    if jnp.ndim(cov) != 2:
+        return _BLACKJAX_FORMAT_COVARIANCE[0](cov, is_inv)
+    identity = jnp.identity(cov.shape[0], dtype=cov.dtype)
+    if is_inv:
+        inv_cov_sqrt = cholesky(cov, lower=True)
+        cov_sqrt = solve_triangular(inv_cov_sqrt, identity, lower=True, trans=True)
+    else:
+        cov_sqrt = cholesky(cov, lower=False).T
+        inv_cov_sqrt = solve_triangular(cov_sqrt, identity, lower=True, trans=True)
+    return cov_sqrt, inv_cov_sqrt, jnp.diag
+
+
+_BLACKJAX_FORMAT_COVARIANCE: list = []
+
+
+def register_blackjax() -> None:
+    """Make BlackJAX's dense Euclidean metric factor the mass matrix with :func:`cholesky` and
+    :func:`solve_triangular` (see the module docstring: a dense mass matrix's batched LAPACK
+    calls deadlocked XLA:CPU's pool with two devices running at once). Idempotent."""
+    from blackjax.mcmc import metrics
+
+    if not _BLACKJAX_FORMAT_COVARIANCE:
+        _BLACKJAX_FORMAT_COVARIANCE.append(metrics._format_covariance)
+        metrics._format_covariance = _format_covariance

@@ -20,10 +20,13 @@ import jax.numpy as jnp
 from blackjax.adaptation.base import get_filter_adapt_info_fn
 from blackjax.mcmc.hmc import HMCState
 
+from engine.model import linalg
 from engine.sampling.kernels.base import (
     Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
     initial_inverse_mass_matrix,
 )
+
+linalg.register_blackjax()  # dense metrics factor without LAPACK (engine.model.linalg)
 
 
 class NUTSChainState(NamedTuple):

@@ -30,6 +30,7 @@ import optax
 from blackjax.adaptation.base import get_filter_adapt_info_fn
 from blackjax.mcmc.dynamic_hmc import DynamicHMCState, halton_sequence
 
+from engine.model import linalg
 from engine.errors import InputError
 from engine.sampling.kernels.base import (
     OPTIMAL_HMC_TARGET_ACCEPT, Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
@@ -135,8 +136,8 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
         (first, parameters), info = adapt(key1, logdensity_fn, x, settings.initial_step_size, tune1, True)
         draws = info.state.position[tune1 // 2:]  # [steps, chains, dim], the second half
         shift, cov = pooled_covariance(draws)
-        chol = jnp.linalg.cholesky(cov)
-        y = jax.scipy.linalg.solve_triangular(chol, (first.position - shift[None, :]).T, lower=True).T
+        chol = linalg.cholesky(cov)
+        y = linalg.solve_triangular(chol, (first.position - shift[None, :]).T, lower=True).T
         # the first stage's step size is already in (diagonally) whitened units
         (hmc, parameters), _ = adapt(key2, _whitened(logdensity_fn, shift, chol), y,
                                      parameters["step_size"], tune2, False)

@@ -37,11 +37,14 @@ import optax
 from blackjax.adaptation.base import get_filter_adapt_info_fn
 from blackjax.mcmc.dynamic_hmc import DynamicHMCState, halton_sequence
 
+from engine.model import linalg
 from engine.errors import InputError
 from engine.sampling.kernels.base import (
     OPTIMAL_HMC_TARGET_ACCEPT, Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
     initial_inverse_mass_matrix,
 )
+
+linalg.register_blackjax()  # dense metrics factor without LAPACK (engine.model.linalg)
 
 LEARNING_RATE = 0.025
 """Adam's learning rate for the log trajectory length (TFP's default for ChEES)."""

@@ -35,10 +35,13 @@ from blackjax.mcmc import adjusted_mclmc_dynamic as amd
 from blackjax.mcmc.adjusted_mclmc import rescale
 from blackjax.mcmc.dynamic_hmc import DynamicHMCState, halton_sequence
 
+from engine.model import linalg
 from engine.errors import InputError
 from engine.sampling.kernels.base import (
     Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
 )
+
+linalg.register_blackjax()  # dense metrics factor without LAPACK (engine.model.linalg)
 
 MAMS_TARGET_ACCEPT = 0.9
 """Target acceptance of MAMS's step-size adaptation (Robnik et al. 2025 use 0.9)."""

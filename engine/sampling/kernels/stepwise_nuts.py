@@ -27,6 +27,7 @@ from blackjax.adaptation.mass_matrix import mass_matrix_adaptation
 from blackjax.adaptation.staged_adaptation import build_schedule
 from blackjax.adaptation.step_size import dual_averaging_adaptation
 
+from engine.model import linalg
 from engine.sampling.kernels.base import (
     MAX_DELTA_ENERGY, Kernel, KernelSettings, SampleStats, SamplingAlgorithm, Schedule,
     initial_inverse_mass_matrix,
@@ -216,7 +217,7 @@ def init_state(rng_key, logdensity_fn: Callable, position, num_draws: int, setti
         chol = jnp.eye(dim, dtype=dtype)
     else:
         imm = initial_inverse_mass_matrix(inverse_mass_matrix, dim, dense, dtype)
-        chol = jnp.linalg.cholesky(imm) if dense else None
+        chol = linalg.cholesky(imm) if dense else None
     zero = jnp.zeros((), dtype)
     izero = jnp.zeros((), jnp.int32)
     vec = jnp.zeros(dim, dtype)
@@ -276,7 +277,7 @@ def _adapt(ad: Adaptation, z, stage, window_end, is_last, accept_rate, settings:
     da_state = _select(window_end, jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), da_restart, da_state), da_state)
     imm = jnp.where(window_end, mm_closed.inverse_mass_matrix, ad.inverse_mass_matrix)
     step_size = jnp.where(is_last, jnp.exp(da_state.log_step_size_avg), jnp.exp(da_state.log_step_size))
-    chol = jnp.linalg.cholesky(imm) if dense else ad.mass_chol
+    chol = linalg.cholesky(imm) if dense else ad.mass_chol
     return Adaptation(
         da_state=da_state,
         mm_state=mm_state,
