@@ -52,6 +52,17 @@ FALLBACK_TARGET_ACCEPT = 0.95
 FALLBACK_TUNE_FACTOR = 2
 """The fallback's warmup is this many times the run's ``tune``."""
 
+HIERARCHICAL_FALLBACK_TARGET_ACCEPT = 0.99
+"""Smallest ``target_accept`` of the fallback for a hierarchical template
+(``CompiledModel.is_hierarchical``): a scale parameter's posterior spans regions whose
+curvature differs by an order of magnitude (funnels, in either parameterisation), and the
+step adapted to the bulk diverges in the narrow ones. On the hierarchical attention workload
+(w3) 0.95 left divergences in 19 of 20 problems (``benchmarks/results/w3_reliability.md``)."""
+
+FALLBACK_MAX_DRAWS_FACTOR = 4
+"""A hierarchical template's fallback draws in blocks until each problem passes the gate
+(per-problem stopping, :mod:`engine.sampling.stopping`), up to this many times ``draws``."""
+
 FALLBACK_CHUNK_PER_DEVICE = 8
 """Problems per device in a fallback chunk: failures are few, and one fixed size compiles once."""
 
@@ -123,17 +134,30 @@ def primary_config(config, compiled):
     return dataclasses.replace(config, sampler=dataclasses.replace(s, name=name, target_accept=target))
 
 
-def fallback_config(config):
+def fallback_config(config, compiled=None, can_stop: bool = True):
     """The careful rerun: BlackJAX NUTS, :data:`FALLBACK_TUNE_FACTOR` x the warmup (at least
     100 steps), ``target_accept >= FALLBACK_TARGET_ACCEPT``, trees at least as deep as NUTS's
-    default, float64."""
+    default, float64.
+
+    For a hierarchical ``compiled`` template also ``target_accept >=``
+    :data:`HIERARCHICAL_FALLBACK_TARGET_ACCEPT` and, unless the run already stops per problem
+    or ``can_stop`` is false (a ``summary_fn`` without ``num_draws=``), per-problem stopping:
+    ``target_ess`` the gate's ESS bar (:func:`gate_ess_min`), ``max_draws``
+    :data:`FALLBACK_MAX_DRAWS_FACTOR` x ``draws``, so a problem short of ESS or R-hat draws
+    more instead of failing."""
     s, r = config.sampler, config.runtime
     from engine.sampling.kernels.base import DEFAULT_MAX_TREE_DEPTH
 
+    target = max(float(s.target_accept), FALLBACK_TARGET_ACCEPT)
+    stopping = {}
+    if compiled is not None and compiled.is_hierarchical:
+        target = max(target, HIERARCHICAL_FALLBACK_TARGET_ACCEPT)
+        if can_stop and not s.is_stopping and int(s.chains) >= 2:
+            stopping = dict(target_ess=int(np.ceil(gate_ess_min(s.chains, s.draws))),
+                            max_draws=FALLBACK_MAX_DRAWS_FACTOR * int(s.draws))
     sampler = dataclasses.replace(
-        s, name="blackjax", tune=max(FALLBACK_TUNE_FACTOR * int(s.tune), 100),
-        target_accept=max(float(s.target_accept), FALLBACK_TARGET_ACCEPT),
-        max_tree_depth=max(int(s.max_tree_depth), DEFAULT_MAX_TREE_DEPTH),
+        s, name="blackjax", tune=max(FALLBACK_TUNE_FACTOR * int(s.tune), 100), target_accept=target,
+        max_tree_depth=max(int(s.max_tree_depth), DEFAULT_MAX_TREE_DEPTH), **stopping,
     )
     return dataclasses.replace(config, sampler=sampler, runtime=dataclasses.replace(r, precision="float64"))
 
@@ -250,6 +274,35 @@ def _fallback_size(count: int, chunk: int, num_devices: int) -> int:
     return max(num_devices, size - size % num_devices)
 
 
+def _takes_num_draws(summary_fn) -> bool:
+    """Whether ``summary_fn`` can summarise a stopping run (``summary_fn(..., num_draws=n)``)."""
+    import inspect
+
+    return summary_fn is None or "num_draws" in inspect.signature(summary_fn).parameters
+
+
+def _num_draw_slots(kept) -> int:
+    """Length of the draw axis of host draws ``(values, stats, loglik)``, ``[n, chain, draw, ...]``."""
+    return int(next(iter(kept[0].values())).shape[2])
+
+
+def _pad_draws(kept, length: int):
+    """Host draws ``(values, stats, loglik)`` with the draw axis (2) padded to ``length`` with
+    NaN (floats), False or 0, as a stopping run pads the draws past a problem's ``num_draws``
+    (:func:`engine.sampling.stopping.pad_kept`)."""
+    import jax
+
+    def pad(a):
+        if a is None or a.shape[2] >= length:
+            return a
+        fill = np.nan if np.issubdtype(a.dtype, np.floating) else 0
+        widths = [(0, 0)] * a.ndim
+        widths[2] = (0, length - a.shape[2])
+        return np.pad(np.asarray(a), widths, constant_values=np.array(fill).astype(a.dtype))
+
+    return jax.tree.map(pad, kept, is_leaf=lambda x: x is None)
+
+
 def _replace_rows(primary, fallback, rows):
     """``primary`` (host pytree ``[n, ...]``) with ``rows`` taken from ``fallback`` (``[k, ...]``),
     in the primary's dtypes."""
@@ -277,7 +330,7 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
 
     num_devices = len(local_devices(config.runtime.devices))
     primary = primary_config(config, compiled)
-    fallback = fallback_config(config)
+    fallback = fallback_config(config, compiled, can_stop=_takes_num_draws(summary_fn))
     wrapped = _with_gate(summary_fn, compiled.free_var_names)
     codes = {name: i for i, name in enumerate(sampler_names())}
     s = config.sampler
@@ -327,7 +380,9 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
 
             fb_kept, _, (fb_summary, fb_gate) = (
                 jax.tree.map(lambda *xs: np.concatenate(xs), *fb_got) if len(fb_got) > 1 else fb_got[0])
-            kept = _replace_rows(kept, fb_kept, failing) if kept[0] is not None else kept
+            if kept[0] is not None:  # a stopping fallback's draw axis is max_draws long: pad both alike
+                length = max(_num_draw_slots(kept), _num_draw_slots(fb_kept))
+                kept = _replace_rows(_pad_draws(kept, length), _pad_draws(fb_kept, length), failing)
             summary = _replace_rows(summary, fb_summary, failing) if summary is not None else None
             passed[failing] = gate_passed(GateStats(*(np.asarray(a)[: failing.size] for a in fb_gate)),
                                           s.chains, gate_draws)
@@ -355,6 +410,9 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
         return BatchResult(None, None, None, np.zeros(0, bool), None)
     import jax
 
+    if results[0][0][0] is not None:  # chunks whose fallback stopped late hold longer draw axes
+        length = max(_num_draw_slots(host[0]) for host in results)
+        results = [(_pad_draws(host[0], length),) + tuple(host[1:]) for host in results]
     concat = lambda *xs: np.concatenate(xs)  # noqa: E731
     kept, ok, summaries = jax.tree.map(concat, *results) if len(results) > 1 else results[0]
     values, stats, loglik = kept
