@@ -25,7 +25,9 @@ Every problem of a chunk starts drawing at the same time, so all active lanes al
 same number of draws: the count is a scalar argument (traced, so one program serves all
 counts). A problem whose kept draws pass the gate retires with them; one that reaches
 ``max_draws`` without passing stops and is reported unconverged (its ``num_draws`` is
-``max_draws``; the gate is rechecked by the caller's own diagnostics, never assumed).
+``max_draws``; the gate is rechecked by the caller's own diagnostics, never assumed). A problem
+with a divergent transition among its kept draws can never pass (more draws do not remove it),
+so it stops at once, unconverged, with the draws up to that block.
 
 As soon as a chunk's inputs are known, :func:`compile_ahead` lowers every program from their
 shapes (the block's and the finish's inputs from the previous program's output shapes) and
@@ -249,9 +251,10 @@ def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_rea
         count += block
         gate_program = programs.gate(gate_window(count, max_draws))
         gate_lanes = lanes[: bucket_size(active.size, size, GATE_MIN_BUCKET)]
-        passed, _ = gate_program(buffers, stats.diverging, gate_lanes, jnp.asarray(count, jnp.int32))
+        passed, diagnostics = gate_program(buffers, stats.diverging, gate_lanes, jnp.asarray(count, jnp.int32))
         passed = np.asarray(passed)[: active.size]
-        done = passed | (count >= max_draws)
+        diverged = np.asarray(diagnostics["divergences"])[: active.size] > 0  # can never pass
+        done = passed | diverged | (count >= max_draws)
         num_draws[active[done]] = count
         converged[active[passed]] = True
         active = active[~done]
