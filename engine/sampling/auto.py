@@ -40,7 +40,8 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 __all__ = ["CHEES_MAX_DIM", "FALLBACK_TARGET_ACCEPT", "FALLBACK_TUNE_FACTOR", "FALLBACK_CHUNK_PER_DEVICE", "FLOAT32_MAX_ABS",
-           "FLOAT32_MAX_ROWS", "GateStats", "choose_kernel", "choose_precision", "fallback_config",
+           "FLOAT32_MAX_ROWS", "FALLBACK_MAX_DRAWS_FACTOR", "NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT", "GateStats",
+           "choose_kernel", "is_nuts_template", "choose_precision", "fallback_config",
            "gate_ess_min", "gate_passed", "gate_stats", "run_auto", "sampler_names"]
 
 CHEES_MAX_DIM = 16
@@ -52,16 +53,18 @@ FALLBACK_TARGET_ACCEPT = 0.95
 FALLBACK_TUNE_FACTOR = 2
 """The fallback's warmup is this many times the run's ``tune``."""
 
-HIERARCHICAL_FALLBACK_TARGET_ACCEPT = 0.99
-"""Smallest ``target_accept`` of the fallback for a hierarchical template
-(``CompiledModel.is_hierarchical``): a scale parameter's posterior spans regions whose
-curvature differs by an order of magnitude (funnels, in either parameterisation), and the
-step adapted to the bulk diverges in the narrow ones. On the hierarchical attention workload
-(w3) 0.95 left divergences in 19 of 20 problems (``benchmarks/results/w3_reliability.md``)."""
+NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT = 0.99
+"""Smallest ``target_accept`` of the fallback for a template ``auto`` starts with NUTS
+(:func:`is_nuts_template`: hierarchical, or more than :data:`CHEES_MAX_DIM` parameters). On the
+non-centred hierarchical attention workload (w3, 40 parameters) the divergences sit where a
+scale is large and the non-centred coordinates are pinned narrowly by the data, a region the
+step adapted to the bulk overshoots; at 0.95 they remained in 19 of 20 problems
+(``benchmarks/results/w3_reliability.md``)."""
 
 FALLBACK_MAX_DRAWS_FACTOR = 4
-"""A hierarchical template's fallback draws in blocks until each problem passes the gate
-(per-problem stopping, :mod:`engine.sampling.stopping`), up to this many times ``draws``."""
+"""For a template ``auto`` starts with NUTS, the fallback draws in blocks until each problem
+passes the gate (per-problem stopping, :mod:`engine.sampling.stopping`), up to this many times
+``draws`` per chain."""
 
 FALLBACK_CHUNK_PER_DEVICE = 8
 """Problems per device in a fallback chunk: failures are few, and one fixed size compiles once."""
@@ -96,11 +99,17 @@ class GateStats(NamedTuple):
 # ------------------------------------------------------------------------------ choices
 
 
+def is_nuts_template(compiled) -> bool:
+    """Whether ``auto`` starts this template with NUTS whatever the settings: it is hierarchical
+    (``CompiledModel.is_hierarchical``) or has more than :data:`CHEES_MAX_DIM` parameters."""
+    return compiled.dim > CHEES_MAX_DIM or compiled.is_hierarchical
+
+
 def choose_kernel(compiled, sampler) -> str:
     """The kernel ``auto`` starts with for this compiled template and ``SamplerConfig``."""
     from engine.sampling.kernels.chees_hmc import MIN_CHAINS, MIN_TUNE
 
-    small = compiled.dim <= CHEES_MAX_DIM and not compiled.is_hierarchical
+    small = not is_nuts_template(compiled)
     chees_runs = int(sampler.chains) >= MIN_CHAINS and int(sampler.tune) >= MIN_TUNE and not sampler.dense_mass
     return "chees" if small and chees_runs else "blackjax"
 
@@ -139,9 +148,9 @@ def fallback_config(config, compiled=None, can_stop: bool = True):
     100 steps), ``target_accept >= FALLBACK_TARGET_ACCEPT``, trees at least as deep as NUTS's
     default, float64.
 
-    For a hierarchical ``compiled`` template also ``target_accept >=``
-    :data:`HIERARCHICAL_FALLBACK_TARGET_ACCEPT` and, unless the run already stops per problem
-    or ``can_stop`` is false (a ``summary_fn`` without ``num_draws=``), per-problem stopping:
+    For a ``compiled`` template that ``auto`` starts with NUTS (:func:`is_nuts_template`) also
+    ``target_accept >=`` :data:`NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT` and, unless the run already
+    stops per problem or ``can_stop`` is false (a ``summary_fn`` without ``num_draws=``), per-problem stopping:
     ``target_ess`` the gate's ESS bar (:func:`gate_ess_min`), ``max_draws``
     :data:`FALLBACK_MAX_DRAWS_FACTOR` x ``draws``, so a problem short of ESS or R-hat draws
     more instead of failing."""
@@ -150,8 +159,8 @@ def fallback_config(config, compiled=None, can_stop: bool = True):
 
     target = max(float(s.target_accept), FALLBACK_TARGET_ACCEPT)
     stopping = {}
-    if compiled is not None and compiled.is_hierarchical:
-        target = max(target, HIERARCHICAL_FALLBACK_TARGET_ACCEPT)
+    if compiled is not None and is_nuts_template(compiled):
+        target = max(target, NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT)
         if can_stop and not s.is_stopping and int(s.chains) >= 2:
             stopping = dict(target_ess=int(np.ceil(gate_ess_min(s.chains, s.draws))),
                             max_draws=FALLBACK_MAX_DRAWS_FACTOR * int(s.draws))
