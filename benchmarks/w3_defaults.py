@@ -34,7 +34,7 @@ def _value(text: str):
 
 def recheck(idata, rhat_max: float = 1.01, ess_min: float = 400.0) -> list[dict]:
     """Per problem: worst ArviZ R-hat, least bulk / tail ESS over its kept draws, divergences,
-    gradients, kept draws per chain, median step size, and the gate."""
+    gradients, kept draws per chain, median step size, mean acceptance rate, and the gate."""
     import arviz as az
 
     post, stats = idata.posterior, idata.sample_stats
@@ -53,6 +53,7 @@ def recheck(idata, rhat_max: float = 1.01, ess_min: float = 400.0) -> list[dict]
                "num_grads": int(stats["num_grads"].values[p]) if "num_grads" in stats else None,
                "step_size": float(np.nanmedian(st["step_size"].values)),
                "grads_per_draw": float(np.nanmean(st["n_steps"].values)),
+               "acceptance": float(np.nanmean(st["acceptance_rate"].values)),
                "sampler": str(stats["sampler"].values[p]) if "sampler" in stats else None,
                "engine_gate": bool(stats["gate_passed"].values[p]) if "gate_passed" in stats else None}
         row["passed"] = bool(r < rhat_max and b >= ess_min and t >= ess_min and div == 0)
@@ -85,7 +86,7 @@ def main(argv=None):
         print(f"{r['problem']:3d} {r['sampler'] or '-':9s} {'ok ' if r['passed'] else 'FAIL'} "
               f"engine={r['engine_gate']} rhat={r['r_hat']:.4f} bulk={r['ess_bulk']:.0f} tail={r['ess_tail']:.0f} "
               f"div={r['divergences']} draws={r['num_draws']} grads={r['num_grads']} "
-              f"step={r['step_size']:.4f} grads/draw={r['grads_per_draw']:.1f} {r['why']}")
+              f"step={r['step_size']:.4f} accept={r['acceptance']:.3f} grads/draw={r['grads_per_draw']:.1f} {r['why']}")
     passed = np.array([r["passed"] for r in rows])
     grads = np.array([r["num_grads"] or 0 for r in rows], float)
     summary = {"settings": {k: v for k, v in kw.items() if k != "progress"}, "n": args.n,

@@ -66,7 +66,10 @@ def sample_batched(
         "auto" (default): ChEES HMC for small templates with independent priors, BlackJAX NUTS
         otherwise, and every problem that fails the convergence gate (R-hat, ESS, divergences,
         E-BFMI) rerun with NUTS at twice the warmup, ``target_accept >= 0.95``, in float64
-        (:mod:`engine.sampling.auto`); a ``RuntimeWarning`` counts those still failing.
+        (:mod:`engine.sampling.auto`); for templates started with NUTS (hierarchical, or more
+        than 16 parameters) the rerun targets 0.99 and draws in blocks until the gate passes,
+        up to 4 x ``draws`` per chain (``num_draws`` per problem; NaN past it); a
+        ``RuntimeWarning`` counts those still failing.
         NUTS: "blackjax", "numpyro", "stepwise" (the engine's lockstep-free NUTS);
         "chees" (ChEES-adapted jittered HMC, tuned across each problem's chains: fastest on
         small well-conditioned posteriors, needs ``chains >= 2`` and ``tune >= 50``, diagonal

@@ -18,8 +18,14 @@ problems that fail with a careful NUTS:
    divergent transition, and E-BFMI >= 0.3 in every chain.
 3. Fallback (:func:`fallback_config`): the failing problems of a chunk rerun with BlackJAX NUTS,
    twice the warmup, ``target_accept`` at least 0.95, in float64, from their own key streams
-   (``fold_in(key, i)`` as before); their rows replace the first run's. Problems failing both
-   keep the fallback's result and are counted in one ``RuntimeWarning``.
+   (``fold_in(key, i)`` as before); their rows replace the first run's. For a template ``auto``
+   starts with NUTS (:func:`is_nuts_template`: hierarchical or more than :data:`CHEES_MAX_DIM`
+   parameters) the fallback targets acceptance 0.99 and stops per problem
+   (:mod:`engine.sampling.stopping`): it draws in blocks until the problem passes the gate, up
+   to :data:`FALLBACK_MAX_DRAWS_FACTOR` x ``draws`` per chain, so a shortfall of ESS or R-hat
+   costs more draws instead of a failure; the result's ``draw`` axis is then as long as the
+   longest such problem's, and ``num_draws`` says how many each problem kept (NaN past them).
+   Problems failing both keep the fallback's result and are counted in one ``RuntimeWarning``.
 
 Each problem reports which kernel gave its result (``sampler``) and whether it passed the gate
 (``gate_passed``).
