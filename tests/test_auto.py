@@ -90,6 +90,7 @@ def test_a_nuts_template_falls_back_to_target_099_and_per_problem_stopping():
     assert auto._takes_num_draws(lambda v, s, d, num_draws=None: None)
 
 
+@pytest.mark.slow
 def test_a_nuts_template_fallback_draws_until_the_gate_passes():
     """A 17-parameter template (NUTS first) with one-step trees fails the gate at 4 x 100 draws;
     the fallback draws in blocks until each problem passes: the engine's flag agrees with
