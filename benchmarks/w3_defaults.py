@@ -70,10 +70,14 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], help="sample_batched keyword=value pairs")
+    p.add_argument("--problems", nargs="*", type=int, default=None,
+                   help="run only these problems of the n (they get key streams 0, 1, ... of the subset)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     w = get_workload("w3")
     model, data = w.build_model(), w.make_data(args.n, args.seed)
+    if args.problems:
+        data = {k: v[args.problems] for k, v in data.items()}
     kw = dict(seed=args.seed, progress=False)
     kw.update({k: _value(v) for k, v in (s.split("=", 1) for s in args.set)})
     t0 = time.perf_counter()
