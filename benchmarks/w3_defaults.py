@@ -72,10 +72,17 @@ def main(argv=None):
     p.add_argument("--set", nargs="*", default=[], help="sample_batched keyword=value pairs")
     p.add_argument("--problems", nargs="*", type=int, default=None,
                    help="run only these problems of the n (they get key streams 0, 1, ... of the subset)")
+    p.add_argument("--form", default="nc", choices=["nc", "cn"],
+                   help="nc: the workload's template; cn: layers centred, heads non-centred (a diagnostic, "
+                        "benchmarks.w3_reliability.w3_centred_layers)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     w = get_workload("w3")
     model, data = w.build_model(), w.make_data(args.n, args.seed)
+    if args.form == "cn":
+        from benchmarks.w3_reliability import w3_centred_layers
+
+        model = w3_centred_layers()
     if args.problems:
         data = {k: v[args.problems] for k, v in data.items()}
     kw = dict(seed=args.seed, progress=False)
