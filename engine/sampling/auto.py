@@ -47,6 +47,7 @@ import numpy as np
 
 __all__ = ["CHEES_MAX_DIM", "FALLBACK_TARGET_ACCEPT", "FALLBACK_TUNE_FACTOR", "FALLBACK_CHUNK_PER_DEVICE", "FLOAT32_MAX_ABS",
            "FLOAT32_MAX_ROWS", "FALLBACK_MAX_DRAWS_FACTOR", "NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT", "GateStats",
+           "LAST_STAGE_TARGET_ACCEPT", "fallback_stages",
            "choose_kernel", "is_nuts_template", "choose_precision", "fallback_config",
            "gate_ess_min", "gate_passed", "gate_stats", "run_auto", "sampler_names"]
 
@@ -66,6 +67,12 @@ non-centred hierarchical attention workload (w3, 40 parameters) the divergences 
 scale is large and the non-centred coordinates are pinned narrowly by the data, a region the
 step adapted to the bulk overshoots; at 0.95 they remained in 19 of 20 problems
 (``benchmarks/results/w3_reliability.md``)."""
+
+LAST_STAGE_TARGET_ACCEPT = 0.999
+"""For a template ``auto`` starts with NUTS, problems still failing after the fallback rerun once
+more at this ``target_accept`` (:func:`fallback_stages`). On the four w3 problems that kept a
+divergence at 0.99 it certified 2 (``benchmarks/results/w3_reliability.md``); the window
+adaptation reaches 0.96-0.997 of it."""
 
 FALLBACK_MAX_DRAWS_FACTOR = 4
 """For a template ``auto`` starts with NUTS, the fallback draws in blocks until each problem
@@ -175,6 +182,18 @@ def fallback_config(config, compiled=None, can_stop: bool = True):
         max_tree_depth=max(int(s.max_tree_depth), DEFAULT_MAX_TREE_DEPTH), **stopping,
     )
     return dataclasses.replace(config, sampler=sampler, runtime=dataclasses.replace(r, precision="float64"))
+
+
+def fallback_stages(config, compiled=None, can_stop: bool = True) -> tuple:
+    """The reruns, in order, of the problems still failing the gate: :func:`fallback_config`;
+    for a template ``auto`` starts with NUTS (:func:`is_nuts_template`) then the same at
+    ``target_accept >=`` :data:`LAST_STAGE_TARGET_ACCEPT` (each rerun from the problem's own key
+    stream, its gradients added to the earlier runs')."""
+    first = fallback_config(config, compiled, can_stop)
+    if compiled is None or not is_nuts_template(compiled):
+        return (first,)
+    target = max(float(first.sampler.target_accept), LAST_STAGE_TARGET_ACCEPT)
+    return first, dataclasses.replace(first, sampler=dataclasses.replace(first.sampler, target_accept=target))
 
 
 def sampler_names() -> tuple[str, ...]:
@@ -345,7 +364,7 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
 
     num_devices = len(local_devices(config.runtime.devices))
     primary = primary_config(config, compiled)
-    fallback = fallback_config(config, compiled, can_stop=_takes_num_draws(summary_fn))
+    stages = fallback_stages(config, compiled, can_stop=_takes_num_draws(summary_fn))
     wrapped = _with_gate(summary_fn, compiled.free_var_names)
     codes = {name: i for i, name in enumerate(sampler_names())}
     s = config.sampler
@@ -371,8 +390,10 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
                   None if res.converged is None else np.array(res.converged)]
         passed = gate_passed(gate, s.chains, gate_draws)
         used = np.full(n, primary.sampler.name, dtype=object)
-        failing = np.flatnonzero(~passed & np.asarray(ok, bool))
-        if failing.size and can_certify:
+        for fallback in stages:
+            failing = np.flatnonzero(~passed & np.asarray(ok, bool))
+            if not (failing.size and can_certify):
+                break
             rerun += failing.size
             size = _fallback_size(failing.size, int(config.batch_size or n), num_devices)
             index = start + failing
@@ -388,9 +409,10 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
             fb_counts = [fb_res.num_draws, fb_res.num_grads, fb_res.converged]
             for i, (mine, theirs) in enumerate(zip(counts, fb_counts)):
                 if mine is not None and theirs is not None:
+                    before = mine[failing].copy()
                     mine[failing] = np.asarray(theirs)[: failing.size]
-                    if i == 1:  # the fallback's gradients come on top of the first kernel's
-                        mine[failing] += np.asarray(res.num_grads)[failing]
+                    if i == 1:  # a rerun's gradients come on top of the earlier runs'
+                        mine[failing] += before
             import jax
 
             fb_kept, _, (fb_summary, fb_gate) = (
@@ -419,7 +441,7 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
         warnings.warn(
             f"sampler 'auto': {still_failing} of {sum(b - a for a, b in todo)} problems fail the convergence gate "
             f"(R-hat, ESS >= {gate_ess_min(s.chains, gate_draws):g}, divergences, E-BFMI) "
-            + (f"after the NUTS fallback ({rerun} reran)" if can_certify else "(one chain: no R-hat, no fallback)")
+            + (f"after the NUTS fallback ({rerun} reruns)" if can_certify else "(one chain: no R-hat, no fallback)")
             + "; see gate_passed", RuntimeWarning, stacklevel=3)
     if not results:
         return BatchResult(None, None, None, np.zeros(0, bool), None)
