@@ -3,6 +3,7 @@ the chunk size rule and the precision rule."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import arviz as az
@@ -86,11 +87,15 @@ def test_a_nuts_template_falls_back_to_target_099_and_per_problem_stopping():
     own = BatchConfig(sampler=SamplerConfig(target_ess=100, max_draws=1500))
     assert (auto.fallback_config(own, wide).sampler.target_ess, auto.fallback_config(own, wide).sampler.max_draws) == (
         100, 1500)
+    # stages: a template ChEES serves reruns once; a NUTS template once more at 0.999, same stopping
+    assert auto.fallback_stages(config, small) == (auto.fallback_config(config, small),)
+    first, last = auto.fallback_stages(config, wide)
+    assert first == auto.fallback_config(config, wide)
+    assert last.sampler == dataclasses.replace(first.sampler, target_accept=0.999) and last.runtime == first.runtime
     assert auto._takes_num_draws(None) and not auto._takes_num_draws(lambda v, s, d: None)
     assert auto._takes_num_draws(lambda v, s, d, num_draws=None: None)
 
 
-@pytest.mark.slow
 def test_a_nuts_template_fallback_draws_until_the_gate_passes():
     """A 17-parameter template (NUTS first) with one-step trees fails the gate at 4 x 100 draws;
     the fallback draws in blocks until each problem passes: the engine's flag agrees with

@@ -68,8 +68,8 @@ def sample_batched(
         E-BFMI) rerun with NUTS at twice the warmup, ``target_accept >= 0.95``, in float64
         (:mod:`engine.sampling.auto`); for templates started with NUTS (hierarchical, or more
         than 16 parameters) the rerun targets 0.99 and draws in blocks until the gate passes,
-        up to 4 x ``draws`` per chain (``num_draws`` per problem; NaN past it); a
-        ``RuntimeWarning`` counts those still failing.
+        up to 4 x ``draws`` per chain (``num_draws`` per problem; NaN past it), and a problem
+        still failing reruns once more at 0.999; a ``RuntimeWarning`` counts those still failing.
         NUTS: "blackjax", "numpyro", "stepwise" (the engine's lockstep-free NUTS);
         "chees" (ChEES-adapted jittered HMC, tuned across each problem's chains: fastest on
         small well-conditioned posteriors, needs ``chains >= 2`` and ``tune >= 50``, diagonal

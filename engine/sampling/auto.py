@@ -23,9 +23,12 @@ problems that fail with a careful NUTS:
    parameters) the fallback targets acceptance 0.99 and stops per problem
    (:mod:`engine.sampling.stopping`): it draws in blocks until the problem passes the gate, up
    to :data:`FALLBACK_MAX_DRAWS_FACTOR` x ``draws`` per chain, so a shortfall of ESS or R-hat
-   costs more draws instead of a failure; the result's ``draw`` axis is then as long as the
-   longest such problem's, and ``num_draws`` says how many each problem kept (NaN past them).
-   Problems failing both keep the fallback's result and are counted in one ``RuntimeWarning``.
+   costs more draws instead of a failure (a divergence, which more draws cannot remove, stops
+   the problem at once); problems still failing rerun once more the same way at
+   ``target_accept`` 0.999 (:func:`fallback_stages`). The result's ``draw`` axis is then as
+   long as the longest such problem's, and ``num_draws`` says how many each problem kept (NaN
+   past them). Problems failing every rerun keep the last one's result and are counted in one
+   ``RuntimeWarning``.
 
 Each problem reports which kernel gave its result (``sampler``) and whether it passed the gate
 (``gate_passed``).
