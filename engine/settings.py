@@ -51,7 +51,8 @@ class SamplerConfig:
         Per-problem stopping (``None``: off, every problem keeps ``draws``). After warmup, draws
         run in blocks of ``block_draws`` per chain; a problem retires as soon as its kept draws
         pass the gate (R-hat < 1.01, bulk and tail ESS >= ``target_ess``, no divergences,
-        :func:`engine.sampling.gate.gate`), or stops unconverged at ``max_draws``.
+        :func:`engine.sampling.gate.gate`), or stops unconverged at ``max_draws`` or at the
+        block of its first divergence (which more draws cannot remove).
     max_draws
         With ``target_ess``: most draws per chain (default ``max(DEFAULT_MAX_DRAWS, draws)``,
         rounded up to a multiple of ``block_draws``); must be >= ``draws``.

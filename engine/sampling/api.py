@@ -92,7 +92,7 @@ def sample_batched(
         draw in blocks of ``block_draws`` (100) per chain and stop each problem once R-hat <
         1.01, bulk and tail ESS >= ``target_ess`` and no divergences hold over its draws),
         ``max_draws`` (per chain, default ``max(4000, draws)``: a problem still failing there
-        stops unconverged). Not for ``sampler="pymc"`` or ``"stepwise"``.
+        stops unconverged; one with a divergence stops at that block). Not for ``sampler="pymc"`` or ``"stepwise"``.
 
     Returns
     -------
