@@ -73,9 +73,9 @@ step adapted to the bulk overshoots; at 0.95 they remained in 19 of 20 problems
 
 LAST_STAGE_TARGET_ACCEPT = 0.999
 """For a template ``auto`` starts with NUTS, problems still failing after the fallback rerun once
-more at this ``target_accept`` (:func:`fallback_stages`). On the four w3 problems that kept a
-divergence at 0.99 it certified 2 (``benchmarks/results/w3_reliability.md``); the window
-adaptation reaches 0.96-0.997 of it."""
+more at this ``target_accept`` (:func:`fallback_stages`). On w3 (20 problems, seed 0) it
+certified 3 of the 4 that kept a divergence at 0.99 (``benchmarks/results/w3_reliability.md``);
+the window adaptation reaches a realised acceptance of 0.96-0.997, not 0.999."""
 
 FALLBACK_MAX_DRAWS_FACTOR = 4
 """For a template ``auto`` starts with NUTS, the fallback draws in blocks until each problem
