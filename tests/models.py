@@ -36,3 +36,14 @@ def normal_normal_posterior(data: dict[str, np.ndarray]) -> tuple[np.ndarray, np
     precision = 1 / data["prior_sigma"] ** 2 + n / data["obs_sigma"] ** 2
     mean = (data["prior_mu"] / data["prior_sigma"] ** 2 + y.sum(-1) / data["obs_sigma"] ** 2) / precision
     return mean, np.sqrt(1 / precision)
+
+
+def hierarchical_model(num_groups: int = 3) -> pm.Model:
+    """Centred tau ~ HalfNormal(1), theta_j ~ N(0, tau), y_j ~ N(theta_j, 1): a prior reading
+    another free variable (hierarchical); NUTS at the default target diverges in its neck."""
+    with pm.Model() as model:
+        y = pm.Data("y", np.zeros(num_groups))
+        tau = pm.HalfNormal("tau", 1.0)
+        theta = pm.Normal("theta", 0.0, tau, shape=num_groups)
+        pm.Normal("obs", theta, 1.0, observed=y)
+    return model

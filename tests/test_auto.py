@@ -17,20 +17,11 @@ from engine.sampling import auto, chunking
 from engine.sampling.api import compile_for
 from engine.sampling.diagnostics import ebfmi
 from engine.settings import RuntimeConfig, SamplerConfig
-from tests.models import normal_normal_data, normal_normal_model, normal_normal_posterior
+from tests.models import hierarchical_model, normal_normal_data, normal_normal_model, normal_normal_posterior
 
 
 def _compiled(model, data):
     return compile_for(model, prepare_data(model, data))
-
-
-def _hierarchical_model():
-    with pm.Model() as model:
-        y = pm.Data("y", np.zeros(3))
-        tau = pm.HalfNormal("tau", 1.0)
-        theta = pm.Normal("theta", 0.0, tau, shape=3)
-        pm.Normal("obs", theta, 1.0, observed=y)
-    return model
 
 
 def _wide_model(dim):
@@ -50,7 +41,7 @@ def test_auto_picks_the_documented_kernel_per_template():
     # ChEES needs 2 chains and a warmup of 50, and has no dense mass matrix: NUTS then
     for other in (dict(chains=1), dict(tune=49), dict(dense_mass=True)):
         assert auto.choose_kernel(small, SamplerConfig(**other)) == "blackjax"
-    hierarchical = _compiled(_hierarchical_model(), {"y": np.zeros((2, 3))})
+    hierarchical = _compiled(hierarchical_model(), {"y": np.zeros((2, 3))})
     assert hierarchical.is_hierarchical
     assert auto.choose_kernel(hierarchical, s) == "blackjax"
     wide = _compiled(_wide_model(auto.CHEES_MAX_DIM + 1), {"y": np.zeros((2, auto.CHEES_MAX_DIM + 1))})
@@ -72,7 +63,7 @@ def test_a_nuts_template_falls_back_to_target_099_and_per_problem_stopping():
     already stops (its own settings stay) or when its summary cannot take ``num_draws``."""
     from engine.sampling.batch import BatchConfig
 
-    hierarchical = _compiled(_hierarchical_model(), {"y": np.zeros((2, 3))})
+    hierarchical = _compiled(hierarchical_model(), {"y": np.zeros((2, 3))})
     wide = _compiled(_wide_model(auto.CHEES_MAX_DIM + 1), {"y": np.zeros((2, auto.CHEES_MAX_DIM + 1))})
     small = _compiled(normal_normal_model(), normal_normal_data(2))
     assert auto.is_nuts_template(hierarchical) and auto.is_nuts_template(wide) and not auto.is_nuts_template(small)

@@ -118,36 +118,6 @@ def test_max_draws_reached_is_not_converged():
     np.testing.assert_array_equal(result.num_draws, [100, 100, 100])
 
 
-def _funnel_model():
-    """Centred tau ~ HalfNormal(1), theta_j ~ N(0, tau), y_j ~ N(theta_j, 1): NUTS at the default
-    target diverges in the funnel's neck."""
-    with pm.Model() as model:
-        y = pm.Data("y", np.zeros(3))
-        tau = pm.HalfNormal("tau", 1.0)
-        theta = pm.Normal("theta", 0.0, tau, shape=3)
-        pm.Normal("obs", theta, 1.0, observed=y)
-    return model
-
-
-def test_a_diverging_problem_stops_at_the_block_of_its_first_divergence():
-    """A divergence never leaves the kept draws, so the gate cannot pass after one: the problem
-    stops at the end of that block; problems without one run to max_draws (target unreachable)."""
-    spread = np.array([[-4.0, 0.0, 4.0]] * 3 + [[0.1, -0.1, 0.0]] * 3)  # wide: no funnel; narrow: its neck
-    data = {"y": spread + np.random.default_rng(1).normal(0.0, 0.1, size=(6, 3))}
-    block, max_draws = 50, 600
-    idata = engine.sample_batched(_funnel_model(), data, sampler="blackjax", tune=200, draws=100, target_ess=10**6,
-                                  max_draws=max_draws, block_draws=block, seed=2, progress=False)
-    num_draws = idata.sample_stats["num_draws"].values
-    diverging = idata.sample_stats["diverging"].values  # [chain, draw, problem], False past num_draws
-    stopped = num_draws < max_draws
-    assert stopped.any() and (~stopped).any(), num_draws  # the seed gives both kinds
-    for p, n in enumerate(num_draws):
-        if n < max_draws:  # a divergence in its last block, none before it
-            assert diverging[:, n - block:n, p].any() and not diverging[:, : n - block, p].any()
-        else:
-            assert not diverging[:, :n, p].any()
-
-
 def test_stopping_is_unbiased_quick(blackjax_run):
     data, idata = blackjax_run
     _check_unbiased_idata(idata, data)
