@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -77,7 +78,10 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted_run(tmp_path):
     assert len(starts) == 2 and starts[0]["done"] == 0 and finished_before - 1 <= recorded <= finished_before
     assert starts[1]["done"] == 5 * recorded and starts[1]["chunks_pending"] == 24 - recorded
     chunk_events = [e for e in events if e["event"] == "chunk"]
-    assert len(chunk_events) >= 24  # the chunk in flight at the kill may have logged before dying
+    # every chunk logs once when it is stored, except those the kill caught between the store's
+    # write and the log line (one per device thread, chunks running side by side); the chunk in
+    # flight at the kill may also have logged before dying
+    assert len(chunk_events) >= 24 - len(jax.local_devices())
     last = chunk_events[-1]
     assert last["done"] == last["total"] == 120 and last["eta_s"] == 0
     assert all(e["rate_per_s"] > 0 and e["rss_mb"] > 0 for e in chunk_events)
