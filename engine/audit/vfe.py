@@ -19,10 +19,8 @@ Flat problem index ``p = checkpoint * T + token``; problem ``p``'s MCMC stream i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -34,15 +32,11 @@ from engine.audit.inputs import make_problem_data, member_data, model_inputs
 from engine.audit.beliefs_files import load_beliefs
 from engine.audit.summary import MEMBER_OUTPUTS, Q_STREAM, problem_summary_fn
 from engine.audit.warm_start import WARM_START_TUNE, WarmStart
-from engine.caching import LRUCache
+from engine.audit.templates import MODELS, cached_template, quiet_pytensor, resolve_model  # noqa: F401 (re-exported)
 from engine.errors import InputError
 
 __all__ = ["audit_vfe", "AuditResult", "AuditProblems", "read_beliefs", "build_problems", "sample_problems",
            "audit_table", "audit_summary", "Q_STREAM", "MODELS", "cached_template"]
-
-MODELS = {"normal_normal": True, "student_t": False, "bernoulli_logit": False}
-"""Built-in univariate templates (``engine.audit.vfe_models``) -> whether a closed form exists."""
-
 
 @dataclass
 class AuditResult:
@@ -71,61 +65,6 @@ class AuditResult:
         from engine.audit.report import write_outputs
 
         return write_outputs(self, Path(out_dir), plots=plots, worst_tokens=worst_tokens)
-
-
-def _resolve_model(model, kind: str, dim: int, closed_form):
-    """-> (pm.Model, model name, has closed form)."""
-    from engine.audit import vfe_models
-
-    if kind == "multivariate":
-        if model not in (None, "mvnormal"):
-            raise InputError("field 'model': multivariate beliefs use the built-in MvNormal template")
-        return _cached_template("mvnormal", dim), "mvnormal", True
-    if model is None:
-        model = "normal_normal"
-    if isinstance(model, str):
-        if model not in MODELS:
-            raise InputError(f"field 'model': unknown template {model!r}; built-in: {sorted(MODELS)}")
-        exact = MODELS[model] if closed_form is None else bool(closed_form)
-        return _cached_template(model), model, exact
-    if callable(model) and not hasattr(model, "free_RVs"):
-        name = getattr(model, "__name__", "custom")
-        model = model()
-    else:
-        name = getattr(model, "name", "") or "custom"
-    if not hasattr(model, "free_RVs"):
-        raise InputError(f"field 'model': the builder returned {type(model).__name__}, not a pm.Model")
-    return model, name, bool(closed_form)
-
-
-MAX_CACHED_TEMPLATES = 16
-"""Template models kept per process (built-ins and config-built ones)."""
-
-_TEMPLATES = LRUCache(MAX_CACHED_TEMPLATES)
-
-
-def cached_template(key: tuple, build: Callable[[], Any]):
-    """One template per ``key`` per process (``build()`` on a miss), so that the same template
-    object comes back and ``compile_for``'s and the program caches hit across audits."""
-    return _TEMPLATES.get_or_build(key, build)
-
-
-def _cached_template(name: str, *args):
-    from engine.audit import vfe_models
-
-    def build():
-        with _quiet_pytensor():
-            return getattr(vfe_models, name)(*args)
-
-    return cached_template((name,) + args, build)
-
-
-@contextlib.contextmanager
-def _quiet_pytensor():
-    """Silence PyTensor's C-BLAS notice: the engine runs the model through JAX, not C."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="PyTensor could not link to a BLAS")
-        yield
 
 
 def audit_vfe(
@@ -368,7 +307,7 @@ def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, ru
         raise InputError(f"field 'analysis.interval': must be in (0, 1), got {interval}")
     if int(num_q_draws) < 25:
         raise InputError(f"field 'analysis.num_q_draws': need at least 25 draws, got {num_q_draws}")
-    pm_model, default_name, exact = _resolve_model(model, bs.kind, bs.dim, closed_form)
+    pm_model, default_name, exact = resolve_model(model, bs.kind, bs.dim, closed_form)
     model_name = model_name or default_name
     inputs = model_inputs(pm_model, bs)
     num_obs = bs.num_obs.reshape(-1)
@@ -396,7 +335,7 @@ def build_problems(bs: BeliefSet, *, model, closed_form, model_name, sampler, ru
     except ValueError as err:
         raise InputError(f"field 'sampler': {err}") from None
     try:
-        with _quiet_pytensor():
+        with quiet_pytensor():
             compiled = compile_for(pm_model, model_data)
     except InputError as err:
         raise InputError(f"field 'model': {err}") from None

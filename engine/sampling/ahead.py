@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 import numpy as np
 
-__all__ = ["AheadProgram", "placement_of", "abstract"]
+__all__ = ["AheadProgram", "placement_of", "abstract", "device_ids"]
 
 COMPILE_THREADS: int | None = None
 """Threads compiling ahead (``None``: :data:`THREADS_ENV` if set, else one less than
@@ -52,16 +52,17 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _devices(sharding) -> tuple | None:
+def device_ids(sharding) -> tuple | None:
+    """The sorted ids of the devices ``sharding`` places on (``None`` for no sharding)."""
     return None if sharding is None else tuple(sorted(d.id for d in sharding.device_set))
 
 
 def _leaf_signature(x) -> tuple:
     if isinstance(x, jax.ShapeDtypeStruct):
-        return x.shape, np.dtype(x.dtype), bool(x.weak_type), _devices(x.sharding)
+        return x.shape, np.dtype(x.dtype), bool(x.weak_type), device_ids(x.sharding)
     committed = isinstance(x, jax.Array) and x.committed
     aval = jax.typeof(x)
-    return aval.shape, np.dtype(aval.dtype), bool(aval.weak_type), _devices(x.sharding) if committed else None
+    return aval.shape, np.dtype(aval.dtype), bool(aval.weak_type), device_ids(x.sharding) if committed else None
 
 
 def signature(args) -> tuple:

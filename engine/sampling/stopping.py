@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engine.sampling.ahead import AheadProgram, abstract, placement_of
+from engine.sampling.ahead import AheadProgram, abstract, device_ids, placement_of
 from engine.sampling.gate import gate, gate_window
 from engine.sampling.kernels import get_kernel
 from engine.sampling.kernels.base import Schedule
@@ -305,8 +305,9 @@ def compile_ahead(programs: StopPrograms, root_key, index, data, num_real: int, 
     blocked = programs.block.ahead(*abstract(warm[:4], place), data, lanes, count)
     out = programs.warmup(root_key, index, data)  # dispatched: it runs while the rest is traced
     buffers, stats = abstract((warm[1], warm[2].diverging), place)
-    programs.gate.ahead(gate_window(max(block, min(AHEAD_GATE_DRAWS, max_draws)), max_draws), _device_key(out[1]), bucket_size(num_real, lanes.shape[0], GATE_MIN_BUCKET),
-                        buffers, stats)
+    window = gate_window(max(block, min(AHEAD_GATE_DRAWS, max_draws)), max_draws)
+    gate_lanes = bucket_size(num_real, lanes.shape[0], GATE_MIN_BUCKET)
+    programs.gate.ahead(window, device_ids(out[1].sharding), gate_lanes, buffers, stats)
     programs.finish.ahead(*abstract(blocked[:4], place), data, jax.ShapeDtypeStruct((lanes_total,), jnp.int32))
     return out
 
@@ -333,7 +334,7 @@ def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_rea
         states, buffers, stats, grads, ok = programs.warmup(root_key, index, data)
     lanes_total = int(index.shape[0])
     spare, chunk = lanes_total - 1, lanes_total - 1
-    device = _device_key(buffers)
+    device = device_ids(buffers.sharding)
     num_draws = np.zeros(lanes_total, np.int32)
     converged = np.zeros(lanes_total, bool)
     active = np.flatnonzero(np.asarray(ok)[:num_real])
@@ -360,10 +361,6 @@ def run_chunk(programs: StopPrograms, root_key, index: np.ndarray, data, num_rea
         active = active[~done]
     kept, summary, num_grads = programs.finish(states, buffers, stats, grads, data, jnp.asarray(num_draws))
     return kept, ok, summary, num_draws, num_grads, converged
-
-
-def _device_key(array) -> tuple:
-    return tuple(sorted(d.id for d in array.sharding.device_set))
 
 
 def pad_kept(kept, num_draws: np.ndarray):
