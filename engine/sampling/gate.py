@@ -58,22 +58,16 @@ def masked_split(x, num_draws):
     return jnp.concatenate([x[..., :keep], second[..., :keep]], axis=-2), half
 
 
-def _average_ranks(flat, return_sorted=False):
-    """1-based average ranks of a 1-D array (:func:`engine.sampling.sorting.average_ranks`); with
-    ``return_sorted`` also the array sorted."""
-    return sorting.average_ranks_and_sort(flat) if return_sorted else sorting.average_ranks(flat)
-
-
 def _masked_ranks(x, n, return_sorted=False):
     """Average ranks ``[C, L]`` of the first ``n`` draws of every chain of ``x[C, L]``, ranked
     jointly (padding ranks last); with ``return_sorted`` also the kept draws sorted (padding
     after them as ``inf``)."""
     valid = jnp.broadcast_to(_valid(x.shape[-1], n), x.shape)
     flat = jnp.where(valid, x, jnp.inf).reshape(-1)
-    if return_sorted:
-        ranks, ordered = _average_ranks(flat, return_sorted=True)
+    if return_sorted:  # one sort for both
+        ranks, ordered = sorting.average_ranks_and_sort(flat)
         return ranks.reshape(x.shape), ordered
-    return _average_ranks(flat).reshape(x.shape), None
+    return sorting.average_ranks(flat).reshape(x.shape), None
 
 
 def _z_scores(ranks, n):
