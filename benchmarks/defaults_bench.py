@@ -28,7 +28,7 @@ import numpy as np
 WAYS = {
     "before": dict(sampler="blackjax", precision="float64", devices=1, batch_size=None),
     "after": dict(),
-    "best": dict(sampler="chees", target_accept=0.651, precision="float32", devices=-1, batch_size=100),
+    "best": dict(sampler="chees", precision="float32", devices=-1, batch_size=100),
 }
 
 

@@ -33,7 +33,7 @@ from benchmarks.loops import bench_nutpie, bench_pymc, loop_problems, nutpie_ava
 from benchmarks.measure import GATE, gate_mask  # noqa: F401
 from benchmarks.workloads import WORKLOADS, get_workload
 from engine.sampling.kernels import REGISTRY
-from engine.sampling.kernels.base import OPTIMAL_HMC_TARGET_ACCEPT
+from engine.sampling.kernels.base import CHEES_TARGET_ACCEPT
 
 __all__ = ["Contestant", "parse_contestant", "main", "run_benchmark", "GATE"]
 
@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="problems per compiled chunk (default 100; 0: all at once); repeat with wX= "
                    "for one workload's")
     p.add_argument("--target-accept", type=float, default=0.8, help="NUTS contestants (PyMC's default)")
-    p.add_argument("--chees-target-accept", type=float, default=OPTIMAL_HMC_TARGET_ACCEPT,
-                   help="the chees contestant (HMC's optimum, conf/sampler/chees.yaml)")
+    p.add_argument("--chees-target-accept", type=float, default=CHEES_TARGET_ACCEPT,
+                   help="the chees contestant (conf/sampler/chees.yaml)")
     p.add_argument("--max-tree-depth", type=int, default=10)
     p.add_argument("--loop-problems", action="append", metavar="[wX=]K",
                    help="problems the pm.sample / nutpie loops run (default 10); repeat with wX= for "

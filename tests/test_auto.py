@@ -146,9 +146,42 @@ def test_fallback_reruns_a_failing_problem_and_it_then_passes():
     z = (post.mean((1, 2)) - mean) / (sd / np.sqrt(ess))
     assert np.all(np.abs(z) < 4), z
     # the first kernel really failed the gate on its own
-    first = engine.sample_batched(model, {"x": x, "y": y}, sampler="chees", target_accept=0.651, chains=4,
+    first = engine.sample_batched(model, {"x": x, "y": y}, sampler="chees", chains=4,
                                   draws=600, tune=50, max_tree_depth=1, progress=False)
     assert float(az.rhat(first).to_array().max()) > 1.01
+
+
+def test_fallback_pools_failures_across_chunks(monkeypatch):
+    """Failing problems of several chunks rerun together in ONE fallback run (chunks wait for
+    the pool, and come out in order); flushing every chunk on its own gives the same draws from
+    one fallback run per chunk, since each problem draws from its own key stream."""
+    from engine.sampling import batch
+
+    rng = np.random.default_rng(1)
+    x = rng.uniform(1, 3, (4, 20))
+    y = 1.0 + 0.5 * x + rng.normal(size=(4, 20))
+    runs = []
+    real = batch.run_batched
+
+    def counted(*args, **kw):
+        runs.append(kw["problem_index"].tolist())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(batch, "run_batched", counted)
+    kw = dict(chains=4, draws=300, tune=50, max_tree_depth=1, batch_size=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # whether NUTS then certifies is not the point
+        pooled = engine.sample_batched(_line_model(), {"x": x, "y": y}, **kw)
+    assert pooled.sample_stats.sampler.values.tolist() == ["blackjax"] * 4  # all four failed ChEES
+    assert len(runs) == 1 and sorted(set(runs[0])) == [0, 1, 2, 3]
+    runs.clear()
+    monkeypatch.setattr(auto, "FALLBACK_MAX_WAIT_S", -1.0)  # flush each chunk at once
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        alone = engine.sample_batched(_line_model(), {"x": x, "y": y}, **kw)
+    assert [sorted(set(r)) for r in runs] == [[0, 1], [2, 3]]
+    np.testing.assert_array_equal(pooled.posterior.a.values, alone.posterior.a.values)
+    np.testing.assert_array_equal(pooled.sample_stats.num_grads.values, alone.sample_stats.num_grads.values)
 
 
 def test_auto_defaults_sample_the_readme_call():

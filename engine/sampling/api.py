@@ -70,7 +70,7 @@ def sample_batched(
         NUTS: "blackjax", "numpyro", "stepwise" (the engine's lockstep-free NUTS);
         "chees" (ChEES-adapted jittered HMC, tuned across each problem's chains: fastest on
         small well-conditioned posteriors, needs ``chains >= 2`` and ``tune >= 50``, diagonal
-        mass only; HMC's optimal ``target_accept`` is 0.651); or "pymc" (a loop of
+        mass only; ``target_accept`` 0.8, see ``CHEES_TARGET_ACCEPT``); or "pymc" (a loop of
         ``pm.sample``, the baseline).
     chains, draws, tune
         Chains per problem; draws kept and warmup steps per chain.

@@ -58,6 +58,14 @@ FALLBACK_TUNE_FACTOR = 2
 FALLBACK_CHUNK_PER_DEVICE = 8
 """Problems per device in a fallback chunk: failures are few, and one fixed size compiles once."""
 
+FALLBACK_SMALL_RUNS = 2
+"""Fallback chunks of the small size (:data:`FALLBACK_CHUNK_PER_DEVICE` per device) a pool of
+failures may take before it reruns in chunks of the run's own size."""
+
+FALLBACK_MAX_WAIT_S = 60.0
+"""Longest a chunk with failing problems waits (seconds since it was sampled) for failures of
+later chunks to share its fallback run (:func:`run_auto`)."""
+
 FLOAT32_MAX_ABS = 1e4
 """Largest absolute data value for which ``precision="auto"`` picks float32."""
 
@@ -113,7 +121,7 @@ def choose_precision(problem_data) -> str:
 
 def primary_config(config, compiled):
     """``config`` (a ``BatchConfig`` of the ``auto`` sampler) with the chosen kernel;
-    ChEES gets HMC's optimal acceptance target unless the run asked for another than NUTS's
+    ChEES gets its own acceptance target (``CHEES_TARGET_ACCEPT``) unless the run asked for another than NUTS's
     default."""
     from engine.sampling.kernels import get_kernel
     from engine.sampling.kernels.base import DEFAULT_TARGET_ACCEPT
@@ -171,15 +179,17 @@ def gate_stats(values: dict, stats, names, num_draws=None) -> GateStats:
         v = values[name]
         parts.append(jnp.moveaxis(v.reshape(v.shape[:2] + (-1,)), -1, 0))  # [elements, chain, draw]
     x = jnp.concatenate(parts, axis=0)
+    from engine.sampling import gate
+
     if num_draws is None:
+        d = gate.masked_diagnostics(x, x.shape[-1])
         return GateStats(
-            r_hat=jnp.max(diagnostics.rhat(x)),
-            ess_bulk=jnp.min(diagnostics.ess_bulk(x)),
-            ess_tail=jnp.min(diagnostics.ess_tail(x)),
+            r_hat=jnp.max(d["r_hat"]),
+            ess_bulk=jnp.min(d["ess_bulk"]),
+            ess_tail=jnp.min(d["ess_tail"]),
             divergences=jnp.sum(stats.diverging.astype(jnp.int32)),
             ebfmi=jnp.min(diagnostics.ebfmi(stats.energy)),
         )
-    from engine.sampling import gate  # per-problem stopping: only the first num_draws draws count
 
     kept = jnp.arange(x.shape[-1]) < num_draws
     d = gate.masked_diagnostics(x, num_draws)
@@ -264,10 +274,11 @@ def _with_gate(summary_fn, names, stopping: bool = False) -> Callable:
 
 def _fallback_size(count: int, chunk: int, num_devices: int) -> int:
     """Problems per fallback chunk: :data:`FALLBACK_CHUNK_PER_DEVICE` per device (never more than
-    the run's chunk) while few fail, the run's own chunk size when more than that fail: at most
-    two fallback programs per run, and a chunk where most problems fail reruns in full chunks."""
+    the run's chunk) while at most :data:`FALLBACK_SMALL_RUNS` such chunks hold the failures, the
+    run's own chunk size when more fail: at most two fallback programs per run, and a run where
+    most problems fail reruns in full chunks."""
     size = min(FALLBACK_CHUNK_PER_DEVICE * num_devices, max(chunk, 1))
-    if count > size:
+    if count > FALLBACK_SMALL_RUNS * size:
         size = max(chunk, 1)
     return max(num_devices, size - size % num_devices)
 
@@ -287,14 +298,40 @@ def _replace_rows(primary, fallback, rows):
     return jax.tree.map(put, primary, fallback, is_leaf=lambda x: x is None)
 
 
+class _Pending(NamedTuple):
+    """A primary chunk held until its failing problems have rerun (:func:`run_auto`)."""
+
+    start: int
+    stop: int
+    kept: Any
+    ok: np.ndarray
+    summary: Any
+    counts: list
+    passed: np.ndarray
+    used: np.ndarray
+    failing: np.ndarray  # row indices within the chunk
+    since: float  # time.monotonic() when it was sampled
+
+
 def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on_chunk=None, progress=None,
              keep_chunks=()):
     """``run_batched`` for the ``auto`` sampler (same arguments and result): each chunk runs
     with :func:`choose_kernel`'s kernel, then its problems failing the gate rerun with
-    :func:`fallback_config` (in chunks of a fixed size, one compiled program per run, each problem
-    from its own key stream ``fold_in(key, i)``), before ``on_chunk`` sees the chunk. The result's ``sampler`` names
-    each problem's kernel and ``gate_passed`` flags the gate; a summary that is a dict also gets
-    ``sampler_code`` (index into :func:`sampler_names`) and ``gate_passed`` per problem."""
+    :func:`fallback_config`, each from its own key stream ``fold_in(key, i)``, before ``on_chunk``
+    sees the chunk. The result's ``sampler`` names each problem's kernel and ``gate_passed`` flags
+    the gate; a summary that is a dict also gets ``sampler_code`` (index into
+    :func:`sampler_names`) and ``gate_passed`` per problem.
+
+    Failures are pooled across chunks: a chunk with failing problems waits (with the chunks after
+    it, so ``on_chunk`` still sees them in order) until the pool fills a fallback chunk
+    (:data:`FALLBACK_CHUNK_PER_DEVICE` per device), :data:`FALLBACK_MAX_WAIT_S` have passed, or
+    the primary chunks end; then the pool reruns together. A fallback run costs about as much for
+    one problem as for a full fallback chunk (NUTS's steps are sequential), so where one problem
+    in a thousand fails, pooling turns one fallback run per chunk into one per run."""
+    import time
+
+    import jax
+
     from engine.sampling.batch import BatchResult, chunk_grid, iter_chunks, local_devices, run_batched
 
     num_devices = len(local_devices(config.runtime.devices))
@@ -307,9 +344,11 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     grid = chunk_grid(problem_data.num_problems, config.batch_size)
     todo = grid if chunks is None else [tuple(c) for c in chunks]
     keep = {(int(a), int(b)) for a, b in keep_chunks}
-    results, names_out, passed_out, counts_out, still_failing, rerun = [], [], [], [], 0, 0
+    results, names_out, passed_out, counts_out = [], [], [], []
+    tally = {"still_failing": 0, "rerun": 0}
     # the gate's ESS bar: target_ess with stopping (the stopping gate's own), else gate_ess_min
     ess_bar = float(s.target_ess) if stopping else gate_ess_min(s.chains, s.draws)
+    pool_size = FALLBACK_CHUNK_PER_DEVICE * num_devices
 
     def judge(gate, converged):
         if stopping:
@@ -321,66 +360,94 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     def capture(store):
         return lambda start, stop, host: store.append(host)
 
-    # one generator over the primary chunks: with stopping and several devices, later chunks run
-    # on the other devices while this loop reruns a chunk's failures
-    primary_chunks = iter_chunks(compiled, problem_data, primary, summary_fn=wrapped, chunks=todo, progress=progress,
-                                 keep_chunks=[c for c in todo if c in keep])
-    for start, stop, (kept, ok, (summary, gate), num_draws, num_grads, converged), _ in primary_chunks:
-        n = stop - start
-        counts = [np.array(num_draws), np.array(num_grads), None if converged is None else np.array(converged)]
-        passed = judge(gate, converged)
-        used = np.full(n, primary.sampler.name, dtype=object)
-        failing = np.flatnonzero(~passed & np.asarray(ok, bool))
-        if failing.size and can_certify:
-            rerun += failing.size
-            size = _fallback_size(failing.size, int(config.batch_size or n), num_devices)
-            index = start + failing
-            total = -(-index.size // size) * size
-            padded = np.concatenate([index, np.full(total - index.size, index[-1])])
-            sub = problem_data.select(padded)
-            fb_config = dataclasses.replace(fallback, runtime=dataclasses.replace(fallback.runtime, batch_size=size))
-            fb_got: list = []
-            needs_draws = config.keep_draws or (start, stop) in keep
-            fb_grid = chunk_grid(total, size)
-            fb_res = run_batched(compiled, sub, fb_config, summary_fn=wrapped, on_chunk=capture(fb_got),
-                                 progress=False, keep_chunks=fb_grid if needs_draws else (), problem_index=padded)
-            fb_counts = [fb_res.num_draws, fb_res.num_grads, fb_res.converged]
-            for i, (mine, theirs) in enumerate(zip(counts, fb_counts)):
+    def rerun(pending):
+        """Rerun the failing problems of every ``pending`` chunk in one fallback run and put
+        their rows into the chunks' results (in place)."""
+        index = np.concatenate([p.start + p.failing for p in pending])
+        tally["rerun"] += index.size
+        size = _fallback_size(index.size, int(config.batch_size or (pending[0].stop - pending[0].start)), num_devices)
+        total = -(-index.size // size) * size
+        padded = np.concatenate([index, np.full(total - index.size, index[-1])])
+        fb_config = dataclasses.replace(fallback, runtime=dataclasses.replace(fallback.runtime, batch_size=size))
+        fb_got: list = []
+        needs_draws = config.keep_draws or any((p.start, p.stop) in keep for p in pending)
+        fb_grid = chunk_grid(total, size)
+        fb_res = run_batched(compiled, problem_data.select(padded), fb_config, summary_fn=wrapped,
+                             on_chunk=capture(fb_got), progress=False,
+                             keep_chunks=fb_grid if needs_draws else (), problem_index=padded)
+        fb_kept, _, (fb_summary, fb_gate) = (
+            jax.tree.map(lambda *xs: np.concatenate(xs), *fb_got) if len(fb_got) > 1 else fb_got[0])
+        fb_counts = [fb_res.num_draws, fb_res.num_grads, fb_res.converged]
+        fb_passed = judge(jax.tree.map(lambda a: np.asarray(a)[: index.size], fb_gate),
+                          None if fb_res.converged is None else np.asarray(fb_res.converged)[: index.size])
+        offset = 0
+        out = []
+        for p in pending:
+            rows = slice(offset, offset + p.failing.size)
+            offset += p.failing.size
+            take = lambda tree: jax.tree.map(lambda a: np.asarray(a)[rows], tree)  # noqa: E731
+            for i, (mine, theirs) in enumerate(zip(p.counts, fb_counts)):
                 if mine is not None and theirs is not None:
-                    mine[failing] = np.asarray(theirs)[: failing.size]
+                    first = mine[p.failing].copy()
+                    mine[p.failing] = np.asarray(theirs)[rows]
                     if i == 1:  # the fallback's gradients come on top of the first kernel's
-                        mine[failing] += np.asarray(num_grads)[failing]
-            import jax
+                        mine[p.failing] += first
+            kept = _replace_rows(p.kept, take(fb_kept), p.failing) if p.kept[0] is not None else p.kept
+            summary = _replace_rows(p.summary, take(fb_summary), p.failing) if p.summary is not None else None
+            p.passed[p.failing] = fb_passed[rows]
+            p.used[p.failing] = fallback.sampler.name
+            out.append(p._replace(kept=kept, summary=summary))
+        return out
 
-            fb_kept, _, (fb_summary, fb_gate) = (
-                jax.tree.map(lambda *xs: np.concatenate(xs), *fb_got) if len(fb_got) > 1 else fb_got[0])
-            kept = _replace_rows(kept, fb_kept, failing) if kept[0] is not None else kept
-            summary = _replace_rows(summary, fb_summary, failing) if summary is not None else None
-            passed[failing] = judge(jax.tree.map(lambda a: np.asarray(a)[: failing.size], fb_gate),
-                                    None if fb_res.converged is None else np.asarray(fb_res.converged)[: failing.size])
-            used[failing] = fallback.sampler.name
-        still_failing += int(np.sum(~passed & np.asarray(ok, bool)))
+    def emit(p):
+        tally["still_failing"] += int(np.sum(~p.passed & np.asarray(p.ok, bool)))
+        summary = p.summary
         if isinstance(summary, dict):
-            summary = {**summary, "sampler_code": np.array([codes[u] for u in used], np.int8),
-                       "gate_passed": passed.copy(), "num_draws": counts[0], "num_grads": counts[1]}
-        host = (kept, ok, summary)
+            summary = {**summary, "sampler_code": np.array([codes[u] for u in p.used], np.int8),
+                       "gate_passed": p.passed.copy(), "num_draws": p.counts[0], "num_grads": p.counts[1]}
+        host = (p.kept, p.ok, summary)
         if on_chunk is not None:
-            on_chunk(start, stop, host)
+            on_chunk(p.start, p.stop, host)
         if not config.keep_draws:
             host = ((None, None, None),) + host[1:]
         results.append(host)
-        counts_out.append(counts)
-        names_out.append(used.astype(str))
-        passed_out.append(passed)
+        counts_out.append(p.counts)
+        names_out.append(p.used.astype(str))
+        passed_out.append(p.passed)
+
+    def flush(pending):
+        if any(p.failing.size for p in pending):
+            pending = rerun(pending)
+        for p in pending:
+            emit(p)
+
+    # one generator over the primary chunks: with stopping and several devices, later chunks run
+    # on the other devices while this loop reruns a pool's failures
+    primary_chunks = iter_chunks(compiled, problem_data, primary, summary_fn=wrapped, chunks=todo, progress=progress,
+                                 keep_chunks=[c for c in todo if c in keep])
+    pending: list[_Pending] = []
+    for start, stop, (kept, ok, (summary, gate), num_draws, num_grads, converged), _ in primary_chunks:
+        counts = [np.array(num_draws), np.array(num_grads), None if converged is None else np.array(converged)]
+        passed = judge(gate, converged)
+        failing = np.flatnonzero(~passed & np.asarray(ok, bool)) if can_certify else np.zeros(0, int)
+        pending.append(_Pending(start, stop, kept, ok, summary, counts, passed,
+                                np.full(stop - start, primary.sampler.name, dtype=object), failing, time.monotonic()))
+        num_failing = sum(p.failing.size for p in pending)
+        if (num_failing == 0 or num_failing >= pool_size
+                or time.monotonic() - next(p.since for p in pending if p.failing.size) >= FALLBACK_MAX_WAIT_S):
+            flush(pending)
+            pending = []
+    if pending:
+        flush(pending)
+    still_failing, rerun_count = tally["still_failing"], tally["rerun"]
     if still_failing:
         warnings.warn(
             f"sampler 'auto': {still_failing} of {sum(b - a for a, b in todo)} problems fail the convergence gate "
             f"(R-hat, ESS >= {ess_bar:g}, divergences, E-BFMI) "
-            + (f"after the NUTS fallback ({rerun} reran)" if can_certify else "(one chain: no R-hat, no fallback)")
+            + (f"after the NUTS fallback ({rerun_count} reran)" if can_certify else "(one chain: no R-hat, no fallback)")
             + "; see gate_passed", RuntimeWarning, stacklevel=3)
     if not results:
         return BatchResult(None, None, None, np.zeros(0, bool), None)
-    import jax
 
     concat = lambda *xs: np.concatenate(xs)  # noqa: E731
     kept, ok, summaries = jax.tree.map(concat, *results) if len(results) > 1 else results[0]
