@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 import engine
+from engine.errors import InputError
 from engine.sampling.diagnostics import mcse_mean, summarize_draws
 from tests.models import normal_normal_data, normal_normal_model, normal_normal_posterior
 
@@ -145,3 +146,18 @@ def test_chees_refuses_settings_it_cannot_honour(kwargs, message):
     data = normal_normal_data(2, seed=0)
     with pytest.raises(ValueError, match=message):
         engine.sample_batched(normal_normal_model(), data, sampler="chees", progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("sampler", ["auto", "blackjax"])
+def test_a_problem_without_a_finite_start_is_an_input_error(sampler):
+    """A problem whose log density is -inf everywhere (a Uniform prior its only observation lies
+    outside) is named in an ``InputError``, for the driver (``auto``) and the plain kernels."""
+    with pm.Model() as model:
+        y = pm.Data("y", np.zeros(1))
+        width = pm.Data("width", 1.0)
+        theta = pm.Uniform("theta", 0.0, width)
+        pm.Uniform("obs", theta - 0.5, theta + 0.5, observed=y)
+    data = {"y": np.array([[0.2], [0.3], [5.0], [0.1]]), "width": np.ones(4)}
+    with pytest.raises(InputError, match=r"problem 2: the log density is not finite at any of 20 jittered"):
+        engine.sample_batched(model, data, sampler=sampler, chains=2, draws=60, tune=60, batch_size=2,
+                              progress=False)

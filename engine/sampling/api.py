@@ -9,7 +9,7 @@ import numpy as np
 from engine import settings as settings_schema
 from engine.caching import LRUCache
 from engine.errors import InputError
-from engine.sampling.batch import BatchConfig, check_init, resolve_config, run_batched
+from engine.sampling.batch import BatchConfig, resolve_config, run_batched
 from engine.model.compile import CompiledModel, ProblemData, compile_model, prepare_data
 from engine.sampling.kernels import get_kernel
 
@@ -109,7 +109,8 @@ def sample_batched(
     ------
     InputError (a ValueError)
         Bad data (names, shapes, non-finite values) or a problem whose log density is not finite
-        at any jittered initial point; raised before sampling starts.
+        at any jittered initial point; raised when the chunk holding it has run (the chunk
+        program finds each problem's starts, so no separate program is compiled to check them).
     """
     log_likelihood = bool(kw.pop("log_likelihood", False))
     problem_coords = kw.pop("problem_coords", None)
@@ -134,14 +135,8 @@ def sample_batched(
     problem_data = prepare_data(model, data)
     compiled = compile_for(model, problem_data)
     config = resolve_config(compiled, problem_data, config)
-    ok = check_init(compiled, problem_data, config)
-    if not ok.all():
-        bad = int(np.flatnonzero(~ok)[0])
-        raise InputError(
-            f"problem {bad}: the log density is not finite at any of {sampler_config.init_tries} jittered "
-            "initial points; check its data and priors"
-        )
-    result = run_batched(compiled, problem_data, config, progress=progress)
+    result = run_batched(compiled, problem_data, config, progress=progress,
+                         on_chunk=_require_finite_starts(sampler_config.init_tries))
     loglik = _mask_padded_rows(result.log_likelihood, problem_data, compiled.row_indexed_names) if (
         log_likelihood) else None
     idata = to_inference_data(
@@ -152,6 +147,19 @@ def sample_batched(
         idata.sample_stats["sampler"] = ("problem", np.asarray(result.sampler, dtype=str))
         idata.sample_stats["gate_passed"] = ("problem", np.asarray(result.gate_passed, dtype=bool))
     return idata
+
+
+def _require_finite_starts(init_tries: int):
+    """``on_chunk`` raising :class:`InputError` for the first problem of a chunk with no finite
+    jittered start (``init_ok`` false)."""
+    def check(start, stop, host):
+        ok = np.asarray(host[1], bool)
+        if not ok.all():
+            bad = start + int(np.flatnonzero(~ok)[0])
+            raise InputError(f"problem {bad}: the log density is not finite at any of {init_tries} jittered "
+                             "initial points; check its data and priors")
+
+    return check
 
 
 def _mask_padded_rows(loglik, problem_data: ProblemData, row_indexed_names):
