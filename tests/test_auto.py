@@ -152,9 +152,10 @@ def test_fallback_reruns_a_failing_problem_and_it_then_passes():
 
 
 def test_fallback_pools_failures_across_chunks(monkeypatch):
-    """Failing problems of several chunks rerun together in ONE fallback run (chunks wait for
-    the pool, and come out in order); flushing every chunk on its own gives the same draws from
-    one fallback run per chunk, since each problem draws from its own key stream."""
+    """Failing problems of several chunks rerun together: ChEES once more in its own program
+    (the first run's chunk size, fresh key streams), then NUTS, one run each for the pool (chunks
+    wait for it). Flushing every chunk on its own gives the same draws from one retry and one NUTS run
+    per chunk, since each problem draws from its own key streams."""
     from engine.sampling import batch
 
     rng = np.random.default_rng(1)
@@ -163,25 +164,60 @@ def test_fallback_pools_failures_across_chunks(monkeypatch):
     runs = []
     real = batch.run_batched
 
-    def counted(*args, **kw):
-        runs.append(kw["problem_index"].tolist())
-        return real(*args, **kw)
+    def counted(compiled, data, config, **kw):
+        runs.append((config.sampler.name, config.runtime.batch_size, kw["problem_index"].tolist()))
+        return real(compiled, data, config, **kw)
 
     monkeypatch.setattr(batch, "run_batched", counted)
+    monkeypatch.setattr(auto, "_pool_capacity", lambda *args: 4)  # a pool holds both chunks' failures
     kw = dict(chains=4, draws=300, tune=50, max_tree_depth=1, batch_size=2, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # whether NUTS then certifies is not the point
         pooled = engine.sample_batched(_line_model(), {"x": x, "y": y}, **kw)
-    assert pooled.sample_stats.sampler.values.tolist() == ["blackjax"] * 4  # all four failed ChEES
-    assert len(runs) == 1 and sorted(set(runs[0])) == [0, 1, 2, 3]
+    assert pooled.sample_stats.sampler.values.tolist() == ["blackjax"] * 4  # ChEES failed twice
+    stream = auto.RETRY_STREAM
+    assert runs == [("chees", 2, [stream, stream + 1, stream + 2, stream + 3]), ("blackjax", 2, [0, 1, 2, 3])]
     runs.clear()
     monkeypatch.setattr(auto, "FALLBACK_MAX_WAIT_S", -1.0)  # flush each chunk at once
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         alone = engine.sample_batched(_line_model(), {"x": x, "y": y}, **kw)
-    assert [sorted(set(r)) for r in runs] == [[0, 1], [2, 3]]
+    assert [(name, index) for name, _, index in runs] == [
+        ("chees", [stream, stream + 1]), ("blackjax", [0, 1]), ("chees", [stream + 2, stream + 3]), ("blackjax", [2, 3])]
     np.testing.assert_array_equal(pooled.posterior.a.values, alone.posterior.a.values)
     np.testing.assert_array_equal(pooled.sample_stats.num_grads.values, alone.sample_stats.num_grads.values)
+
+
+def test_chees_retry_certifies_chance_failures_against_the_closed_form():
+    """At 4 x 200 draws ChEES misses the gate by chance on a few conjugate problems (seed 0:
+    problems 15 and 17); ``auto`` reruns them with ChEES from fresh key streams, where they
+    pass, so no NUTS program is compiled. Their draws match the closed form, and their
+    gradients count both runs."""
+    data = normal_normal_data(24, seed=0)
+    kw = dict(chains=4, draws=200, tune=100, batch_size=24, seed=0, progress=False)
+    first = engine.sample_batched(normal_normal_model(), data, sampler="chees", **kw)
+    gate = auto.gate_passed(auto.GateStats(
+        r_hat=az.rhat(first).theta.values, ess_bulk=az.ess(first).theta.values,
+        ess_tail=az.ess(first, method="tail").theta.values,
+        divergences=first.sample_stats.diverging.sum(("chain", "draw")).values,
+        ebfmi=np.min(ebfmi(first.sample_stats.energy.transpose("problem", "chain", "draw").values), axis=-1)), 4, 200)
+    assert np.flatnonzero(~gate).tolist() == [15, 17]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        idata = engine.sample_batched(normal_normal_model(), data, **kw)
+    assert idata.sample_stats.sampler.values.tolist() == ["chees"] * 24
+    assert idata.sample_stats.gate_passed.values.all()
+    grads = idata.sample_stats.num_grads.values
+    first_grads = first.sample_stats.num_grads.values
+    assert np.all(grads[[15, 17]] > first_grads[[15, 17]])  # both runs counted
+    np.testing.assert_array_equal(np.delete(grads, [15, 17]), np.delete(first_grads, [15, 17]))
+    np.testing.assert_array_equal(np.delete(idata.posterior.theta.values, [15, 17], axis=-1),
+                                  np.delete(first.posterior.theta.values, [15, 17], axis=-1))
+    mean, sd = normal_normal_posterior(data)
+    theta = idata.posterior.theta.values[..., [15, 17]]
+    ess = az.ess(idata).theta.values[[15, 17]]
+    z = (theta.mean((0, 1)) - mean[[15, 17]]) / (sd[[15, 17]] / np.sqrt(ess))
+    assert np.all(np.abs(z) < 4), z
 
 
 def test_auto_defaults_sample_the_readme_call():

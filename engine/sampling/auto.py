@@ -19,10 +19,20 @@ problems that fail with a careful NUTS:
    (``target_ess``) the ESS bar is ``target_ess`` and R-hat, ESS and divergences are the
    stopping gate's verdict when the problem retired (:func:`stopping_gate_passed`; the same
    rule, so it is not recomputed over the whole draw buffer); E-BFMI is checked on top.
-3. Fallback (:func:`fallback_config`): the failing problems of a chunk rerun with BlackJAX NUTS,
+3. Retry (ChEES without stopping only): failing problems without a divergence rerun once with
+   ChEES in the first run's own compiled program, from fresh key streams
+   (``fold_in(key, i +`` :data:`RETRY_STREAM` ``)``). ChEES misses R-hat < 1.01 by chance on a
+   few problems in a thousand whose ESS is in the thousands; a second run certifies nearly all,
+   and costs no compile (a NUTS program compiles in about as long as 5,000 w1 posteriors take
+   to sample).
+4. Fallback (:func:`fallback_config`): the problems still failing rerun with BlackJAX NUTS,
    twice the warmup, ``target_accept`` at least 0.95, in float64, from their own key streams
-   (``fold_in(key, i)`` as before); their rows replace the first run's. Problems failing both
-   keep the fallback's result and are counted in one ``RuntimeWarning``.
+   (``fold_in(key, i)`` as before); their rows replace the first run's. Problems failing all
+   runs keep the last one's result and are counted in one ``RuntimeWarning``.
+
+Reruns are pooled across chunks (:func:`run_auto`): a chunk with failures waits, with the chunks
+after it, until a pool's worth fail (:func:`_pool_capacity`), :data:`FALLBACK_MAX_WAIT_S` pass
+or the run ends, so a rerun's fixed cost is paid once per pool rather than once per chunk.
 
 Each problem reports which kernel gave its result (``sampler``) and whether it passed the gate
 (``gate_passed``).
@@ -61,6 +71,10 @@ FALLBACK_CHUNK_PER_DEVICE = 8
 FALLBACK_SMALL_RUNS = 2
 """Fallback chunks of the small size (:data:`FALLBACK_CHUNK_PER_DEVICE` per device) a pool of
 failures may take before it reruns in chunks of the run's own size."""
+
+RETRY_STREAM = 1 << 30
+"""Offset of the key streams of a ChEES retry: problem ``i`` retries from ``fold_in(key, i +
+RETRY_STREAM)``, a stream no first run uses (for runs of fewer than 2^30 problems)."""
 
 FALLBACK_MAX_WAIT_S = 60.0
 """Longest a chunk with failing problems waits (seconds since it was sampled) for failures of
@@ -283,6 +297,13 @@ def _fallback_size(count: int, chunk: int, num_devices: int) -> int:
     return max(num_devices, size - size % num_devices)
 
 
+def _pool_capacity(retry: bool, chunk_size: int, num_devices: int) -> int:
+    """Failing problems that flush a pool (:func:`run_auto`): a full chunk of the first run's
+    program when ChEES retries there first, else a fallback chunk
+    (:data:`FALLBACK_CHUNK_PER_DEVICE` per device)."""
+    return int(chunk_size) if retry else FALLBACK_CHUNK_PER_DEVICE * num_devices
+
+
 def _replace_rows(primary, fallback, rows):
     """``primary`` (host pytree ``[n, ...]``) with ``rows`` taken from ``fallback`` (``[k, ...]``),
     in the primary's dtypes."""
@@ -311,6 +332,7 @@ class _Pending(NamedTuple):
     used: np.ndarray
     failing: np.ndarray  # row indices within the chunk
     since: float  # time.monotonic() when it was sampled
+    gate: Any  # the first run's GateStats (host arrays), or its E-BFMI with stopping
 
 
 def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on_chunk=None, progress=None,
@@ -348,7 +370,12 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     tally = {"still_failing": 0, "rerun": 0}
     # the gate's ESS bar: target_ess with stopping (the stopping gate's own), else gate_ess_min
     ess_bar = float(s.target_ess) if stopping else gate_ess_min(s.chains, s.draws)
-    pool_size = FALLBACK_CHUNK_PER_DEVICE * num_devices
+    chunk_size = grid[0][1] - grid[0][0] if grid else 1  # the first run's chunk (program) size
+    # a ChEES first run without stopping retries its failures without divergences once, in its
+    # own program (no compile), before NUTS: their R-hat misses 1.01 by chance far more often
+    # than a second run does (w1: 1 in 1000 problems at 4 x 500 draws)
+    retry = primary.sampler.name == "chees" and not stopping
+    pool_size = _pool_capacity(retry, chunk_size, num_devices)
 
     def judge(gate, converged):
         if stopping:
@@ -360,43 +387,47 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     def capture(store):
         return lambda start, stop, host: store.append(host)
 
-    def rerun(pending):
-        """Rerun the failing problems of every ``pending`` chunk in one fallback run and put
-        their rows into the chunks' results (in place)."""
-        index = np.concatenate([p.start + p.failing for p in pending])
+    def rerun(pending, rows_of, stage, size, offset):
+        """Rerun rows ``rows_of[j]`` of ``pending[j]`` (every chunk's together) with the
+        ``stage`` config in chunks of ``size`` from key streams ``offset + i``, and put their
+        rows into the chunks' results (returns the updated chunks)."""
+        index = np.concatenate([p.start + r for p, r in zip(pending, rows_of)])
         tally["rerun"] += index.size
-        size = _fallback_size(index.size, int(config.batch_size or (pending[0].stop - pending[0].start)), num_devices)
         total = -(-index.size // size) * size
         padded = np.concatenate([index, np.full(total - index.size, index[-1])])
-        fb_config = dataclasses.replace(fallback, runtime=dataclasses.replace(fallback.runtime, batch_size=size))
+        fb_config = dataclasses.replace(stage, runtime=dataclasses.replace(stage.runtime, batch_size=size))
         fb_got: list = []
         needs_draws = config.keep_draws or any((p.start, p.stop) in keep for p in pending)
         fb_grid = chunk_grid(total, size)
         fb_res = run_batched(compiled, problem_data.select(padded), fb_config, summary_fn=wrapped,
                              on_chunk=capture(fb_got), progress=False,
-                             keep_chunks=fb_grid if needs_draws else (), problem_index=padded)
+                             keep_chunks=fb_grid if needs_draws else (), problem_index=padded + offset)
         fb_kept, _, (fb_summary, fb_gate) = (
             jax.tree.map(lambda *xs: np.concatenate(xs), *fb_got) if len(fb_got) > 1 else fb_got[0])
         fb_counts = [fb_res.num_draws, fb_res.num_grads, fb_res.converged]
         fb_passed = judge(jax.tree.map(lambda a: np.asarray(a)[: index.size], fb_gate),
                           None if fb_res.converged is None else np.asarray(fb_res.converged)[: index.size])
-        offset = 0
+        offset_rows = 0
         out = []
-        for p in pending:
-            rows = slice(offset, offset + p.failing.size)
-            offset += p.failing.size
+        for p, chunk_rows in zip(pending, rows_of):
+            rows = slice(offset_rows, offset_rows + chunk_rows.size)
+            offset_rows += chunk_rows.size
+            if not chunk_rows.size:
+                out.append(p)
+                continue
             take = lambda tree: jax.tree.map(lambda a: np.asarray(a)[rows], tree)  # noqa: E731
             for i, (mine, theirs) in enumerate(zip(p.counts, fb_counts)):
                 if mine is not None and theirs is not None:
-                    first = mine[p.failing].copy()
-                    mine[p.failing] = np.asarray(theirs)[rows]
-                    if i == 1:  # the fallback's gradients come on top of the first kernel's
-                        mine[p.failing] += first
-            kept = _replace_rows(p.kept, take(fb_kept), p.failing) if p.kept[0] is not None else p.kept
-            summary = _replace_rows(p.summary, take(fb_summary), p.failing) if p.summary is not None else None
-            p.passed[p.failing] = fb_passed[rows]
-            p.used[p.failing] = fallback.sampler.name
-            out.append(p._replace(kept=kept, summary=summary))
+                    before = mine[chunk_rows].copy()
+                    mine[chunk_rows] = np.asarray(theirs)[rows]
+                    if i == 1:  # a rerun's gradients come on top of the earlier runs'
+                        mine[chunk_rows] += before
+            kept = _replace_rows(p.kept, take(fb_kept), chunk_rows) if p.kept[0] is not None else p.kept
+            summary = _replace_rows(p.summary, take(fb_summary), chunk_rows) if p.summary is not None else None
+            p.passed[chunk_rows] = fb_passed[rows]
+            p.used[chunk_rows] = stage.sampler.name
+            failing = np.flatnonzero(~p.passed & np.asarray(p.ok, bool))
+            out.append(p._replace(kept=kept, summary=summary, failing=failing))
         return out
 
     def emit(p):
@@ -416,8 +447,14 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
         passed_out.append(p.passed)
 
     def flush(pending):
+        if retry:  # ChEES again from fresh key streams, in the first run's own program
+            rows_of = [p.failing[np.asarray(p.gate.divergences)[p.failing] == 0] for p in pending]
+            if any(r.size for r in rows_of):
+                pending = rerun(pending, rows_of, primary, chunk_size, RETRY_STREAM)
         if any(p.failing.size for p in pending):
-            pending = rerun(pending)
+            count = sum(p.failing.size for p in pending)
+            pending = rerun(pending, [p.failing for p in pending], fallback,
+                            _fallback_size(count, chunk_size, num_devices), 0)
         for p in pending:
             emit(p)
 
@@ -431,7 +468,8 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
         passed = judge(gate, converged)
         failing = np.flatnonzero(~passed & np.asarray(ok, bool)) if can_certify else np.zeros(0, int)
         pending.append(_Pending(start, stop, kept, ok, summary, counts, passed,
-                                np.full(stop - start, primary.sampler.name, dtype=object), failing, time.monotonic()))
+                                np.full(stop - start, primary.sampler.name, dtype=object), failing, time.monotonic(),
+                                jax.tree.map(np.asarray, gate)))
         num_failing = sum(p.failing.size for p in pending)
         if (num_failing == 0 or num_failing >= pool_size
                 or time.monotonic() - next(p.since for p in pending if p.failing.size) >= FALLBACK_MAX_WAIT_S):
