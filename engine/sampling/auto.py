@@ -21,8 +21,17 @@ problems that fail with a careful NUTS:
    rule, so it is not recomputed over the whole draw buffer); E-BFMI is checked on top.
 3. Fallback (:func:`fallback_config`): the failing problems of a chunk rerun with BlackJAX NUTS,
    twice the warmup, ``target_accept`` at least 0.95, in float64, from their own key streams
-   (``fold_in(key, i)`` as before); their rows replace the first run's. Problems failing both
-   keep the fallback's result and are counted in one ``RuntimeWarning``.
+   (``fold_in(key, i)`` as before); their rows replace the first run's. For a template ``auto``
+   starts with NUTS (:func:`is_nuts_template`: hierarchical or more than :data:`CHEES_MAX_DIM`
+   parameters) the fallback targets acceptance 0.99 and stops per problem
+   (:mod:`engine.sampling.stopping`): it draws in blocks until the problem passes the gate, up
+   to :data:`FALLBACK_MAX_DRAWS_FACTOR` x ``draws`` per chain, so a shortfall of ESS or R-hat
+   costs more draws instead of a failure (a divergence, which more draws cannot remove, stops
+   the problem at once); problems still failing rerun once more the same way at
+   ``target_accept`` 0.999 (:func:`fallback_stages`). The result's ``draw`` axis is then as
+   long as the longest such problem's, and ``num_draws`` says how many each problem kept (NaN
+   past them). Problems failing every rerun keep the last one's result and are counted in one
+   ``RuntimeWarning``.
 
 Each problem reports which kernel gave its result (``sampler``) and whether it passed the gate
 (``gate_passed``).
@@ -43,7 +52,9 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 __all__ = ["CHEES_MAX_DIM", "FALLBACK_TARGET_ACCEPT", "FALLBACK_TUNE_FACTOR", "FALLBACK_CHUNK_PER_DEVICE", "FLOAT32_MAX_ABS",
-           "FLOAT32_MAX_ROWS", "GateStats", "choose_kernel", "choose_precision", "fallback_config",
+           "FLOAT32_MAX_ROWS", "FALLBACK_MAX_DRAWS_FACTOR", "NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT", "GateStats",
+           "LAST_STAGE_TARGET_ACCEPT", "fallback_stages",
+           "choose_kernel", "is_nuts_template", "choose_precision", "fallback_config",
            "gate_ess_min", "gate_passed", "gate_stats", "run_auto", "sampler_names", "stopping_gate_passed"]
 
 CHEES_MAX_DIM = 16
@@ -54,6 +65,25 @@ FALLBACK_TARGET_ACCEPT = 0.95
 
 FALLBACK_TUNE_FACTOR = 2
 """The fallback's warmup is this many times the run's ``tune``."""
+
+NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT = 0.99
+"""Smallest ``target_accept`` of the fallback for a template ``auto`` starts with NUTS
+(:func:`is_nuts_template`: hierarchical, or more than :data:`CHEES_MAX_DIM` parameters). On the
+non-centred hierarchical attention workload (w3, 40 parameters) the divergences sit where a
+scale is large and the non-centred coordinates are pinned narrowly by the data, a region the
+step adapted to the bulk overshoots; at 0.95 they remained in 19 of 20 problems
+(``benchmarks/results/w3_reliability.md``)."""
+
+LAST_STAGE_TARGET_ACCEPT = 0.999
+"""For a template ``auto`` starts with NUTS, problems still failing after the fallback rerun once
+more at this ``target_accept`` (:func:`fallback_stages`). On w3 (20 problems, seed 0) it
+certified 3 of the 4 that kept a divergence at 0.99 (``benchmarks/results/w3_reliability.md``);
+the window adaptation reaches a realised acceptance of 0.96-0.997, not 0.999."""
+
+FALLBACK_MAX_DRAWS_FACTOR = 4
+"""For a template ``auto`` starts with NUTS, the fallback draws in blocks until each problem
+passes the gate (per-problem stopping, :mod:`engine.sampling.stopping`), up to this many times
+``draws`` per chain."""
 
 FALLBACK_CHUNK_PER_DEVICE = 8
 """Problems per device in a fallback chunk: failures are few, and one fixed size compiles once."""
@@ -88,11 +118,17 @@ class GateStats(NamedTuple):
 # ------------------------------------------------------------------------------ choices
 
 
+def is_nuts_template(compiled) -> bool:
+    """Whether ``auto`` starts this template with NUTS whatever the settings: it is hierarchical
+    (``CompiledModel.is_hierarchical``) or has more than :data:`CHEES_MAX_DIM` parameters."""
+    return compiled.dim > CHEES_MAX_DIM or compiled.is_hierarchical
+
+
 def choose_kernel(compiled, sampler) -> str:
     """The kernel ``auto`` starts with for this compiled template and ``SamplerConfig``."""
     from engine.sampling.kernels.chees_hmc import MIN_CHAINS, MIN_TUNE
 
-    small = compiled.dim <= CHEES_MAX_DIM and not compiled.is_hierarchical
+    small = not is_nuts_template(compiled)
     chees_runs = int(sampler.chains) >= MIN_CHAINS and int(sampler.tune) >= MIN_TUNE and not sampler.dense_mass
     return "chees" if small and chees_runs else "blackjax"
 
@@ -126,19 +162,44 @@ def primary_config(config, compiled):
     return dataclasses.replace(config, sampler=dataclasses.replace(s, name=name, target_accept=target))
 
 
-def fallback_config(config):
+def fallback_config(config, compiled=None, can_stop: bool = True):
     """The careful rerun: BlackJAX NUTS, :data:`FALLBACK_TUNE_FACTOR` x the warmup (at least
     100 steps), ``target_accept >= FALLBACK_TARGET_ACCEPT``, trees at least as deep as NUTS's
-    default, float64."""
+    default, float64.
+
+    For a ``compiled`` template that ``auto`` starts with NUTS (:func:`is_nuts_template`) also
+    ``target_accept >=`` :data:`NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT` and, unless the run already
+    stops per problem or ``can_stop`` is false (a ``summary_fn`` without ``num_draws=``), per-problem stopping:
+    ``target_ess`` the gate's ESS bar (:func:`gate_ess_min`), ``max_draws``
+    :data:`FALLBACK_MAX_DRAWS_FACTOR` x ``draws``, so a problem short of ESS or R-hat draws
+    more instead of failing."""
     s, r = config.sampler, config.runtime
     from engine.sampling.kernels.base import DEFAULT_MAX_TREE_DEPTH
 
+    target = max(float(s.target_accept), FALLBACK_TARGET_ACCEPT)
+    stopping = {}
+    if compiled is not None and is_nuts_template(compiled):
+        target = max(target, NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT)
+        if can_stop and not s.is_stopping and int(s.chains) >= 2:
+            stopping = dict(target_ess=int(np.ceil(gate_ess_min(s.chains, s.draws))),
+                            max_draws=FALLBACK_MAX_DRAWS_FACTOR * int(s.draws))
     sampler = dataclasses.replace(
-        s, name="blackjax", tune=max(FALLBACK_TUNE_FACTOR * int(s.tune), 100),
-        target_accept=max(float(s.target_accept), FALLBACK_TARGET_ACCEPT),
-        max_tree_depth=max(int(s.max_tree_depth), DEFAULT_MAX_TREE_DEPTH),
+        s, name="blackjax", tune=max(FALLBACK_TUNE_FACTOR * int(s.tune), 100), target_accept=target,
+        max_tree_depth=max(int(s.max_tree_depth), DEFAULT_MAX_TREE_DEPTH), **stopping,
     )
     return dataclasses.replace(config, sampler=sampler, runtime=dataclasses.replace(r, precision="float64"))
+
+
+def fallback_stages(config, compiled=None, can_stop: bool = True) -> tuple:
+    """The reruns, in order, of the problems still failing the gate: :func:`fallback_config`;
+    for a template ``auto`` starts with NUTS (:func:`is_nuts_template`) then the same at
+    ``target_accept >=`` :data:`LAST_STAGE_TARGET_ACCEPT` (each rerun from the problem's own key
+    stream, its gradients added to the earlier runs')."""
+    first = fallback_config(config, compiled, can_stop)
+    if compiled is None or not is_nuts_template(compiled):
+        return (first,)
+    target = max(float(first.sampler.target_accept), LAST_STAGE_TARGET_ACCEPT)
+    return first, dataclasses.replace(first, sampler=dataclasses.replace(first.sampler, target_accept=target))
 
 
 def sampler_names() -> tuple[str, ...]:
@@ -272,6 +333,35 @@ def _fallback_size(count: int, chunk: int, num_devices: int) -> int:
     return max(num_devices, size - size % num_devices)
 
 
+def _takes_num_draws(summary_fn) -> bool:
+    """Whether ``summary_fn`` can summarise a stopping run (``summary_fn(..., num_draws=n)``)."""
+    import inspect
+
+    return summary_fn is None or "num_draws" in inspect.signature(summary_fn).parameters
+
+
+def _num_draw_slots(kept) -> int:
+    """Length of the draw axis of host draws ``(values, stats, loglik)``, ``[n, chain, draw, ...]``."""
+    return int(next(iter(kept[0].values())).shape[2])
+
+
+def _pad_draws(kept, length: int):
+    """Host draws ``(values, stats, loglik)`` with the draw axis (2) padded to ``length`` with
+    NaN (floats), False or 0, as a stopping run pads the draws past a problem's ``num_draws``
+    (:func:`engine.sampling.stopping.pad_kept`)."""
+    import jax
+
+    def pad(a):
+        if a is None or a.shape[2] >= length:
+            return a
+        fill = np.nan if np.issubdtype(a.dtype, np.floating) else 0
+        widths = [(0, 0)] * a.ndim
+        widths[2] = (0, length - a.shape[2])
+        return np.pad(np.asarray(a), widths, constant_values=np.array(fill).astype(a.dtype))
+
+    return jax.tree.map(pad, kept, is_leaf=lambda x: x is None)
+
+
 def _replace_rows(primary, fallback, rows):
     """``primary`` (host pytree ``[n, ...]``) with ``rows`` taken from ``fallback`` (``[k, ...]``),
     in the primary's dtypes."""
@@ -299,7 +389,7 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
 
     num_devices = len(local_devices(config.runtime.devices))
     primary = primary_config(config, compiled)
-    fallback = fallback_config(config)
+    stages = fallback_stages(config, compiled, can_stop=_takes_num_draws(summary_fn))
     s = config.sampler
     stopping = s.is_stopping
     wrapped = _with_gate(summary_fn, compiled.free_var_names, stopping)
@@ -311,8 +401,10 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     # the gate's ESS bar: target_ess with stopping (the stopping gate's own), else gate_ess_min
     ess_bar = float(s.target_ess) if stopping else gate_ess_min(s.chains, s.draws)
 
-    def judge(gate, converged):
-        if stopping:
+    def judge(gate, converged, stops=stopping):
+        """A run's gate: the stopping gate's verdict plus E-BFMI for a run that stops per
+        problem (its wrapper returned E-BFMI), :func:`gate_passed` otherwise."""
+        if stops:
             return stopping_gate_passed(converged, gate)
         return gate_passed(gate, s.chains, int(s.draws))
     # R-hat needs 2 chains: with one, no problem can pass, and rerunning them all would not help
@@ -330,8 +422,10 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
         counts = [np.array(num_draws), np.array(num_grads), None if converged is None else np.array(converged)]
         passed = judge(gate, converged)
         used = np.full(n, primary.sampler.name, dtype=object)
-        failing = np.flatnonzero(~passed & np.asarray(ok, bool))
-        if failing.size and can_certify:
+        for fallback in stages:
+            failing = np.flatnonzero(~passed & np.asarray(ok, bool))
+            if not (failing.size and can_certify):
+                break
             rerun += failing.size
             size = _fallback_size(failing.size, int(config.batch_size or n), num_devices)
             index = start + failing
@@ -342,22 +436,28 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
             fb_got: list = []
             needs_draws = config.keep_draws or (start, stop) in keep
             fb_grid = chunk_grid(total, size)
-            fb_res = run_batched(compiled, sub, fb_config, summary_fn=wrapped, on_chunk=capture(fb_got),
+            fb_stops = fb_config.sampler.is_stopping  # a rerun may stop per problem where the first run did not
+            fb_res = run_batched(compiled, sub, fb_config, summary_fn=_with_gate(summary_fn, compiled.free_var_names, fb_stops),
+                                 on_chunk=capture(fb_got),
                                  progress=False, keep_chunks=fb_grid if needs_draws else (), problem_index=padded)
             fb_counts = [fb_res.num_draws, fb_res.num_grads, fb_res.converged]
             for i, (mine, theirs) in enumerate(zip(counts, fb_counts)):
                 if mine is not None and theirs is not None:
+                    before = mine[failing].copy()
                     mine[failing] = np.asarray(theirs)[: failing.size]
-                    if i == 1:  # the fallback's gradients come on top of the first kernel's
-                        mine[failing] += np.asarray(num_grads)[failing]
+                    if i == 1:  # a rerun's gradients come on top of the earlier runs'
+                        mine[failing] += before
             import jax
 
             fb_kept, _, (fb_summary, fb_gate) = (
                 jax.tree.map(lambda *xs: np.concatenate(xs), *fb_got) if len(fb_got) > 1 else fb_got[0])
-            kept = _replace_rows(kept, fb_kept, failing) if kept[0] is not None else kept
+            if kept[0] is not None:  # a stopping fallback's draw axis is max_draws long: pad both alike
+                length = max(_num_draw_slots(kept), _num_draw_slots(fb_kept))
+                kept = _replace_rows(_pad_draws(kept, length), _pad_draws(fb_kept, length), failing)
             summary = _replace_rows(summary, fb_summary, failing) if summary is not None else None
             passed[failing] = judge(jax.tree.map(lambda a: np.asarray(a)[: failing.size], fb_gate),
-                                    None if fb_res.converged is None else np.asarray(fb_res.converged)[: failing.size])
+                                    None if fb_res.converged is None else np.asarray(fb_res.converged)[: failing.size],
+                                    fb_stops)
             used[failing] = fallback.sampler.name
         still_failing += int(np.sum(~passed & np.asarray(ok, bool)))
         if isinstance(summary, dict):
@@ -376,12 +476,15 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
         warnings.warn(
             f"sampler 'auto': {still_failing} of {sum(b - a for a, b in todo)} problems fail the convergence gate "
             f"(R-hat, ESS >= {ess_bar:g}, divergences, E-BFMI) "
-            + (f"after the NUTS fallback ({rerun} reran)" if can_certify else "(one chain: no R-hat, no fallback)")
+            + (f"after the NUTS fallback ({rerun} reruns)" if can_certify else "(one chain: no R-hat, no fallback)")
             + "; see gate_passed", RuntimeWarning, stacklevel=3)
     if not results:
         return BatchResult(None, None, None, np.zeros(0, bool), None)
     import jax
 
+    if results[0][0][0] is not None:  # chunks whose fallback stopped late hold longer draw axes
+        length = max(_num_draw_slots(host[0]) for host in results)
+        results = [(_pad_draws(host[0], length),) + tuple(host[1:]) for host in results]
     concat = lambda *xs: np.concatenate(xs)  # noqa: E731
     kept, ok, summaries = jax.tree.map(concat, *results) if len(results) > 1 else results[0]
     values, stats, loglik = kept
