@@ -75,6 +75,9 @@ def test_a_nuts_template_falls_back_to_target_099_and_per_problem_stopping():
     short = auto.fallback_config(BatchConfig(sampler=SamplerConfig(draws=200, chains=4)), wide).sampler
     assert (short.target_ess, short.max_draws_per_chain) == (80, 800)  # the gate's bar for 4 x 200 draws
     assert not auto.fallback_config(config, wide, can_stop=False).sampler.is_stopping
+    fixed = BatchConfig(sampler=SamplerConfig(draws=1000, tune=1000, fallback_stopping=False))
+    assert not auto.fallback_config(fixed, wide).sampler.is_stopping  # every problem keeps `draws` (SBC)
+    assert auto.fallback_config(fixed, wide).sampler.target_accept == 0.99
     own = BatchConfig(sampler=SamplerConfig(target_ess=100, max_draws=1500))
     assert (auto.fallback_config(own, wide).sampler.target_ess, auto.fallback_config(own, wide).sampler.max_draws) == (
         100, 1500)

@@ -36,7 +36,7 @@ def compile_for(model, problem_data: ProblemData) -> CompiledModel:
 
 _OPTIONS = {"target_accept", "target_accept_prob", "max_tree_depth", "max_treedepth", "dense_mass",
             "initial_step_size", "init_tries", "jitter", "precision", "devices", "target_ess", "max_draws",
-            "block_draws"}
+            "block_draws", "fallback_stopping"}
 """``sample_batched``'s settings keywords (the rest of :class:`~engine.settings.SamplerConfig`
 and :class:`~engine.settings.RuntimeConfig` belong to audits and the CLI)."""
 
@@ -94,6 +94,8 @@ def sample_batched(
         1.01, bulk and tail ESS >= ``target_ess`` and no divergences hold over its draws),
         ``max_draws`` (per chain, default ``max(4000, draws)``: a problem still failing there
         stops unconverged; one with a divergence stops at that block). Not for ``sampler="pymc"`` or ``"stepwise"``.
+        ``fallback_stopping`` (True; ``sampler="auto"`` only): False keeps ``draws`` per
+        problem in the fallback too (a draw axis without padding).
 
     Returns
     -------

@@ -169,7 +169,8 @@ def fallback_config(config, compiled=None, can_stop: bool = True):
 
     For a ``compiled`` template that ``auto`` starts with NUTS (:func:`is_nuts_template`) also
     ``target_accept >=`` :data:`NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT` and, unless the run already
-    stops per problem or ``can_stop`` is false (a ``summary_fn`` without ``num_draws=``), per-problem stopping:
+    stops per problem, ``can_stop`` is false (a ``summary_fn`` without ``num_draws=``) or the
+    settings turn it off (``fallback_stopping=False``), per-problem stopping:
     ``target_ess`` the gate's ESS bar (:func:`gate_ess_min`), ``max_draws``
     :data:`FALLBACK_MAX_DRAWS_FACTOR` x ``draws``, so a problem short of ESS or R-hat draws
     more instead of failing."""
@@ -180,7 +181,7 @@ def fallback_config(config, compiled=None, can_stop: bool = True):
     stopping = {}
     if compiled is not None and is_nuts_template(compiled):
         target = max(target, NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT)
-        if can_stop and not s.is_stopping and int(s.chains) >= 2:
+        if can_stop and s.fallback_stopping and not s.is_stopping and int(s.chains) >= 2:
             stopping = dict(target_ess=int(np.ceil(gate_ess_min(s.chains, s.draws))),
                             max_draws=FALLBACK_MAX_DRAWS_FACTOR * int(s.draws))
     sampler = dataclasses.replace(
