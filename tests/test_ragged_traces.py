@@ -9,6 +9,8 @@ run pads it (:func:`engine.sampling.stopping.pad_kept`), so the truncated-trace 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -258,3 +260,18 @@ def test_sbc_ranks_among_fixed_draws_only():
         sbc(eight_schools(), 4, sampler="auto", fallback_stopping=True)
     with pytest.raises(InputError, match="target_ess"):
         sbc(eight_schools(), 4, target_ess=100)
+
+
+def test_sbc_with_the_auto_sampler_keeps_every_simulations_draws():
+    """Eight schools (hierarchical: ``auto`` starts it with NUTS, and short runs fail the gate, so
+    problems rerun): every simulation is ranked among ``chains * (draws // stride)`` draws."""
+    from engine.calibration.models import eight_schools
+    from engine.calibration.sbc import sbc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # problems failing the gate after the reruns
+        result = sbc(eight_schools(), 8, sampler="auto", chains=2, draws=60, tune=60, seed=1)
+    stride = result.summary["thinning_stride"]
+    assert result.num_rank_draws == 2 * (60 // stride)
+    for ranks in result.ranks.values():
+        assert ranks.shape == (8,) and ((0 <= ranks) & (ranks <= result.num_rank_draws)).all()
