@@ -37,6 +37,22 @@ def w3_centred_heads() -> pm.Model:
     return model
 
 
+def w3_centred_layers() -> pm.Model:
+    """The w3 template with the layer level centred, heads non-centred:
+    layer_mean ~ N(mu, tau_layer), theta = layer_mean + tau_head z_head."""
+    with pm.Model() as model:
+        y = pm.Data("y", np.zeros((W3_LAYERS, W3_HEADS, W3_SCORES)))
+        mu = pm.Normal("mu", 0.0, 2.0)
+        tau_layer = pm.HalfNormal("tau_layer", 1.0)
+        tau_head = pm.HalfNormal("tau_head", 1.0)
+        layer_mean = pm.Normal("layer_mean", mu, tau_layer, shape=W3_LAYERS)
+        z_head = pm.Normal("z_head", 0.0, 1.0, shape=(W3_LAYERS, W3_HEADS))
+        sigma = pm.HalfNormal("sigma", 2.0)
+        theta = layer_mean[:, None] + tau_head * z_head
+        pm.Normal("obs", theta[:, :, None], sigma, observed=y)
+    return model
+
+
 def w3_centred() -> pm.Model:
     """The w3 template centred at both levels: layer_mean ~ N(mu, tau_layer), theta ~ N(layer_mean, tau_head)."""
     with pm.Model() as model:
@@ -63,12 +79,14 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write every option's per-problem gate here (JSON)")
     p.add_argument("--options", nargs="+", default=["nc:blackjax:0.8", "c:blackjax:0.8", "nc:blackjax:0.95",
                                                       "c:blackjax:0.95"],
-                   help="form:sampler:target_accept[:tune], form nc (non-centred), c (centred heads) or cc (centred)")
+                   help="form:sampler:target_accept[:tune], form nc (non-centred), c (centred heads), cn (centred "
+                        "layers, non-centred heads) or cc (centred)")
     args = p.parse_args(argv)
     data = get_workload("w3").make_data(args.n, args.seed)
     rule = np.array([choose_parameterization(y) == "centered" for y in data["y"]])
     print(f"rule picks centred heads for {int(rule.sum())}/{args.n} problems")
-    models = {"nc": get_workload("w3").build_model(), "c": w3_centred_heads(), "cc": w3_centred()}
+    models = {"nc": get_workload("w3").build_model(), "c": w3_centred_heads(), "cc": w3_centred(),
+              "cn": w3_centred_layers()}
     rows, gates = [], {}
     for option in args.options:
         form, sampler, ta, *tune = option.split(":")

@@ -134,6 +134,8 @@ def sampling_kwargs(cfg: DictConfig) -> dict:
         kw.update(target_ess=int(s.target_ess), block_draws=int(s.block_draws))
         if s.max_draws is not None:
             kw["max_draws"] = int(s.max_draws)
+    if not s.fallback_stopping:  # sampler=auto: its fallback keeps `draws` per problem
+        kw["fallback_stopping"] = False
     if not get_kernel(s.name).runs_on_host:
         kw["precision"] = str(r.precision)
         kw["devices"] = None if r.devices in (None, 1) else int(r.devices)

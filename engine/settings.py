@@ -58,6 +58,12 @@ class SamplerConfig:
         rounded up to a multiple of ``block_draws``); must be >= ``draws``.
     block_draws
         With ``target_ess``: draws per chain between two gate checks.
+    fallback_stopping
+        ``name="auto"`` only: whether the fallback of a template ``auto`` starts with NUTS stops
+        per problem (draws in blocks of ``block_draws`` until the gate passes, up to 4 x
+        ``draws``; :func:`engine.sampling.auto.fallback_config`), so those problems keep
+        ``num_draws`` draws each and the draw axis is padded past them. ``False``: every
+        problem keeps ``draws`` (what simulation-based calibration needs).
     """
 
     name: str = AUTO
@@ -73,6 +79,7 @@ class SamplerConfig:
     target_ess: Optional[int] = None
     max_draws: Optional[int] = None
     block_draws: int = 100
+    fallback_stopping: bool = True
 
     @property
     def is_stopping(self) -> bool:

@@ -3,6 +3,7 @@ the chunk size rule and the precision rule."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import arviz as az
@@ -51,6 +52,68 @@ def test_auto_picks_the_documented_kernel_per_template():
     fb = auto.fallback_config(BatchConfig(sampler=SamplerConfig(tune=300, max_tree_depth=1)))
     assert (fb.sampler.name, fb.sampler.tune, fb.sampler.target_accept, fb.runtime.precision,
             fb.sampler.max_tree_depth) == ("blackjax", 600, 0.95, "float64", 10)
+    # a template ChEES serves keeps that fallback, fixed draws
+    assert auto.fallback_config(BatchConfig(sampler=SamplerConfig(tune=300, max_tree_depth=1)), small) == fb
+    assert not fb.sampler.is_stopping
+
+
+def test_a_nuts_template_falls_back_to_target_099_and_per_problem_stopping():
+    """Hierarchical or wide templates (``auto`` starts them with NUTS): the fallback targets
+    acceptance 0.99 and draws in blocks until the gate passes, up to 4 x draws; not when the run
+    already stops (its own settings stay) or when its summary cannot take ``num_draws``."""
+    from engine.sampling.batch import BatchConfig
+
+    hierarchical = _compiled(hierarchical_model(), {"y": np.zeros((2, 3))})
+    wide = _compiled(_wide_model(auto.CHEES_MAX_DIM + 1), {"y": np.zeros((2, auto.CHEES_MAX_DIM + 1))})
+    small = _compiled(normal_normal_model(), normal_normal_data(2))
+    assert auto.is_nuts_template(hierarchical) and auto.is_nuts_template(wide) and not auto.is_nuts_template(small)
+    config = BatchConfig(sampler=SamplerConfig(draws=1000, tune=1000))
+    for compiled in (hierarchical, wide):
+        fb = auto.fallback_config(config, compiled).sampler
+        assert (fb.name, fb.tune, fb.target_accept, fb.target_ess, fb.max_draws_per_chain) == (
+            "blackjax", 2000, 0.99, 400, 4000)
+    short = auto.fallback_config(BatchConfig(sampler=SamplerConfig(draws=200, chains=4)), wide).sampler
+    assert (short.target_ess, short.max_draws_per_chain) == (80, 800)  # the gate's bar for 4 x 200 draws
+    assert not auto.fallback_config(config, wide, can_stop=False).sampler.is_stopping
+    fixed = BatchConfig(sampler=SamplerConfig(draws=1000, tune=1000, fallback_stopping=False))
+    assert not auto.fallback_config(fixed, wide).sampler.is_stopping  # every problem keeps `draws` (SBC)
+    assert auto.fallback_config(fixed, wide).sampler.target_accept == 0.99
+    own = BatchConfig(sampler=SamplerConfig(target_ess=100, max_draws=1500))
+    assert (auto.fallback_config(own, wide).sampler.target_ess, auto.fallback_config(own, wide).sampler.max_draws) == (
+        100, 1500)
+    # stages: a template ChEES serves reruns once; a NUTS template once more at 0.999, same stopping
+    assert auto.fallback_stages(config, small) == (auto.fallback_config(config, small),)
+    first, last = auto.fallback_stages(config, wide)
+    assert first == auto.fallback_config(config, wide)
+    assert last.sampler == dataclasses.replace(first.sampler, target_accept=0.999) and last.runtime == first.runtime
+    assert auto._takes_num_draws(None) and not auto._takes_num_draws(lambda v, s, d: None)
+    assert auto._takes_num_draws(lambda v, s, d, num_draws=None: None)
+
+
+def test_a_nuts_template_fallback_draws_until_the_gate_passes():
+    """A 17-parameter template (NUTS first) with one-step trees fails the gate at 4 x 100 draws;
+    the fallback draws in blocks until each problem passes: the engine's flag agrees with
+    ArviZ on each problem's kept draws, the draws past ``num_draws`` are NaN, and the means match
+    the closed form (theta_i | y_i ~ N(y_i / 2, 1 / sqrt(2)))."""
+    dim = auto.CHEES_MAX_DIM + 1
+    y = np.random.default_rng(3).normal(size=(2, dim))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # every problem ends certified
+        idata = engine.sample_batched(_wide_model(dim), {"y": y}, chains=4, draws=100, tune=100, max_tree_depth=1,
+                                      seed=1, progress=False)
+    ss = idata.sample_stats
+    num_draws = ss.num_draws.values
+    assert ss.gate_passed.values.all() and set(ss.sampler.values) == {"blackjax"}
+    assert idata.posterior.sizes["draw"] == max(100, num_draws.max()) and num_draws.max() > 100, num_draws
+    for p, n in enumerate(num_draws):
+        one = idata.isel(problem=p, draw=slice(0, int(n)))
+        assert float(az.rhat(one.posterior).theta.max()) < 1.01
+        ess = az.ess(one.posterior).theta.values
+        assert ess.min() >= 40 and float(az.ess(one.posterior, method="tail").theta.min()) >= 40
+        assert int(one.sample_stats.diverging.sum()) == 0
+        assert np.isnan(idata.posterior.theta.values[:, n:, p]).all()
+        z = (one.posterior.theta.values.mean((0, 1)) - y[p] / 2) / (np.sqrt(0.5) / np.sqrt(ess))
+        assert np.all(np.abs(z) < 4.5), z
 
 
 def test_ebfmi_matches_arviz():

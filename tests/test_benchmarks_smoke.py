@@ -269,3 +269,32 @@ def test_warm_pair_reads_contestant_flags():
     assert parse("blackjax:f64:dense") == ("blackjax", {"precision": "float64", "dense_mass": True})
     with pytest.raises(ValueError, match="unknown flag"):
         parse("chees:fast")
+
+
+def test_w3_defaults_recheck_reads_only_kept_draws():
+    """``benchmarks.w3_defaults.recheck``: ArviZ's gate over each problem's first ``num_draws``
+    draws; NaN padding past them is never read, and a divergence fails the gate."""
+    import arviz as az
+
+    from benchmarks.w3_defaults import _value, recheck
+
+    rng = np.random.default_rng(0)
+    chains, length = 4, 600
+    mu = rng.normal(size=(chains, length, 2))
+    mu[:, 500:, 0] = np.nan  # problem 0 kept 500 draws
+    diverging = np.zeros((chains, length, 2), bool)
+    diverging[1, 550, 0] = True  # past problem 0's kept draws: not counted
+    diverging[2, 10, 1] = True
+    stats = {"diverging": diverging, "n_steps": np.full((chains, length, 2), 7.0),
+             "step_size": np.full((chains, length, 2), 0.5), "acceptance_rate": np.full((chains, length, 2), 0.8)}
+    idata = az.from_dict(posterior={"mu": mu}, sample_stats=stats, coords={"problem": [0, 1]},
+                         dims={"mu": ["problem"], **{k: ["problem"] for k in stats}})
+    idata.sample_stats["num_draws"] = ("problem", np.array([500, 600]))
+    idata.sample_stats["num_grads"] = ("problem", np.array([10, 20]))
+    rows = recheck(idata)
+    kept = az.convert_to_dataset({"m": mu[:, :500, 0]})
+    assert rows[0]["ess_bulk"] == pytest.approx(float(az.ess(kept)["m"]))
+    assert rows[0]["r_hat"] == pytest.approx(float(az.rhat(kept)["m"]))
+    assert (rows[0]["divergences"], rows[0]["passed"], rows[0]["num_draws"]) == (0, True, 500)
+    assert (rows[1]["divergences"], rows[1]["passed"], rows[1]["why"]) == (1, False, "divergences")
+    assert (_value("0.99"), _value("400"), _value("None"), _value("blackjax")) == (0.99, 400, None, "blackjax")

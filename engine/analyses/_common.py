@@ -167,18 +167,47 @@ def hdi(samples: np.ndarray, prob: float = HDI_PROB) -> np.ndarray:
     return np.stack([low, high], axis=-1)
 
 
-def draw_summary(draws: np.ndarray, prob: float = HDI_PROB) -> dict[str, np.ndarray]:
-    """Posterior summary of ``draws[..., chain, draw]`` (any leading axes, e.g. problems).
+def draw_summary(draws: np.ndarray, prob: float = HDI_PROB, num_draws=None) -> dict[str, np.ndarray]:
+    """Posterior summary of ``draws[..., chain, draw]`` (any leading axes, e.g. problems) over
+    each slice's kept draws.
 
     Returns ``mean``, ``sd``, ``hdi_low``, ``hdi_high`` and the engine's batched rank-normalised
     ``r_hat``, ``ess_bulk``, ``ess_tail`` (Vehtari et al. 2021), each ``[...]``.
+
+    ``num_draws`` (broadcastable to ``[...]``) gives each slice's kept draws per chain; by
+    default they are read off the padding (:func:`num_kept`): a per-problem stopping run
+    (``target_ess``, or ``sampler="auto"``'s fallback) keeps ``num_draws[p]`` draws of problem
+    ``p`` and pads the rest of the draw axis with NaN. Slices are grouped by their kept count
+    and each group is summarised over its first ``count`` draws, so the result equals the
+    summary of the truncated trace; a slice with no kept draw gives NaN.
     """
+    x = np.asarray(draws, dtype=float)
+    lead, (chains, length) = x.shape[:-2], x.shape[-2:]
+    kept = num_kept(x) if num_draws is None else np.broadcast_to(np.asarray(num_draws, dtype=int), lead)
+    kept = np.minimum(kept, length)
+    if np.all(kept == length):
+        return _draw_summary(x, prob)
+    flat, counts = x.reshape((-1, chains, length)), kept.reshape(-1)
+    out = {k: np.full(counts.shape, np.nan) for k in SUMMARY_FIELDS}
+    for count in np.unique(counts[counts > 0]):
+        rows = np.flatnonzero(counts == count)
+        part = _draw_summary(flat[rows, :, :count], prob)
+        for k in SUMMARY_FIELDS:
+            out[k][rows] = part[k]
+    return {k: v.reshape(lead) for k, v in out.items()}
+
+
+SUMMARY_FIELDS = ("mean", "sd", "hdi_low", "hdi_high", "r_hat", "ess_bulk", "ess_tail")
+"""What :func:`draw_summary` returns, per slice."""
+
+
+def _draw_summary(x: np.ndarray, prob: float) -> dict[str, np.ndarray]:
+    """:func:`draw_summary` of ``x[..., chain, draw]``, every draw kept."""
     import jax
     import jax.numpy as jnp
 
     from engine.sampling.diagnostics import ess_bulk, ess_tail, rhat
 
-    x = np.asarray(draws, dtype=float)
     flat = x.reshape(x.shape[:-2] + (-1,))
     interval = hdi(flat, prob)
     with jax.enable_x64(True):
@@ -192,6 +221,61 @@ def draw_summary(draws: np.ndarray, prob: float = HDI_PROB) -> dict[str, np.ndar
         "hdi_high": interval[..., 1],
         **diag,
     }
+
+
+# --------------------------------------------------------------------------- kept draws
+def kept_counts(idata) -> np.ndarray:
+    """Kept draws per chain of every problem of an engine trace, ``[problem]`` int.
+
+    ``sample_stats.num_draws`` where the trace has it (a per-problem stopping run keeps problem
+    ``p``'s first ``num_draws[p]`` draws and pads the rest of the draw axis: NaN, False or 0),
+    else read off the posterior's padding (:func:`num_kept`, the longest of each problem's
+    variables and elements; the draw axis' length for a trace without padding). A trace without
+    a problem axis has one problem.
+    """
+    post = idata.posterior
+    length = int(post.sizes["draw"])
+    num_problems = int(post.sizes.get("problem", 1))
+    stats = getattr(idata, "sample_stats", None)
+    if stats is not None and "num_draws" in stats and stats["num_draws"].size == num_problems:
+        return np.minimum(np.asarray(stats["num_draws"].values, dtype=int).reshape(-1), length)
+    counts = np.zeros(num_problems, dtype=int)
+    for name in post.data_vars:
+        arr = var_draws(idata, name)
+        if np.issubdtype(arr.dtype, np.floating):
+            counts = np.maximum(counts, num_kept(arr).reshape(num_problems, -1).max(-1, initial=0))
+        else:
+            counts[:] = length
+    return counts
+
+
+def num_kept(draws: np.ndarray) -> np.ndarray:
+    """Kept draws per chain of each slice of ``draws[..., chain, draw]``, ``[...]`` int, read off
+    the padding of a per-problem stopping run: the draws past the kept ones are NaN in every
+    chain. The count is one past the last draw that is not NaN in some chain (0 for a slice of
+    NaN only), so a NaN inside the kept draws still counts (and shows in the summaries)."""
+    x = np.asarray(draws, dtype=float)
+    present = ~np.isnan(x).all(axis=-2)                                # [..., draw]
+    last = present.shape[-1] - np.argmax(present[..., ::-1], axis=-1)
+    return np.where(present.any(-1), last, 0)
+
+
+def trim_padding(draws: np.ndarray) -> np.ndarray:
+    """``draws[..., chain, draw]`` of ONE problem without the padding past its kept draws (the
+    draw axis cut to the longest kept count of its slices, :func:`num_kept`), e.g. before
+    flattening ``[chain, draw]`` to pick posterior predictive draws among the kept ones."""
+    x = np.asarray(draws)
+    if not np.issubdtype(x.dtype, np.floating) or x.size == 0:
+        return x
+    return x[..., : int(np.max(num_kept(x)))]
+
+
+def kept_share(condition: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Share of the kept draws where ``condition`` holds: ``condition`` and ``draws`` are
+    ``[..., n]`` (chains and draws flattened), padding NaN in ``draws``; ``[...]``."""
+    kept = ~np.isnan(np.asarray(draws, dtype=float))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sum(np.asarray(condition, bool) & kept, -1) / np.sum(kept, -1)
 
 
 def var_draws(idata, name: str, group: str = "posterior") -> np.ndarray:
@@ -216,10 +300,14 @@ def divergences(idata) -> np.ndarray:
 
 
 def select_problem(idata, index: int):
-    """Problem ``index`` of an engine trace as an ordinary single-posterior InferenceData."""
-    if "problem" not in idata.posterior.dims:
-        return idata
-    return idata.isel(problem=int(index))
+    """Problem ``index`` of an engine trace as an ordinary single-posterior InferenceData, its
+    draw axis cut to the problem's kept draws (:func:`kept_counts`: a per-problem stopping run
+    pads the rest), so ArviZ and every reduction over draws see kept draws only."""
+    count = int(kept_counts(idata)[int(index) if "problem" in idata.posterior.dims else 0])
+    one = idata.isel(problem=int(index)) if "problem" in idata.posterior.dims else idata
+    if count < one.posterior.sizes["draw"]:
+        one = one.isel(draw=slice(0, count))
+    return one
 
 
 def pointwise_normal_loglik(y: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:

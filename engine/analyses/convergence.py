@@ -85,7 +85,9 @@ def check(idata, *, rules: dict | None = None, max_tree_depth: int = 10, var_nam
     """Run every check on every problem.
 
     Returns ``(problems, elements)``: one row per problem (worst values and pass/fail flags) and
-    one row per checked variable element (R-hat and ESS), each a list of dicts.
+    one row per checked variable element (R-hat and ESS), each a list of dicts. Every check reads
+    each problem's kept draws only (:func:`~engine.analyses._common.kept_counts`: a per-problem
+    stopping run pads the rest of the draw axis).
     """
     rules = {**DEFAULT_RULES, **(rules or {})}
     post = idata.posterior
@@ -96,13 +98,14 @@ def check(idata, *, rules: dict | None = None, max_tree_depth: int = 10, var_nam
     has_problem = "problem" in post.dims
     num_problems = post.sizes["problem"] if has_problem else 1
     labels = list(post["problem"].values) if has_problem else [0]
+    kept = C.kept_counts(idata)                                        # [problem]
     elements = []
     worst = {k: [] for k in ("r_hat", "ess_bulk", "ess_tail")}
     for name in names:
         draws = C.var_draws(idata, name)                               # [problem, *dims, chain, draw]
         if not np.issubdtype(draws.dtype, np.number) or draws.dtype == bool:
             continue
-        stats = C.draw_summary(draws.astype(float))
+        stats = C.draw_summary(draws.astype(float))                   # each element's kept draws
         flat = {k: stats[k].reshape(num_problems, -1) for k in ("r_hat", "ess_bulk", "ess_tail", "mean")}
         elem_shape = draws.shape[1:-2]
         for p in range(num_problems):
@@ -121,17 +124,19 @@ def check(idata, *, rules: dict | None = None, max_tree_depth: int = 10, var_nam
     min_bulk = np.min(np.stack(worst["ess_bulk"]), axis=0)
     min_tail = np.min(np.stack(worst["ess_tail"]), axis=0)
     diverging = _stat(idata, "diverging")
-    divergences = np.zeros(num_problems, int) if diverging is None else diverging.sum((1, 2)).astype(int)
+    length = post.sizes["draw"]
+    in_kept = np.arange(length)[None, None, :] < kept[:, None, None]   # [problem, 1, draw]
+    divergences = (np.zeros(num_problems, int) if diverging is None
+                   else (diverging.astype(bool) & in_kept).sum((1, 2)).astype(int))
     reached = _stat(idata, "reached_max_treedepth")
     depth = _stat(idata, "tree_depth")
-    if reached is not None:
-        saturation = reached.astype(bool).mean((1, 2))
-    elif depth is not None:
-        saturation = (depth >= max_tree_depth).mean((1, 2))
-    else:
-        saturation = np.full(num_problems, np.nan)
+    hit = reached.astype(bool) if reached is not None else None if depth is None else depth >= max_tree_depth
+    with np.errstate(invalid="ignore", divide="ignore"):
+        saturation = (np.full(num_problems, np.nan) if hit is None
+                      else (hit & in_kept).sum((1, 2)) / (hit.shape[1] * kept))
     energy = _stat(idata, "energy")
-    bfmi = np.full(num_problems, np.nan) if energy is None else np.min(e_bfmi(energy), axis=1)
+    bfmi = (np.full(num_problems, np.nan) if energy is None
+            else np.array([np.min(e_bfmi(energy[p, :, :n])) if n > 1 else np.nan for p, n in enumerate(kept)]))
     problems = []
     for p in range(num_problems):
         fails = []

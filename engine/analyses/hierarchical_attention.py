@@ -186,7 +186,9 @@ def fit(entropies: np.ndarray, sample_kw: dict, *, variant: str = "hierarchical"
     (idata, draws, loglik)
         The engine trace (standardised scale); raw-unit draws ``theta`` ``[C, L, H, chain, draw]``
         and ``sigma`` (and for ``hierarchical`` ``mu``, ``tau_layer``, ``tau_head``) with the
-        problem first and chain, draw last; ``loglik`` or ``None``.
+        problem first and chain, draw last; ``loglik`` or ``None``. A checkpoint that stopped
+        per problem (``sampler="auto"``'s fallback, ``target_ess``) keeps ``num_draws`` draws
+        per chain and NaN past them, in the draws and ``loglik`` alike.
     """
     from engine.sampling.kernels import get_kernel
 
@@ -333,7 +335,7 @@ def forest_figure(entropies, draws, labels, hdi_prob, max_panels: int = 4, units
 def plot_shrinkage(entropies, draws, labels, path: Path, max_panels: int = 4, units: str = "nats") -> Path:
     """Raw per-head sample means vs posterior means: partial pooling pulls heads to their layer."""
     plt = C.pyplot()
-    post = draws["theta"].mean((-2, -1))
+    post = np.nanmean(draws["theta"], (-2, -1))  # the kept draws: a stopping run pads with NaN
     raw = entropies.mean(-1)
     panels = list(range(raw.shape[0]))[-max_panels:]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), sharey=True, squeeze=False)
@@ -351,11 +353,12 @@ def plot_shrinkage(entropies, draws, labels, path: Path, max_panels: int = 4, un
 
 
 def posterior_predictive(entropies, draws, labels, rng, max_draws: int = 500):
-    """Replicated entropies per checkpoint: ``[(label, y_obs [n], y_rep [S, n])]``."""
+    """Replicated entropies per checkpoint: ``[(label, y_obs [n], y_rep [S, n])]``, from draws
+    picked among each checkpoint's kept draws (:func:`~engine.analyses._common.trim_padding`)."""
     out = []
     for c, label in enumerate(labels):
-        theta = draws["theta"][c].reshape(entropies.shape[1:3] + (-1,))   # [L, H, chain*draw]
-        sigma = draws["sigma"][c].reshape(-1)
+        theta = C.trim_padding(draws["theta"][c]).reshape(entropies.shape[1:3] + (-1,))   # [L, H, chain*draw]
+        sigma = C.trim_padding(draws["sigma"][c]).reshape(-1)
         take = rng.choice(sigma.size, size=min(max_draws, sigma.size), replace=False)
         mean = np.moveaxis(theta[..., take], -1, 0)[..., None]             # [S, L, H, 1]
         rep = mean + sigma[take, None, None, None] * rng.standard_normal((take.size,) + entropies.shape[1:])

@@ -40,11 +40,18 @@ def merge_traces(traces: list, groups: list[list[int]]):
 
     Keeps the posterior variables every trace has, and ``sample_stats`` and ``log_likelihood``
     when every trace has them; the problem coordinate ends in the order of ``sorted(sum(groups))``.
+    Traces whose draw axes differ in length (per-problem stopping, e.g. ``sampler="auto"``'s
+    fallback) are padded to the longest as a stopping run pads (NaN, False or 0), and every
+    checkpoint keeps its ``num_draws`` (kept draws per chain; the draw axis' length where a
+    trace had none).
     """
     import arviz as az
     import xarray as xr
 
     order = np.argsort(np.concatenate([np.asarray(g, dtype=int) for g in groups]), kind="stable")
+    length = max(int(t.posterior.sizes["draw"]) for t in traces)
+    if any(int(t.posterior.sizes["draw"]) < length for t in traces):
+        traces = [_with_num_draws(t) for t in traces]
     out = {}
     for group in ("posterior", "sample_stats", "log_likelihood"):
         parts = [getattr(t, group, None) for t in traces]
@@ -52,9 +59,37 @@ def merge_traces(traces: list, groups: list[list[int]]):
             continue
         common = set(parts[0].data_vars).intersection(*(set(p.data_vars) for p in parts[1:]))
         names = [n for n in parts[0].data_vars if n in common]
-        joined = xr.concat([p[names] for p in parts], dim="problem", coords="minimal", compat="override")
+        parts = [pad_draws(p[names], length) for p in parts]
+        joined = xr.concat(parts, dim="problem", coords="minimal", compat="override")
         out[group] = joined.isel(problem=order)
     return az.InferenceData(**out)
+
+
+def _with_num_draws(idata):
+    """``idata`` with ``sample_stats.num_draws`` (the draw axis' length for every problem) where
+    it has sample stats without it."""
+    stats = getattr(idata, "sample_stats", None)
+    if stats is None or "num_draws" in stats or "problem" not in idata.posterior.dims:
+        return idata
+    idata = idata.copy()
+    count = int(idata.posterior.sizes["draw"])
+    idata.sample_stats["num_draws"] = ("problem", np.full(idata.posterior.sizes["problem"], count))
+    return idata
+
+
+def pad_draws(dataset, length: int):
+    """``dataset`` with its ``draw`` axis padded to ``length``: NaN for floats, False or 0 for the
+    rest (what :func:`engine.sampling.stopping.pad_kept` puts past a problem's kept draws)."""
+    size = int(dataset.sizes.get("draw", length))
+    if size >= length:
+        return dataset
+    out = {}
+    for name, arr in dataset.data_vars.items():
+        if "draw" in arr.dims:
+            fill = np.nan if np.issubdtype(arr.dtype, np.floating) else np.zeros((), arr.dtype)[()]
+            arr = arr.pad(draw=(0, length - size), constant_values=fill)
+        out[name] = arr
+    return type(dataset)(out, attrs=dataset.attrs).assign_coords(draw=np.arange(length))
 
 
 def gate_verdict(r_hat: float, ess_bulk: float, ess_tail: float, divergences: int,

@@ -31,7 +31,9 @@ def per_problem_idata(idata, loglik: np.ndarray | None, problem: int):
     """Problem ``problem`` of an engine trace as an ordinary InferenceData for ArviZ.
 
     ``loglik`` ``[problem, chain, draw, *obs]`` replaces the trace's ``log_likelihood`` group
-    (e.g. the raw-unit one); ``None`` keeps the trace's own.
+    (e.g. the raw-unit one); ``None`` keeps the trace's own. Only the problem's kept draws are
+    used (:func:`~engine.analyses._common.select_problem`): a per-problem stopping run pads the
+    rest of the draw axis with NaN.
     """
     import arviz as az
     import xarray as xr
@@ -41,7 +43,7 @@ def per_problem_idata(idata, loglik: np.ndarray | None, problem: int):
     if "sample_stats" in one.groups():
         groups["sample_stats"] = one.sample_stats
     if loglik is not None:
-        ll = loglik[problem]
+        ll = loglik[problem][:, : one.posterior.sizes["draw"]]
         dims = ["chain", "draw"] + [f"obs_dim_{i}" for i in range(ll.ndim - 2)]
         groups["log_likelihood"] = xr.Dataset({"obs": (dims, ll)}, coords={
             "chain": one.posterior["chain"].values, "draw": one.posterior["draw"].values})

@@ -229,8 +229,8 @@ def summarize(pairs: PairData, draws: dict, *, better="lower", rope=(-0.1, 0.1),
     diff_flat = draws["diff"].reshape(len(pairs.labels), -1)
     target = draws[rope_on].reshape(len(pairs.labels), -1)
     lower = np.array([directions[label] == "lower" for label in pairs.labels])
-    p_better = np.where(lower, (diff_flat < 0).mean(-1), (diff_flat > 0).mean(-1))
-    p_rope = ((target >= lo) & (target <= hi)).mean(-1)
+    p_better = np.where(lower, C.kept_share(diff_flat < 0, diff_flat), C.kept_share(diff_flat > 0, diff_flat))
+    p_rope = C.kept_share((target >= lo) & (target <= hi), target)
     rows = []
     for i, label in enumerate(pairs.labels):
         t = stats[rope_on]
@@ -256,7 +256,7 @@ def summarize(pairs: PairData, draws: dict, *, better="lower", rope=(-0.1, 0.1),
 def _posterior_panel(ax, x: np.ndarray, low: float, high: float, hdi_prob: float, xlabel: str) -> None:
     """Histogram of one pair's draws with its mean, the HDI and its bounds, 0, and the share of
     the posterior on each side of 0 (Kruschke 2013, Fig. 3)."""
-    x = np.ravel(x)
+    x = np.ravel(C.trim_padding(x))
     ax.hist(x, bins=50, color="C0", alpha=0.6)
     ax.axvline(0.0, color="k", lw=1)
     mean = float(x.mean())
@@ -342,7 +342,7 @@ def posterior_predictive(pairs: PairData, idata, draws: dict, rng, max_draws: in
     """Replicated data per pair and group: ``[(label, y_obs [n], y_rep [S, n])]`` (raw units)."""
     out = []
     for i, label in enumerate(pairs.labels):
-        flat = {k: v[i].reshape(-1) for k, v in draws.items()}
+        flat = {k: C.trim_padding(v[i]).reshape(-1) for k, v in draws.items()}  # kept draws only
         take = rng.choice(flat["mu_a"].size, size=min(max_draws, flat["mu_a"].size), replace=False)
         for g, obs in (("a", pairs.a[i]), ("b", pairs.b[i])):
             mu, sd = flat[f"mu_{g}"][take, None], flat[f"sigma_{g}"][take, None]

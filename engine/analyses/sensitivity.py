@@ -360,7 +360,8 @@ def effect_table(design: Design, metrics: list[str], per_sd, per_unit, hdi_prob:
     and P(improves) (P(effect < 0) where lower is better, per ``directions``; default lower)."""
     s_sd = C.draw_summary(per_sd, hdi_prob)
     s_unit = C.draw_summary(per_unit, hdi_prob)
-    p_neg = (per_sd.reshape(per_sd.shape[:2] + (-1,)) < 0).mean(-1)
+    flat = per_sd.reshape(per_sd.shape[:2] + (-1,))
+    p_neg = C.kept_share(flat < 0, flat)
     rows = []
     for m, metric in enumerate(metrics):
         for j, term in enumerate(design.terms):
@@ -406,9 +407,9 @@ def posterior_predictive(design: Design, metrics, y, idata, rng, max_draws: int 
     loc, sd_y = y.mean(-1), y.std(-1, ddof=1)
     out = []
     for m, metric in enumerate(metrics):
-        alpha = C.var_draws(idata, "alpha")[m].reshape(-1)
-        beta = C.var_draws(idata, "beta")[m].reshape(design.x.shape[1], -1)
-        sigma = C.var_draws(idata, "sigma")[m].reshape(-1)
+        alpha = C.trim_padding(C.var_draws(idata, "alpha")[m]).reshape(-1)  # kept draws only
+        beta = C.trim_padding(C.var_draws(idata, "beta")[m]).reshape(design.x.shape[1], -1)
+        sigma = C.trim_padding(C.var_draws(idata, "sigma")[m]).reshape(-1)
         take = rng.choice(alpha.size, size=min(max_draws, alpha.size), replace=False)
         mean = alpha[take, None] + (design.x @ beta[:, take]).T
         rep = mean + sigma[take, None] * rng.standard_normal(mean.shape)

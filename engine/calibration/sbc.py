@@ -278,10 +278,18 @@ def sbc(model, num_simulations: int = 1000, *, sampler: str = "blackjax", chains
 
         raise InputError("target_ess: SBC ranks each truth among a fixed number of draws; per-problem "
                          "stopping would change that number per simulation (set sampler.target_ess=null)")
+    if kw.get("fallback_stopping"):
+        from engine.errors import InputError
+
+        raise InputError("fallback_stopping: SBC ranks each truth among a fixed number of draws; a fallback "
+                         "that stops per problem would change that number per simulation (set it to false)")
     simulator = model if simulator is None else simulator
     truth_vars, data = simulate(model, simulator, int(num_simulations), int(seed))
+    # sampler="auto"'s fallback keeps ``draws`` too: every simulation is ranked among as many draws
     idata = sample_batched(model, data, sampler=sampler, chains=chains, draws=draws, tune=tune,
-                           seed=seed, **kw)
+                           seed=seed, **{**kw, "fallback_stopping": False})
+    if "num_draws" in idata.sample_stats and np.any(idata.sample_stats["num_draws"].values != draws):
+        raise ValueError("SBC needs every simulation's full draws; the fit kept fewer for some (per-problem stopping)")
     posterior = {n: np.moveaxis(idata.posterior[n].values, 2, 0)  # [M, chain, draw, *shape]
                  for n in idata.posterior.data_vars if n in truth_vars}
     if not posterior:

@@ -36,7 +36,7 @@ def compile_for(model, problem_data: ProblemData) -> CompiledModel:
 
 _OPTIONS = {"target_accept", "target_accept_prob", "max_tree_depth", "max_treedepth", "dense_mass",
             "initial_step_size", "init_tries", "jitter", "precision", "devices", "target_ess", "max_draws",
-            "block_draws"}
+            "block_draws", "fallback_stopping"}
 """``sample_batched``'s settings keywords (the rest of :class:`~engine.settings.SamplerConfig`
 and :class:`~engine.settings.RuntimeConfig` belong to audits and the CLI)."""
 
@@ -65,8 +65,12 @@ def sample_batched(
     sampler
         "auto" (default): ChEES HMC for small templates with independent priors, BlackJAX NUTS
         otherwise, and every problem that fails the convergence gate (R-hat, ESS >= 400 or
-        ``target_ess`` with stopping, divergences, E-BFMI) rerun with NUTS at twice the warmup, ``target_accept >= 0.95``, in float64
-        (:mod:`engine.sampling.auto`); a ``RuntimeWarning`` counts those still failing.
+        ``target_ess`` with stopping, divergences, E-BFMI) rerun with NUTS at twice the warmup,
+        ``target_accept >= 0.95``, in float64 (:mod:`engine.sampling.auto`); for templates started
+        with NUTS (hierarchical, or more than 16 parameters) the rerun targets 0.99 and draws in
+        blocks until the gate passes, up to 4 x ``draws`` per chain (``num_draws`` per problem;
+        NaN past it), and a problem still failing reruns once more at 0.999; a ``RuntimeWarning``
+        counts those still failing.
         NUTS: "blackjax", "numpyro", "stepwise" (the engine's lockstep-free NUTS);
         "chees" (ChEES-adapted jittered HMC, tuned across each problem's chains: fastest on
         small well-conditioned posteriors, needs ``chains >= 2`` and ``tune >= 50``, diagonal
@@ -89,7 +93,9 @@ def sample_batched(
         draw in blocks of ``block_draws`` (100) per chain and stop each problem once R-hat <
         1.01, bulk and tail ESS >= ``target_ess`` and no divergences hold over its draws),
         ``max_draws`` (per chain, default ``max(4000, draws)``: a problem still failing there
-        stops unconverged). Not for ``sampler="pymc"`` or ``"stepwise"``.
+        stops unconverged; one with a divergence stops at that block). Not for ``sampler="pymc"`` or ``"stepwise"``.
+        ``fallback_stopping`` (True; ``sampler="auto"`` only): False keeps ``draws`` per
+        problem in the fallback too (a draw axis without padding).
 
     Returns
     -------

@@ -27,8 +27,17 @@ problems that fail with a careful NUTS:
    to sample).
 4. Fallback (:func:`fallback_config`): the problems still failing rerun with BlackJAX NUTS,
    twice the warmup, ``target_accept`` at least 0.95, in float64, from their own key streams
-   (``fold_in(key, i)`` as before); their rows replace the first run's. Problems failing all
-   runs keep the last one's result and are counted in one ``RuntimeWarning``.
+   (``fold_in(key, i)`` as before); their rows replace the first run's. For a template ``auto``
+   starts with NUTS (:func:`is_nuts_template`: hierarchical or more than :data:`CHEES_MAX_DIM`
+   parameters) the fallback targets acceptance 0.99 and stops per problem
+   (:mod:`engine.sampling.stopping`): it draws in blocks until the problem passes the gate, up
+   to :data:`FALLBACK_MAX_DRAWS_FACTOR` x ``draws`` per chain, so a shortfall of ESS or R-hat
+   costs more draws instead of a failure (a divergence, which more draws cannot remove, stops
+   the problem at once); problems still failing rerun once more the same way at
+   ``target_accept`` 0.999 (:func:`fallback_stages`). The result's ``draw`` axis is then as
+   long as the longest such problem's, and ``num_draws`` says how many each problem kept (NaN
+   past them). Problems failing every rerun keep the last one's result and are counted in one
+   ``RuntimeWarning``.
 
 Reruns are pooled across chunks (:func:`run_auto`): a chunk with failures waits, with the chunks
 after it, until a pool's worth fail (:func:`_pool_capacity`), :data:`FALLBACK_MAX_WAIT_S` pass
@@ -53,7 +62,9 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 __all__ = ["CHEES_MAX_DIM", "FALLBACK_TARGET_ACCEPT", "FALLBACK_TUNE_FACTOR", "FALLBACK_CHUNK_PER_DEVICE", "FLOAT32_MAX_ABS",
-           "FLOAT32_MAX_ROWS", "GateStats", "choose_kernel", "choose_precision", "fallback_config",
+           "FLOAT32_MAX_ROWS", "FALLBACK_MAX_DRAWS_FACTOR", "NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT", "GateStats",
+           "LAST_STAGE_TARGET_ACCEPT", "fallback_stages",
+           "choose_kernel", "is_nuts_template", "choose_precision", "fallback_config",
            "gate_ess_min", "gate_passed", "gate_stats", "run_auto", "sampler_names", "stopping_gate_passed"]
 
 CHEES_MAX_DIM = 16
@@ -64,6 +75,25 @@ FALLBACK_TARGET_ACCEPT = 0.95
 
 FALLBACK_TUNE_FACTOR = 2
 """The fallback's warmup is this many times the run's ``tune``."""
+
+NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT = 0.99
+"""Smallest ``target_accept`` of the fallback for a template ``auto`` starts with NUTS
+(:func:`is_nuts_template`: hierarchical, or more than :data:`CHEES_MAX_DIM` parameters). On the
+non-centred hierarchical attention workload (w3, 40 parameters) the divergences sit where a
+scale is large and the non-centred coordinates are pinned narrowly by the data, a region the
+step adapted to the bulk overshoots; at 0.95 they remained in 19 of 20 problems
+(``benchmarks/results/w3_reliability.md``)."""
+
+LAST_STAGE_TARGET_ACCEPT = 0.999
+"""For a template ``auto`` starts with NUTS, problems still failing after the fallback rerun once
+more at this ``target_accept`` (:func:`fallback_stages`). On w3 (20 problems, seed 0) it
+certified 3 of the 4 that kept a divergence at 0.99 (``benchmarks/results/w3_reliability.md``);
+the window adaptation reaches a realised acceptance of 0.96-0.997, not 0.999."""
+
+FALLBACK_MAX_DRAWS_FACTOR = 4
+"""For a template ``auto`` starts with NUTS, the fallback draws in blocks until each problem
+passes the gate (per-problem stopping, :mod:`engine.sampling.stopping`), up to this many times
+``draws`` per chain."""
 
 FALLBACK_CHUNK_PER_DEVICE = 8
 """Problems per device in a fallback chunk: failures are few, and one fixed size compiles once."""
@@ -110,11 +140,17 @@ class GateStats(NamedTuple):
 # ------------------------------------------------------------------------------ choices
 
 
+def is_nuts_template(compiled) -> bool:
+    """Whether ``auto`` starts this template with NUTS whatever the settings: it is hierarchical
+    (``CompiledModel.is_hierarchical``) or has more than :data:`CHEES_MAX_DIM` parameters."""
+    return compiled.dim > CHEES_MAX_DIM or compiled.is_hierarchical
+
+
 def choose_kernel(compiled, sampler) -> str:
     """The kernel ``auto`` starts with for this compiled template and ``SamplerConfig``."""
     from engine.sampling.kernels.chees_hmc import MIN_CHAINS, MIN_TUNE
 
-    small = compiled.dim <= CHEES_MAX_DIM and not compiled.is_hierarchical
+    small = not is_nuts_template(compiled)
     chees_runs = int(sampler.chains) >= MIN_CHAINS and int(sampler.tune) >= MIN_TUNE and not sampler.dense_mass
     return "chees" if small and chees_runs else "blackjax"
 
@@ -148,19 +184,45 @@ def primary_config(config, compiled):
     return dataclasses.replace(config, sampler=dataclasses.replace(s, name=name, target_accept=target))
 
 
-def fallback_config(config):
+def fallback_config(config, compiled=None, can_stop: bool = True):
     """The careful rerun: BlackJAX NUTS, :data:`FALLBACK_TUNE_FACTOR` x the warmup (at least
     100 steps), ``target_accept >= FALLBACK_TARGET_ACCEPT``, trees at least as deep as NUTS's
-    default, float64."""
+    default, float64.
+
+    For a ``compiled`` template that ``auto`` starts with NUTS (:func:`is_nuts_template`) also
+    ``target_accept >=`` :data:`NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT` and, unless the run already
+    stops per problem, ``can_stop`` is false (a ``summary_fn`` without ``num_draws=``) or the
+    settings turn it off (``fallback_stopping=False``), per-problem stopping:
+    ``target_ess`` the gate's ESS bar (:func:`gate_ess_min`), ``max_draws``
+    :data:`FALLBACK_MAX_DRAWS_FACTOR` x ``draws``, so a problem short of ESS or R-hat draws
+    more instead of failing."""
     s, r = config.sampler, config.runtime
     from engine.sampling.kernels.base import DEFAULT_MAX_TREE_DEPTH
 
+    target = max(float(s.target_accept), FALLBACK_TARGET_ACCEPT)
+    stopping = {}
+    if compiled is not None and is_nuts_template(compiled):
+        target = max(target, NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT)
+        if can_stop and s.fallback_stopping and not s.is_stopping and int(s.chains) >= 2:
+            stopping = dict(target_ess=int(np.ceil(gate_ess_min(s.chains, s.draws))),
+                            max_draws=FALLBACK_MAX_DRAWS_FACTOR * int(s.draws))
     sampler = dataclasses.replace(
-        s, name="blackjax", tune=max(FALLBACK_TUNE_FACTOR * int(s.tune), 100),
-        target_accept=max(float(s.target_accept), FALLBACK_TARGET_ACCEPT),
-        max_tree_depth=max(int(s.max_tree_depth), DEFAULT_MAX_TREE_DEPTH),
+        s, name="blackjax", tune=max(FALLBACK_TUNE_FACTOR * int(s.tune), 100), target_accept=target,
+        max_tree_depth=max(int(s.max_tree_depth), DEFAULT_MAX_TREE_DEPTH), **stopping,
     )
     return dataclasses.replace(config, sampler=sampler, runtime=dataclasses.replace(r, precision="float64"))
+
+
+def fallback_stages(config, compiled=None, can_stop: bool = True) -> tuple:
+    """The reruns, in order, of the problems still failing the gate: :func:`fallback_config`;
+    for a template ``auto`` starts with NUTS (:func:`is_nuts_template`) then the same at
+    ``target_accept >=`` :data:`LAST_STAGE_TARGET_ACCEPT` (each rerun from the problem's own key
+    stream, its gradients added to the earlier runs')."""
+    first = fallback_config(config, compiled, can_stop)
+    if compiled is None or not is_nuts_template(compiled):
+        return (first,)
+    target = max(float(first.sampler.target_accept), LAST_STAGE_TARGET_ACCEPT)
+    return first, dataclasses.replace(first, sampler=dataclasses.replace(first.sampler, target_accept=target))
 
 
 def sampler_names() -> tuple[str, ...]:
@@ -304,6 +366,35 @@ def _pool_capacity(retry: bool, chunk_size: int, num_devices: int) -> int:
     return int(chunk_size) if retry else FALLBACK_CHUNK_PER_DEVICE * num_devices
 
 
+def _takes_num_draws(summary_fn) -> bool:
+    """Whether ``summary_fn`` can summarise a stopping run (``summary_fn(..., num_draws=n)``)."""
+    import inspect
+
+    return summary_fn is None or "num_draws" in inspect.signature(summary_fn).parameters
+
+
+def _num_draw_slots(kept) -> int:
+    """Length of the draw axis of host draws ``(values, stats, loglik)``, ``[n, chain, draw, ...]``."""
+    return int(next(iter(kept[0].values())).shape[2])
+
+
+def _pad_draws(kept, length: int):
+    """Host draws ``(values, stats, loglik)`` with the draw axis (2) padded to ``length`` with
+    NaN (floats), False or 0, as a stopping run pads the draws past a problem's ``num_draws``
+    (:func:`engine.sampling.stopping.pad_kept`)."""
+    import jax
+
+    def pad(a):
+        if a is None or a.shape[2] >= length:
+            return a
+        fill = np.nan if np.issubdtype(a.dtype, np.floating) else 0
+        widths = [(0, 0)] * a.ndim
+        widths[2] = (0, length - a.shape[2])
+        return np.pad(np.asarray(a), widths, constant_values=np.array(fill).astype(a.dtype))
+
+    return jax.tree.map(pad, kept, is_leaf=lambda x: x is None)
+
+
 def _replace_rows(primary, fallback, rows):
     """``primary`` (host pytree ``[n, ...]``) with ``rows`` taken from ``fallback`` (``[k, ...]``),
     in the primary's dtypes."""
@@ -358,7 +449,7 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
 
     num_devices = len(local_devices(config.runtime.devices))
     primary = primary_config(config, compiled)
-    fallback = fallback_config(config)
+    stages = fallback_stages(config, compiled, can_stop=_takes_num_draws(summary_fn))
     s = config.sampler
     stopping = s.is_stopping
     wrapped = _with_gate(summary_fn, compiled.free_var_names, stopping)
@@ -377,8 +468,10 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     retry = primary.sampler.name == "chees" and not stopping
     pool_size = _pool_capacity(retry, chunk_size, num_devices)
 
-    def judge(gate, converged):
-        if stopping:
+    def judge(gate, converged, stops=stopping):
+        """A run's gate: the stopping gate's verdict plus E-BFMI for a run that stops per
+        problem (its wrapper returned E-BFMI), :func:`gate_passed` otherwise."""
+        if stops:
             return stopping_gate_passed(converged, gate)
         return gate_passed(gate, s.chains, int(s.draws))
     # R-hat needs 2 chains: with one, no problem can pass, and rerunning them all would not help
@@ -399,14 +492,16 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
         fb_got: list = []
         needs_draws = config.keep_draws or any((p.start, p.stop) in keep for p in pending)
         fb_grid = chunk_grid(total, size)
-        fb_res = run_batched(compiled, problem_data.select(padded), fb_config, summary_fn=wrapped,
+        fb_stops = fb_config.sampler.is_stopping  # a rerun may stop per problem where the first run did not
+        fb_res = run_batched(compiled, problem_data.select(padded), fb_config,
+                             summary_fn=_with_gate(summary_fn, compiled.free_var_names, fb_stops),
                              on_chunk=capture(fb_got), progress=False,
                              keep_chunks=fb_grid if needs_draws else (), problem_index=padded + offset)
         fb_kept, _, (fb_summary, fb_gate) = (
             jax.tree.map(lambda *xs: np.concatenate(xs), *fb_got) if len(fb_got) > 1 else fb_got[0])
         fb_counts = [fb_res.num_draws, fb_res.num_grads, fb_res.converged]
         fb_passed = judge(jax.tree.map(lambda a: np.asarray(a)[: index.size], fb_gate),
-                          None if fb_res.converged is None else np.asarray(fb_res.converged)[: index.size])
+                          None if fb_res.converged is None else np.asarray(fb_res.converged)[: index.size], fb_stops)
         offset_rows = 0
         out = []
         for p, chunk_rows in zip(pending, rows_of):
@@ -422,7 +517,11 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
                     mine[chunk_rows] = np.asarray(theirs)[rows]
                     if i == 1:  # a rerun's gradients come on top of the earlier runs'
                         mine[chunk_rows] += before
-            kept = _replace_rows(p.kept, take(fb_kept), chunk_rows) if p.kept[0] is not None else p.kept
+            kept = p.kept
+            if kept[0] is not None:  # a stopping rerun's draw axis is max_draws long: pad both alike
+                theirs = take(fb_kept)
+                length = max(_num_draw_slots(kept), _num_draw_slots(theirs))
+                kept = _replace_rows(_pad_draws(kept, length), _pad_draws(theirs, length), chunk_rows)
             summary = _replace_rows(p.summary, take(fb_summary), chunk_rows) if p.summary is not None else None
             p.passed[chunk_rows] = fb_passed[rows]
             p.used[chunk_rows] = stage.sampler.name
@@ -451,9 +550,11 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
             rows_of = [p.failing[np.asarray(p.gate.divergences)[p.failing] == 0] for p in pending]
             if any(r.size for r in rows_of):
                 pending = rerun(pending, rows_of, primary, chunk_size, RETRY_STREAM)
-        if any(p.failing.size for p in pending):
+        for stage in stages:
             count = sum(p.failing.size for p in pending)
-            pending = rerun(pending, [p.failing for p in pending], fallback,
+            if not count:
+                break
+            pending = rerun(pending, [p.failing for p in pending], stage,
                             _fallback_size(count, chunk_size, num_devices), 0)
         for p in pending:
             emit(p)
@@ -487,6 +588,9 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     if not results:
         return BatchResult(None, None, None, np.zeros(0, bool), None)
 
+    if results[0][0][0] is not None:  # chunks whose fallback stopped late hold longer draw axes
+        length = max(_num_draw_slots(host[0]) for host in results)
+        results = [(_pad_draws(host[0], length),) + tuple(host[1:]) for host in results]
     concat = lambda *xs: np.concatenate(xs)  # noqa: E731
     kept, ok, summaries = jax.tree.map(concat, *results) if len(results) > 1 else results[0]
     values, stats, loglik = kept
