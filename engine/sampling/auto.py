@@ -465,7 +465,7 @@ def run_auto(compiled, problem_data, config, *, summary_fn=None, chunks=None, on
     # a ChEES first run without stopping retries its failures without divergences once, in its
     # own program (no compile), before NUTS: their R-hat misses 1.01 by chance far more often
     # than a second run does (w1: 1 in 1000 problems at 4 x 500 draws)
-    retry = primary.sampler.name == "chees" and not stopping
+    retry = primary.sampler.name != stages[0].sampler.name and not stopping  # ChEES first, NUTS after
     pool_size = _pool_capacity(retry, chunk_size, num_devices)
 
     def judge(gate, converged, stops=stopping):
