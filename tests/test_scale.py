@@ -28,7 +28,7 @@ finally:
 def test_200k_token_audit_runs_in_bounded_memory(tmp_path):
     """200,000 tokens (10 observations each) in 5 chunks: peak RSS < 4 GiB, and RSS after the last
     chunk within 300 MB of RSS after the first. Sized to run in under a minute: 1 chain, 10+10
-    iterations, 25 draws from q per token."""
+    iterations (the warm start's own warmup set to 10 too), 25 draws from q per token."""
     tokens, n = 200_000, 10
     rng = np.random.default_rng(0)
     theta = rng.normal(size=(1, tokens))
@@ -40,7 +40,7 @@ def test_200k_token_audit_runs_in_bounded_memory(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable, "-c", PEAK_RSS, "data=file", f"data.path={beliefs}", "sampler.chains=1",
-        "sampler.draws=10", "sampler.tune=10", "analysis.num_q_draws=25", "analysis.plots=false",
+        "sampler.draws=10", "sampler.tune=10", "analysis.warm_start_tune=10", "analysis.num_q_draws=25", "analysis.plots=false",
         "runtime.batch_size=40000", "runtime.precision=float32", f"hydra.run.dir={run_dir}",
     ]
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -132,13 +132,34 @@ def pareto_khat(log_weights, reff: float = 1.0):
     return out.reshape(lead)
 
 
+def _gpd_shape(tails):
+    """Zhang & Stephens (2009) empirical-Bayes GPD shape of each row of ``tails [R, n]`` (sorted
+    ascending, positive exceedances), with the weak prior toward 0.5 that ArviZ's ``_gpdfit`` adds:
+    the same arithmetic, on all rows at once."""
+    rows, n = tails.shape
+    m_est = 30 + int(n**0.5)
+    b = 1.0 - np.sqrt(m_est / (np.arange(1, m_est + 1, dtype=float) - 0.5))  # [m]
+    b = b[None, :] / (3.0 * tails[:, int(n / 4 + 0.5) - 1 : int(n / 4 + 0.5)]) + 1.0 / tails[:, -1:]  # [R, m]
+    k_b = np.log1p(-b[:, :, None] * tails[:, None, :]).mean(-1)  # [R, m]
+    len_scale = n * (np.log(-(b / k_b)) - k_b - 1.0)
+    weights = 1.0 / np.exp(len_scale[:, None, :] - len_scale[:, :, None]).sum(-1)  # [R, m]
+    weights = np.where(weights >= 10 * np.finfo(float).eps, weights, 0.0)
+    weights /= weights.sum(-1, keepdims=True)
+    b_post = (b * weights).sum(-1)
+    k_post = np.log1p(-b_post[:, None] * tails).mean(-1)
+    return (n * k_post + 10 * 0.5) / (n + 10)
+
+
 def pareto_khat_from_tail(top_log_weights, num_samples: int, reff: float = 1.0):
     """k-hat from the ``psis_tail_size(num_samples)`` largest log weights ``[..., M+1]`` -> ``[...]``.
 
-    The smaller weights only pad the vector to ``num_samples`` (with the cut-off value, which
-    PSIS neither fits nor counts in the tail), so the result equals :func:`pareto_khat` on all
-    ``num_samples`` weights. Tails flat to rounding (``q`` equal to ``p``; the log weights'
-    dtype sets the tolerance) give ``-inf``: bounded weights, the best possible k-hat.
+    PSIS's k-hat depends only on the ``M`` largest weights and the cut-off (the ``M+1``-th), so the
+    result equals :func:`pareto_khat` (ArviZ's ``psislw``) on all ``num_samples`` weights. Rows are
+    fitted together (:func:`_gpd_shape`, ArviZ's arithmetic vectorised: 200,000 tokens take a
+    second, not a minute); rows whose tail is not ``M`` values strictly above the cut-off (ties,
+    underflow) or whose fit is not finite go through ArviZ itself. Tails flat to rounding (``q``
+    equal to ``p``; the log weights' dtype sets the tolerance) give ``-inf``: bounded weights, the
+    best possible k-hat.
     """
     raw = np.asarray(top_log_weights)
     eps = np.finfo(raw.dtype).eps if np.issubdtype(raw.dtype, np.floating) else np.finfo(float).eps
@@ -148,15 +169,25 @@ def pareto_khat_from_tail(top_log_weights, num_samples: int, reff: float = 1.0):
         raise ValueError(f"expected {psis_tail_size(num_samples, reff)} top weights, got {keep}")
     lead = top.shape[:-1]
     flat = top.reshape((-1, keep))
-    k = np.empty(flat.shape[0])
-    block = 4096  # rows padded to num_samples at a time: bounded memory for 10^6 tokens
-    for start in range(0, flat.shape[0], block):
-        rows = flat[start : start + block]
+    k = np.full(flat.shape[0], np.nan)
+    block = 2048  # rows fitted at a time: bounded memory for 10^6 tokens
+    with np.errstate(all="ignore"):
+        shifted = flat - flat[:, -1:]  # psislw subtracts the largest log weight
+        cutoff = np.maximum(shifted[:, 0], np.log(np.finfo(float).tiny))
+        regular = np.isfinite(flat).all(-1) & (shifted[:, 1] > cutoff) & (keep - 1 > 4)
+        for start in range(0, flat.shape[0], block):
+            idx = start + np.flatnonzero(regular[start : start + block])
+            if idx.size:
+                tails = np.exp(shifted[idx, 1:]) - np.exp(cutoff[idx, None])
+                k[idx] = _gpd_shape(tails)
+    rest = np.flatnonzero(~np.isfinite(k))
+    for start in range(0, rest.size, block):  # ties, underflow, failed fits: ArviZ on the padded rows
+        rows = flat[rest[start : start + block]]
         pad = np.repeat(rows[:, :1], num_samples - keep, axis=-1)
-        k[start : start + block] = pareto_khat(np.concatenate([pad, rows], axis=-1), reff=reff)
+        k[rest[start : start + block]] = pareto_khat(np.concatenate([pad, rows], axis=-1), reff=reff)
     k = k.reshape(lead)
     # constant weights (q equal to p up to rounding): nothing to fit, importance sampling is exact
     with np.errstate(invalid="ignore"):
         spread = top[..., -1] - top[..., 0]
-        flat = spread <= 256 * eps * (1.0 + np.abs(top[..., -1]))
+        flat = np.isfinite(spread) & (spread <= 256 * eps * (1.0 + np.abs(top[..., -1])))
     return np.where(flat, -np.inf, k)
