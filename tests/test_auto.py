@@ -252,34 +252,35 @@ def test_fallback_pools_failures_across_chunks(monkeypatch):
 
 
 def test_chees_retry_certifies_chance_failures_against_the_closed_form():
-    """At 4 x 200 draws ChEES misses the gate by chance on a few conjugate problems (seed 0:
-    problems 15 and 17); ``auto`` reruns them with ChEES from fresh key streams, where they
-    pass, so no NUTS program is compiled. Their draws match the closed form, and their
-    gradients count both runs."""
-    data = normal_normal_data(24, seed=0)
-    kw = dict(chains=4, draws=200, tune=100, batch_size=24, seed=0, progress=False)
+    """At 4 x 200 draws ChEES misses the gate by chance on a few conjugate problems (seed 0: 2-5
+    of 48, which ones depends on rounding, hence on XLA's optimisation level); ``auto`` reruns
+    them with ChEES from fresh key streams, where they pass, so no NUTS program is compiled.
+    Their draws match the closed form, and their gradients count both runs."""
+    data = normal_normal_data(48, seed=0)
+    kw = dict(chains=4, draws=200, tune=100, batch_size=48, seed=0, progress=False)
     first = engine.sample_batched(normal_normal_model(), data, sampler="chees", **kw)
     gate = auto.gate_passed(auto.GateStats(
         r_hat=az.rhat(first).theta.values, ess_bulk=az.ess(first).theta.values,
         ess_tail=az.ess(first, method="tail").theta.values,
         divergences=first.sample_stats.diverging.sum(("chain", "draw")).values,
         ebfmi=np.min(ebfmi(first.sample_stats.energy.transpose("problem", "chain", "draw").values), axis=-1)), 4, 200)
-    assert np.flatnonzero(~gate).tolist() == [15, 17]
+    failed = np.flatnonzero(~gate)
+    assert 1 <= failed.size <= 6, failed  # chance failures, a few per hundred
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         idata = engine.sample_batched(normal_normal_model(), data, **kw)
-    assert idata.sample_stats.sampler.values.tolist() == ["chees"] * 24
+    assert idata.sample_stats.sampler.values.tolist() == ["chees"] * 48
     assert idata.sample_stats.gate_passed.values.all()
     grads = idata.sample_stats.num_grads.values
     first_grads = first.sample_stats.num_grads.values
-    assert np.all(grads[[15, 17]] > first_grads[[15, 17]])  # both runs counted
-    np.testing.assert_array_equal(np.delete(grads, [15, 17]), np.delete(first_grads, [15, 17]))
-    np.testing.assert_array_equal(np.delete(idata.posterior.theta.values, [15, 17], axis=-1),
-                                  np.delete(first.posterior.theta.values, [15, 17], axis=-1))
+    assert np.all(grads[failed] > first_grads[failed])  # both runs counted
+    np.testing.assert_array_equal(np.delete(grads, failed), np.delete(first_grads, failed))
+    np.testing.assert_array_equal(np.delete(idata.posterior.theta.values, failed, axis=-1),
+                                  np.delete(first.posterior.theta.values, failed, axis=-1))
     mean, sd = normal_normal_posterior(data)
-    theta = idata.posterior.theta.values[..., [15, 17]]
-    ess = az.ess(idata).theta.values[[15, 17]]
-    z = (theta.mean((0, 1)) - mean[[15, 17]]) / (sd[[15, 17]] / np.sqrt(ess))
+    theta = idata.posterior.theta.values[..., failed]
+    ess = az.ess(idata).theta.values[failed]
+    z = (theta.mean((0, 1)) - mean[failed]) / (sd[failed] / np.sqrt(ess))
     assert np.all(np.abs(z) < 4), z
 
 
