@@ -40,6 +40,7 @@ def quick_results(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow  # a whole benchmark run (100 s); the certified benchmark's smoke test stays in the fast tier
 def test_quick_mode_writes_well_formed_results(quick_results):
     out, proc = quick_results
     for name in ("quick.json", "quick.md", "quick_scaling.png"):

@@ -199,14 +199,6 @@ def test_bad_data_raises_named_value_error(data, match):
         engine.sample_batched(normal_normal_model(), data, draws=10, tune=10, progress=False)
 
 
-def test_unstartable_problem_named_before_sampling():
-    data = normal_normal_data(5, seed=7)
-    data["obs_sigma"] = data["obs_sigma"].copy()
-    data["obs_sigma"][3] = -1.0  # log density is -inf everywhere for problem 3
-    with pytest.raises(ValueError, match="problem 3: the log density is not finite"):
-        engine.sample_batched(normal_normal_model(), data, draws=10, tune=10, progress=False)
-
-
 def test_ragged_container_not_observed_row_by_row_is_refused():
     with pm.Model() as model:
         x = pm.Data("x", np.zeros(4))

@@ -112,7 +112,9 @@ def test_max_draws_reached_is_not_converged():
 
     _, data = _data(3)
     problem_data = prepare_data(MODEL, data)
-    config = BatchConfig(sampler=SamplerConfig(tune=100, draws=100, target_ess=10**6, max_draws=100, block_draws=50))
+    # NUTS alone: auto would rerun every problem in its fallback, which is not the point here
+    config = BatchConfig(sampler=SamplerConfig(name="blackjax", tune=100, draws=100, target_ess=10**6, max_draws=100,
+                                               block_draws=50))
     result = run_batched(compile_for(MODEL, problem_data), problem_data, config)
     assert not result.converged.any()
     np.testing.assert_array_equal(result.num_draws, [100, 100, 100])
