@@ -40,7 +40,7 @@ class SamplerConfig:
         fallback (:mod:`engine.sampling.auto`).
     chains, draws, tune
         Chains per problem; kept draws and warmup transitions per chain.
-    target_accept, max_tree_depth, dense_mass, initial_step_size
+    target_accept, max_tree_depth, dense_mass, initial_step_size, pool_step_size
         The kernel's settings (:class:`~engine.sampling.kernels.base.KernelSettings`).
     init_tries
         Jittered initial points tried per chain before a problem is declared unstartable.
@@ -74,6 +74,7 @@ class SamplerConfig:
     max_tree_depth: int = DEFAULT_MAX_TREE_DEPTH
     dense_mass: bool = False
     initial_step_size: float = 1.0
+    pool_step_size: bool = False
     init_tries: int = 20
     jitter: float = 1.0
     target_ess: Optional[int] = None
@@ -101,6 +102,7 @@ class SamplerConfig:
         return KernelSettings(
             target_accept=float(self.target_accept), max_tree_depth=int(self.max_tree_depth),
             dense_mass=bool(self.dense_mass), initial_step_size=float(self.initial_step_size),
+            pool_step_size=bool(self.pool_step_size),
         )
 
     def checked(self) -> "SamplerConfig":
@@ -136,6 +138,9 @@ class SamplerConfig:
         if config.target_ess is not None and kernel.loop != "draws":
             raise InputError(f"sampler {kernel.name!r} runs its whole chunk in one leapfrog loop and cannot "
                              "stop at target_ess; set target_ess=None or use blackjax, numpyro or chees")
+        if config.pool_step_size and kernel.loop != "draws":
+            raise InputError(f"sampler {kernel.name!r} runs its whole chunk in one leapfrog loop and cannot "
+                             "pool its chains' step sizes; set pool_step_size=False or use blackjax")
         if kernel.check is not None:
             kernel.check(int(config.chains), int(config.tune), config.kernel_settings)
         return config

@@ -81,11 +81,13 @@ def test_a_nuts_template_falls_back_to_target_099_and_per_problem_stopping():
     own = BatchConfig(sampler=SamplerConfig(target_ess=100, max_draws=1500))
     assert (auto.fallback_config(own, wide).sampler.target_ess, auto.fallback_config(own, wide).sampler.max_draws) == (
         100, 1500)
-    # stages: a template ChEES serves reruns once; a NUTS template once more at 0.999, same stopping
+    # stages: a template ChEES serves reruns once; a NUTS template once more at 0.999 with one
+    # step size per problem, same stopping
     assert auto.fallback_stages(config, small) == (auto.fallback_config(config, small),)
     first, last = auto.fallback_stages(config, wide)
-    assert first == auto.fallback_config(config, wide)
-    assert last.sampler == dataclasses.replace(first.sampler, target_accept=0.999) and last.runtime == first.runtime
+    assert first == auto.fallback_config(config, wide) and not first.sampler.pool_step_size
+    assert last.sampler == dataclasses.replace(first.sampler, target_accept=0.999, pool_step_size=True)
+    assert last.runtime == first.runtime
     assert auto._takes_num_draws(None) and not auto._takes_num_draws(lambda v, s, d: None)
     assert auto._takes_num_draws(lambda v, s, d, num_draws=None: None)
 

@@ -35,8 +35,8 @@ def compile_for(model, problem_data: ProblemData) -> CompiledModel:
 
 
 _OPTIONS = {"target_accept", "target_accept_prob", "max_tree_depth", "max_treedepth", "dense_mass",
-            "initial_step_size", "init_tries", "jitter", "precision", "devices", "target_ess", "max_draws",
-            "block_draws", "fallback_stopping"}
+            "initial_step_size", "pool_step_size", "init_tries", "jitter", "precision", "devices", "target_ess",
+            "max_draws", "block_draws", "fallback_stopping"}
 """``sample_batched``'s settings keywords (the rest of :class:`~engine.settings.SamplerConfig`
 and :class:`~engine.settings.RuntimeConfig` belong to audits and the CLI)."""
 
@@ -69,7 +69,8 @@ def sample_batched(
         ``target_accept >= 0.95``, in float64 (:mod:`engine.sampling.auto`); for templates started
         with NUTS (hierarchical, or more than 16 parameters) the rerun targets 0.99 and draws in
         blocks until the gate passes, up to 4 x ``draws`` per chain (``num_draws`` per problem;
-        NaN past it), and a problem still failing reruns once more at 0.999; a ``RuntimeWarning``
+        NaN past it), and a problem still failing reruns once more at 0.999 with every chain at
+        the smallest of its chains' adapted steps (``pool_step_size``); a ``RuntimeWarning``
         counts those still failing.
         NUTS: "blackjax", "numpyro", "stepwise" (the engine's lockstep-free NUTS);
         "chees" (ChEES-adapted jittered HMC, tuned across each problem's chains: fastest on
@@ -85,7 +86,8 @@ def sample_batched(
         budget (a few hundred problems per device on CPU, :mod:`engine.sampling.chunking`).
     **kw
         ``target_accept`` (0.8), ``max_tree_depth`` (10), ``dense_mass`` (False),
-        ``initial_step_size`` (1.0), ``precision`` ("auto": float32 unless the data's
+        ``initial_step_size`` (1.0), ``pool_step_size`` (False; blackjax NUTS: after warmup
+        every chain of a problem uses the smallest of its chains' adapted steps), ``precision`` ("auto": float32 unless the data's
         magnitudes or sizes need float64; "float64"; "float32"), ``init_tries`` (20), ``jitter``
         (1.0), ``devices`` (-1: shard problems over all local devices; None or 1: one device; N), ``log_likelihood`` (False: add the pointwise log-likelihood
         group), ``problem_coords`` (labels of the problem axis), ``progress`` (None: only on

@@ -38,7 +38,7 @@ from engine.errors import InputError
 from engine.model.compile import CompiledModel, ProblemData
 from engine.sampling import stopping as stopping_mod
 from engine.sampling.kernels import SampleStats, describe, get_kernel
-from engine.sampling.kernels.base import SamplingAlgorithm, Schedule
+from engine.sampling.kernels.base import SamplingAlgorithm, Schedule, pool_step_sizes
 from engine.sampling.starts import (  # noqa: F401 (re-exported: the batch API's start options)
     START_INVERSE_MASS, START_MEAN, START_SCALE, WARM_START_STREAM, init_positions,
     problem_starts, warm_positions,
@@ -193,20 +193,26 @@ def build_chunk_program(compiled: CompiledModel, config: BatchConfig, summary_fn
     return _cached(compiled, "chunk", config, summary_fn, build)
 
 
-def _sample(algorithm: SamplingAlgorithm, rng_key, position, schedule: Schedule):
-    """Warmup, then ``num_draws`` scanned steps of one ``loop="draws"`` kernel (one chain, or
-    one problem's chains) -> (``Transition`` of ``[num_draws, ...]`` arrays, gradient count)."""
+def _warm(algorithm: SamplingAlgorithm, rng_key, position, schedule: Schedule):
+    """Init and warmup of one ``loop="draws"`` kernel (one chain, or one problem's chains) ->
+    (state, gradients of warmup ``step``s the driver ran)."""
     state = algorithm.init(rng_key, position)
     warmup_grads = jnp.zeros((), jnp.int32)
     if algorithm.warmup is not None:
-        state = algorithm.warmup(state)
-    else:
-        def tune(carry, _):
-            s, grads = carry
-            s, transition = algorithm.step(s)
-            return (s, grads + transition.stats.n_steps.sum().astype(jnp.int32)), None
+        return algorithm.warmup(state), warmup_grads
 
-        (state, warmup_grads), _ = jax.lax.scan(tune, (state, warmup_grads), None, length=schedule.num_tune)
+    def tune(carry, _):
+        s, grads = carry
+        s, transition = algorithm.step(s)
+        return (s, grads + transition.stats.n_steps.sum().astype(jnp.int32)), None
+
+    (state, warmup_grads), _ = jax.lax.scan(tune, (state, warmup_grads), None, length=schedule.num_tune)
+    return state, warmup_grads
+
+
+def _draw(algorithm: SamplingAlgorithm, state, warmup_grads, schedule: Schedule):
+    """``num_draws`` scanned steps from a warmed-up state -> (``Transition`` of ``[num_draws,
+    ...]`` arrays, gradient count, warmup included)."""
     state, transitions = jax.lax.scan(lambda s, _: algorithm.step(s), state, None, length=schedule.num_draws)
     if algorithm.num_grads is not None:
         return transitions, algorithm.num_grads(state)
@@ -251,8 +257,11 @@ def _make_chunk_fn(compiled: CompiledModel, config: BatchConfig, summary_fn):
 
     def one_problem(root_key, index, data):
         positions, ok, run_keys = start(root_key, index, data)
-        sample = functools.partial(_sample, algorithm(data), schedule=schedule)
-        (draws, stats), num_grads = over_chains(sample)(run_keys, positions)
+        alg = algorithm(data)
+        states, warmup_grads = over_chains(functools.partial(_warm, alg, schedule=schedule))(run_keys, positions)
+        if settings.pool_step_size and not kernel.chains_inside:
+            states = pool_step_sizes(states)
+        (draws, stats), num_grads = over_chains(functools.partial(_draw, alg, schedule=schedule))(states, warmup_grads)
         if kernel.chains_inside:  # [draw, chain, ...] -> [chain, draw, ...]
             draws, stats = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), (draws, stats))
         return finish(draws, stats, ok, data) + (jnp.sum(num_grads).astype(jnp.int32),)

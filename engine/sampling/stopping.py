@@ -49,7 +49,7 @@ import numpy as np
 from engine.sampling.ahead import AheadProgram, abstract, device_ids, placement_of
 from engine.sampling.gate import gate, gate_window
 from engine.sampling.kernels import get_kernel
-from engine.sampling.kernels.base import Schedule
+from engine.sampling.kernels.base import Schedule, pool_step_sizes
 
 __all__ = ["MIN_BUCKET", "StopPrograms", "build_stop_programs", "compile_ahead", "run_chunk", "bucket_size", "pad_kept",
            "chunk_outputs"]
@@ -227,6 +227,8 @@ def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
             return state, grads
 
         states, grads = over_chains(warm)(run_keys, positions)
+        if settings.pool_step_size and not kernel.chains_inside:
+            states = pool_step_sizes(states)
         one = jax.eval_shape(lambda s: over_chains(lambda c: alg.step(c)[1])(s), states)
         dim = positions.shape[-1]
         chains = positions.shape[0]

@@ -60,12 +60,16 @@ class KernelSettings(NamedTuple):
         Adapt a dense inverse mass matrix (correlated posteriors) instead of a diagonal one.
     initial_step_size
         Step size at the start of warmup.
+    pool_step_size
+        After warmup, every chain of a problem samples with the smallest of its chains' adapted
+        step sizes (:func:`pool_step_sizes`; kernels whose state has a per-chain ``step_size``).
     """
 
     target_accept: float = DEFAULT_TARGET_ACCEPT
     max_tree_depth: int = DEFAULT_MAX_TREE_DEPTH
     dense_mass: bool = False
     initial_step_size: float = 1.0
+    pool_step_size: bool = False
 
 
 class Schedule(NamedTuple):
@@ -168,6 +172,17 @@ def initial_inverse_mass_matrix(inverse_mass_matrix, dim: int, dense: bool, dtyp
     if not dense and imm.ndim == 2:
         return jnp.diagonal(imm)
     return imm
+
+
+def pool_step_sizes(states):
+    """One problem's chain states (``[chains]`` leading axis) with every chain's ``step_size``
+    set to the smallest of them: the step adapted where the posterior is hardest to integrate
+    serves every chain (``KernelSettings.pool_step_size``)."""
+    import jax.numpy as jnp
+
+    if not hasattr(states, "step_size"):
+        raise ValueError(f"pool_step_size: {type(states).__name__} has no per-chain step_size")
+    return states._replace(step_size=jnp.full_like(states.step_size, jnp.min(states.step_size)))
 
 
 class Kernel(NamedTuple):
