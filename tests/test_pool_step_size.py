@@ -57,3 +57,10 @@ def test_pool_step_size_is_refused_by_a_leapfrog_loop_kernel():
     with pytest.raises(InputError, match="pool_step_size"):
         engine.sample_batched(normal_normal_model(), normal_normal_data(2), sampler="stepwise", chains=2, draws=10,
                               tune=10, pool_step_size=True, progress=False)
+
+
+def test_pool_step_size_is_refused_by_a_kernel_without_a_per_chain_step():
+    """numpyro's NUTS keeps its step inside its adaptation state: a one-line InputError."""
+    with pytest.raises(InputError, match="pool_step_size: .*no per-chain step_size"):
+        engine.sample_batched(normal_normal_model(), normal_normal_data(2), sampler="numpyro", pool_step_size=True,
+                              draws=20, tune=20, progress=False)

@@ -181,7 +181,10 @@ def pool_step_sizes(states):
     import jax.numpy as jnp
 
     if not hasattr(states, "step_size"):
-        raise ValueError(f"pool_step_size: {type(states).__name__} has no per-chain step_size")
+        from engine.errors import InputError
+
+        raise InputError(f"pool_step_size: this sampler's chain state ({type(states).__name__}) has no "
+                         "per-chain step_size; set pool_step_size=False or use blackjax")
     return states._replace(step_size=jnp.full_like(states.step_size, jnp.min(states.step_size)))
 
 
