@@ -32,3 +32,29 @@ def _x64_default():
     """Every test starts from JAX's x64 mode on (PyTensor's JAX backend sets it on import)."""
     jax.config.update("jax_enable_x64", True)
     yield
+
+
+COMPILE_LOG_ENV = "ENGINE_TEST_COMPILE_LOG"
+"""Set to a file path to append one line per XLA compile (or persistent-cache load): the test,
+the program, the seconds, and whether the persistent cache served it. To see where suite time
+goes: ``ENGINE_TEST_COMPILE_LOG=/tmp/compiles.tsv pytest ...``."""
+
+if os.environ.get(COMPILE_LOG_ENV):
+    from jax import monitoring
+
+    _cache_hits = [0]
+
+    def _on_event(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            _cache_hits[0] += 1
+
+    def _on_duration(event, duration, **kwargs):
+        if event != "/jax/core/compile/backend_compile_duration":
+            return
+        hit, _cache_hits[0] = _cache_hits[0], 0
+        test = os.environ.get("PYTEST_CURRENT_TEST", "-").rsplit(" ", 1)[0]
+        with open(os.environ[COMPILE_LOG_ENV], "a") as log:
+            log.write(f"{test}\t{kwargs.get('fun_name', '?')}\t{duration:.3f}\t{'hit' if hit else 'compile'}\n")
+
+    monitoring.register_event_listener(_on_event)
+    monitoring.register_event_duration_secs_listener(_on_duration)
