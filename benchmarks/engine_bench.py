@@ -226,3 +226,42 @@ def bench_engine(model, data, n, contestant, args, programs: dict, log=None, wor
     return row
 
 
+
+
+def bench_auto(model, data, n, args, log=None, workload_name="*") -> dict:
+    """Time the default sampler ``auto`` (no chunk program of its own: a kernel choice, reruns).
+
+    ``sample_batched`` end to end with the engine's defaults (precision, devices, chunks unless
+    ``--batch-size`` is given), 4 chains x ``draws`` + ``tune``; ``run`` = wall time less the
+    seconds JAX spent compiling (``CompileClock``). One row; its gate is the benchmark's.
+    """
+    from benchmarks.certified_runs import CompileClock
+    from engine import sample_batched
+    from engine.sampling.diagnostics import summarize_idata
+
+    subset = subset_data(data, n)
+    wanted = args.batch_size_map.get(workload_name, args.batch_size_map["*"])
+    with PeakRSS() as rss, CompileClock() as clock:
+        t, c = time.perf_counter(), cpu_seconds()
+        idata = sample_batched(model, subset, chains=args.chains, draws=args.draws, tune=args.tune,
+                               seed=args.seed, batch_size=min(wanted, n) if wanted else None, progress=False)
+        e2e, cpu = time.perf_counter() - t, cpu_seconds() - c
+    s = summarize_idata(idata)
+    names = [rv.name for rv in model.free_RVs]
+    stack = lambda ds, f: np.stack([f(ds[v].values.reshape(n, -1), axis=1) for v in names], axis=1)  # noqa: E731
+    per_problem = {"r_hat_max": np.nanmax(stack(s["r_hat"], np.nanmax), axis=1),
+                   "ess_bulk_min": np.nanmin(stack(s["ess_bulk"], np.nanmin), axis=1),
+                   "divergences": np.asarray(s["divergences"].values).reshape(n)}
+    run_s = max(e2e - clock.seconds, 1e-9)
+    row = row_common(per_problem, n, e2e, run_s, args)
+    kernels = {}
+    if "sampler" in idata.sample_stats:
+        labels, counts = np.unique(idata.sample_stats["sampler"].values, return_counts=True)
+        kernels = {str(k): int(v) for k, v in zip(labels, counts)}
+    row.update(compile_s=clock.seconds, compile_reused=False, batch_size=wanted or None,
+               precision=str(idata.posterior[names[0]].dtype), kernels=kernels,
+               cpu_ms_per_posterior_e2e=1000 * cpu / n, peak_rss_mb=rss.peak_mb,
+               rss_increase_mb=rss.peak_mb - rss.start_mb, device_peak_mb=device_peak_mb())
+    if log is not None:
+        log(f"      kernels that certified: {kernels}")
+    return row

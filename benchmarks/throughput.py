@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from benchmarks.engine_bench import EngineProgram, bench_engine, lockstep, make_summary_fn  # noqa: F401
+from benchmarks.engine_bench import EngineProgram, bench_auto, bench_engine, lockstep, make_summary_fn  # noqa: F401
 from benchmarks.loops import bench_nutpie, bench_pymc, loop_problems, nutpie_available  # noqa: F401
 from benchmarks.measure import GATE, gate_mask  # noqa: F401
 from benchmarks.workloads import WORKLOADS, get_workload
@@ -275,12 +275,16 @@ def run_benchmark(args: argparse.Namespace, log=print, on_row=None) -> dict:
                     notes.append(f"{wname} {contestant.label}: N={n} not run (--max-n {contestant.label}={cap})")
                     continue
                 log(f"[{wname}] {contestant.label} N={n} ...")
-                row = {**base, **bench_engine(model, data, n, contestant, args, programs, log=log, workload_name=wname)}
+                if contestant.sampler == "auto":  # the defaults: sample_batched end to end
+                    row = {**base, **bench_auto(model, data, n, args, log=log, workload_name=wname)}
+                else:
+                    row = {**base, **bench_engine(model, data, n, contestant, args, programs, log=log,
+                                                  workload_name=wname)}
                 add(row)
                 log(
                     f"    compile {row['compile_s']:.1f}s{' (reused)' if row['compile_reused'] else ''}, "
                     f"run {row['run_s']:.2f}s, {row['ms_per_posterior_run']:.2f} ms/posterior run, "
-                    f"pass {row['pass_share']:.1%}, lockstep {row['lockstep_efficiency']:.2f}"
+                    f"pass {row['pass_share']:.1%}, lockstep {row.get('lockstep_efficiency', float('nan')):.2f}"
                 )
     return snapshot()
 

@@ -299,3 +299,16 @@ def test_w3_defaults_recheck_reads_only_kept_draws():
     assert (rows[0]["divergences"], rows[0]["passed"], rows[0]["num_draws"]) == (0, True, 500)
     assert (rows[1]["divergences"], rows[1]["passed"], rows[1]["why"]) == (1, False, "divergences")
     assert (_value("0.99"), _value("400"), _value("None"), _value("blackjax")) == (0.99, 400, None, "blackjax")
+
+
+@pytest.mark.slow  # a sample_batched run with the auto sampler (~20 s)
+def test_auto_contestant_is_timed_end_to_end(tmp_path):
+    """``auto`` has no chunk program: its row times ``sample_batched`` at the defaults."""
+    args = throughput.resolve_args(["--workloads", "w1", "--n", "8", "--contestants", "auto", "--draws", "300",
+                                    "--tune", "300", "--repeats", "1", "--out", str(tmp_path)])
+    results = throughput.run_benchmark(args)
+    (row,) = results["rows"]
+    assert row["sampler"] == "auto" and row["n"] == 8
+    assert sum(row["kernels"].values()) == 8  # each problem names the kernel that certified it
+    assert 0 < row["compile_s"] < row["e2e_s"] and row["run_s"] == pytest.approx(row["e2e_s"] - row["compile_s"])
+    assert row["pass_share"] >= 7 / 8
