@@ -92,8 +92,10 @@ def test_steps_resume_from_their_state(name):
 
 
 def test_program_cache_is_bounded():
+    from engine.caching import LRUCache
+
     assert batch.MAX_CACHED_PROGRAMS >= 4
-    cache = batch.LRUCache(2)
+    cache = LRUCache(2)
     owner = object()
     built = [cache.get_or_build(k, lambda k=k: [k], owner=owner) for k in "abc"]
     assert len(cache) == 2 and cache.get_or_build("c", lambda: None, owner=owner) is built[2]

@@ -189,7 +189,7 @@ class GatePrograms:
 def build_stop_programs(compiled, config, summary_fn, starts) -> StopPrograms:
     """The programs for ``config`` (a ``BatchConfig`` with ``sampler.target_ess`` set);
     ``starts(root_key, index, data) -> (positions, ok, run_keys)`` is one problem's start."""
-    from engine.sampling.batch import _cached, bound_algorithm
+    from engine.sampling.programs import bound_algorithm, cached as _cached
 
     kernel = get_kernel(config.sampler.name)
     sampler = config.sampler
