@@ -116,6 +116,7 @@ def test_gate_verdict_says_why_and_what_to_try():
     assert why == "R-hat nan; tail ESS 100" and "target_accept" not in hint
 
 
+@pytest.mark.slow  # 34 s: fits both forms; the choice rule and the verdicts stay in the fast tier
 def test_auto_fits_each_checkpoint_in_its_own_form_and_keeps_their_order():
     """Two checkpoints that want different forms: two batched runs, one merged trace whose
     checkpoints keep the input's order, and rows that name each form and the gate's verdict."""

@@ -216,6 +216,7 @@ def test_fallback_reruns_a_failing_problem_and_it_then_passes():
     assert float(az.rhat(first).to_array().max()) > 1.01
 
 
+@pytest.mark.slow  # 31 s: test_fallback_reruns_a_failing_problem_and_it_then_passes keeps the rerun fast
 def test_fallback_pools_failures_across_chunks(monkeypatch):
     """Failing problems of several chunks rerun together: ChEES once more in its own program
     (the first run's chunk size, fresh key streams), then NUTS, one run each for the pool (chunks

@@ -102,6 +102,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 34 s: tests/test_devices.py keeps two host devices agreeing with one in the fast tier
 def test_two_host_devices_each_get_their_executables():
     """Chunks side by side on two devices: each device runs executables compiled ahead for it
     (no plain-jit fallback), in the run's precision, with the draws of the plain jitted

@@ -23,7 +23,9 @@ def _theta_summary(idata, name="theta"):
     return {k: np.asarray(v) for k, v in summarize_draws(x).items()}
 
 
-@pytest.mark.parametrize("sampler", ["blackjax", pytest.param("stepwise", marks=pytest.mark.slow), "chees"])
+# blackjax (32 s) is in the slow tier: NUTS keeps its fast closed-form check in the MvNormal test
+@pytest.mark.parametrize("sampler", [pytest.param("blackjax", marks=pytest.mark.slow),
+                                     pytest.param("stepwise", marks=pytest.mark.slow), "chees"])
 def test_normal_normal_400_problems_match_closed_form(sampler):
     data = normal_normal_data(400, seed=1)
     # seed 4: the realisation depends on XLA's rounding; at seed 3 and the tests' level 1, one of 400

@@ -84,7 +84,9 @@ def test_poisoned_problem_is_flagged_and_leaves_others_identical():
     assert np.array_equal(clean.draws["theta"][others], bad.draws["theta"][others])
 
 
-@pytest.mark.parametrize("sampler", [pytest.param("blackjax_nuts", marks=pytest.mark.slow), "chees"])
+# both in the slow tier (27 s each): test_two_forced_cpu_devices_agree_with_one keeps two devices fast
+@pytest.mark.parametrize("sampler", [pytest.param("blackjax_nuts", marks=pytest.mark.slow),
+                                     pytest.param("chees", marks=pytest.mark.slow)])
 def test_multivariate_audit_on_two_host_devices_finishes(tmp_path, sampler):
     """Regression: the K=3 audit on 2 host devices of this 2-core machine never finished (every
     XLA intra-op thread blocked in a batched LAPACK trsm waiting for its own pool) until

@@ -142,6 +142,7 @@ def test_joblib_sharded_sweep_merges_into_the_single_run_table(tmp_path, single_
     assert len(list((sweep / "0" / "store" / "chunks").glob("*.npz"))) == 4
 
 
+@pytest.mark.slow  # 28 s: the joblib sweep keeps shard-and-merge in the fast tier
 def test_submitit_local_sweep_merges_into_the_single_run_table(tmp_path, single_run):
     """The cluster path (submitit pickles each Hydra job and runs it in its own process) in
     submitit's local mode: ``hydra/launcher=cluster_local``."""

@@ -23,6 +23,7 @@ def calibration_beliefs(num_tokens=300, n=4, seed=0):
             "checkpoint": ["exact", "overconfident"]}
 
 
+@pytest.mark.slow  # 29 s: a coverage statistic; tests/test_sbc.py keeps SBC's own calibration check fast
 def test_z_true_coverage_and_pits(tmp_path):
     beliefs = calibration_beliefs()
     result = audit_vfe(beliefs, chains=2, draws=200, tune=200, seed=0, num_q_draws=100, out_dir=tmp_path)

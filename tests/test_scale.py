@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +26,7 @@ finally:
 """
 
 
+@pytest.mark.slow  # 35 s: the scale run; the fast tier keeps chunking, stores and resume
 def test_200k_token_audit_runs_in_bounded_memory(tmp_path):
     """200,000 tokens (10 observations each) in 5 chunks: peak RSS < 4 GiB, and RSS after the last
     chunk within 300 MB of RSS after the first. Sized to run in under a minute: 1 chain, 10+10
