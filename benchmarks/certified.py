@@ -203,7 +203,7 @@ def run(args, log=print, on_row=None) -> dict:
                     continue
                 problems = loop_problems(args.n, args.nutpie_problems)
                 try:
-                    loop = NutpieLoop(model, {k: v for k, v in data.items()})
+                    loop = NutpieLoop(model, {k: v for k, v in data.items()}, equivalent=workload.equivalent)
                 except Exception as err:  # a contestant that cannot run is recorded, not fatal
                     notes.append(f"{wname} nutpie failed: {type(err).__name__}: {err}")
                     log(notes[-1])

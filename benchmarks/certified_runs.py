@@ -229,37 +229,47 @@ def run_engine(model, data, problems, *, sampler, precision, tune, draws, chains
 class NutpieLoop:
     """nutpie compiled once for a template; :meth:`run` samples problems one by one with ``with_data``.
 
-    The numba backend is tried first (nutpie's default); where it fails to compile or to sample
-    the template, the JAX backend (``gradient_backend="jax"``, ``freeze_model=False`` so the
-    data can be swapped) is used and :attr:`note` says why. Compile time = ``compile_pymc_model``
-    + one tiny warm-up sample (the JAX backend traces and compiles on its first call).
+    The numba backend is tried first (nutpie's default, its fastest); where it fails to compile or
+    to sample the template, the numba backend on ``equivalent`` (a workload's same posterior in
+    another form, ``(model, data -> data)``: w2 with Cholesky factors for nutpie 0.16's numba
+    Cholesky, which cannot write to its read-only data), then the JAX backend
+    (``gradient_backend="jax"``, ``freeze_model=False`` so the data can be swapped), and
+    :attr:`note` says why. Compile time = ``compile_pymc_model`` + one tiny warm-up sample (the
+    JAX backend traces and compiles on its first call).
     """
 
-    def __init__(self, model, data, cores=None):
-        import nutpie
-
+    def __init__(self, model, data, cores=None, equivalent=None):
         from engine.model.compile import prepare_data
 
         self.model, self.cores = model, cores
-        self.problem_data = prepare_data(model, data)
         self.note = ""
+        tries = [("numba", model, data, "")]
+        if equivalent is not None:
+            alt_model, to_alt = equivalent()
+            tries.append(("numba", alt_model, to_alt(data), " on the workload's equivalent template"))
+        tries.append(("jax", model, data, ""))
         errors = []
-        for backend in ("numba", "jax"):
+        for backend, form, form_data, where in tries:
             t = time.perf_counter()
             try:
-                kw = {} if backend == "numba" else {"gradient_backend": "jax", "freeze_model": False}
-                compiled = nutpie.compile_pymc_model(model, backend=backend, **kw)
-                self.compiled = compiled
-                self.backend = backend
+                self.problem_data = prepare_data(form, form_data)
+                self._compile(form, backend)
                 self._sample(0, tune=5, draws=5, seed=0)  # warm-up: JIT of the JAX backend
             except Exception as err:  # noqa: BLE001 - any backend failure moves on to the next
-                errors.append(f"{backend}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                errors.append(f"{backend}{where}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
                 continue
             self.compile_s = time.perf_counter() - t
             if errors:
-                self.note = "nutpie numba backend failed (" + errors[0] + "); JAX backend used"
+                self.note = f"nutpie numba backend failed ({errors[0]}); {backend} backend{where} used"
             return
         raise RuntimeError("nutpie could not compile the template: " + "; ".join(errors))
+
+    def _compile(self, model, backend):
+        import nutpie
+
+        kw = {} if backend == "numba" else {"gradient_backend": "jax", "freeze_model": False}
+        self.compiled = nutpie.compile_pymc_model(model, backend=backend, **kw)
+        self.backend = backend
 
     def _sample(self, i, *, tune, draws, seed, chains=4):
         import nutpie

@@ -38,6 +38,10 @@ class Workload:
         ``(num_problems, seed) -> {container: array [num_problems, ...] or list of arrays}``.
     dense_mass
         Whether a dense mass matrix is the sensible engine setting (correlated posterior).
+    equivalent
+        ``None``, or ``() -> (model, data -> data)``: the same posterior written another way, for
+        a peer that cannot compile ``build_model``'s form (nutpie's numba backend and w2's
+        covariance inputs); the engine always samples ``build_model``.
     """
 
     name: str
@@ -45,6 +49,7 @@ class Workload:
     build_model: Callable[[], pm.Model]
     make_data: Callable[[int, int], dict]
     dense_mass: bool = False
+    equivalent: Callable[[], tuple[pm.Model, Callable[[dict], dict]]] | None = None
 
 
 # ---------------------------------------------------------------- w1: Normal-Normal, n = 20
@@ -88,6 +93,25 @@ def w2_model() -> pm.Model:
         mu = pm.MvNormal("mu", prior_mu, cov=prior_cov)
         pm.MvNormal("obs", mu, cov=obs_cov, observed=y)
     return model
+
+
+def w2_chol_model() -> pm.Model:
+    """w2 with its covariances given as lower Cholesky factors (``MvNormal(chol=...)``): the same
+    posterior; no Cholesky decomposition of a data input in the graph."""
+    with pm.Model() as model:
+        y = pm.Data("y", np.zeros((W2_NUM_OBS, W2_DIM)))
+        prior_mu = pm.Data("prior_mu", np.zeros(W2_DIM))
+        prior_chol = pm.Data("prior_chol", np.eye(W2_DIM))
+        obs_chol = pm.Data("obs_chol", np.eye(W2_DIM))
+        mu = pm.MvNormal("mu", prior_mu, chol=prior_chol)
+        pm.MvNormal("obs", mu, chol=obs_chol, observed=y)
+    return model
+
+
+def w2_chol_data(data: dict) -> dict:
+    """w2's data for :func:`w2_chol_model`: each covariance replaced by its lower Cholesky factor."""
+    return {"y": data["y"], "prior_mu": data["prior_mu"], "prior_chol": np.linalg.cholesky(data["prior_cov"]),
+            "obs_chol": np.linalg.cholesky(data["obs_cov"])}
 
 
 def _random_cov(rng, dim: int, scale: float) -> np.ndarray:
@@ -187,7 +211,8 @@ def w4_data(num_problems: int, seed: int = 0) -> dict[str, list[np.ndarray]]:
 
 WORKLOADS: dict[str, Workload] = {
     "w1": Workload("w1", "1-D Normal-Normal, 20 obs", w1_model, w1_data),
-    "w2": Workload("w2", "MvNormal K=8, full covariance, 20 obs", w2_model, w2_data, dense_mass=True),
+    "w2": Workload("w2", "MvNormal K=8, full covariance, 20 obs", w2_model, w2_data, dense_mass=True,
+                   equivalent=lambda: (w2_chol_model(), w2_chol_data)),
     "w3": Workload(
         "w3", "hierarchical attention L=4 H=8 S=50, non-centred (40 params)", w3_model, w3_data
     ),

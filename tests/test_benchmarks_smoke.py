@@ -253,13 +253,23 @@ def test_nutpie_loop_certifies_w1_and_falls_back_on_w2():
     run = loop.run([0, 2], tune=500, draws=500, chains=4, seed=0)
     assert run.problems == [0, 2] and run.run_s > 0
     assert certified_mask(run.cert).all(), run.cert
-    w2 = get_workload("w2")  # nutpie 0.16's numba backend cannot type w2's MvNormal graph
-    loop = NutpieLoop(w2.build_model(), w2.make_data(2, 0))
-    assert loop.backend in ("numba", "jax")
-    if loop.backend == "jax":
-        assert "numba backend failed" in loop.note
-    run = loop.run([1], tune=300, draws=300, chains=4, seed=0)
-    assert np.isfinite(run.cert["r_hat_max"]).all()
+    w2 = get_workload("w2")  # nutpie 0.16's numba Cholesky cannot write to w2's read-only covariances
+    data = w2.make_data(2, 0)
+    loop = NutpieLoop(w2.build_model(), data, equivalent=w2.equivalent)
+    assert loop.backend == "numba" and "equivalent template used" in loop.note, loop.note
+    run = loop.run([1], tune=500, draws=500, chains=4, seed=0)
+    assert certified_mask(run.cert).all(), run.cert
+    # the equivalent template is the same posterior: the engine on w2's own form agrees
+    import arviz as az
+
+    import engine
+
+    ours = engine.sample_batched(w2.build_model(), {k: v[1:] for k, v in data.items()}, sampler="blackjax",
+                                 seed=1, progress=False).posterior["mu"].values[:, :, 0]  # [chain, draw, 8]
+    theirs = loop._sample(1, tune=1000, draws=1000, seed=3).posterior["mu"].values
+    mcse = np.hypot(*(np.asarray([az.mcse(x[..., k]) for k in range(x.shape[-1])]) for x in (ours, theirs)))
+    z = (ours.mean((0, 1)) - theirs.mean((0, 1))) / mcse
+    assert np.all(np.abs(z) < 4.5), z
 
 
 def test_warm_pair_reads_contestant_flags():
