@@ -31,6 +31,24 @@ def test_draw_summary_matches_arviz():
         np.testing.assert_allclose(ours["ess_tail"][p], az.ess(draws[p], method="tail"), rtol=1e-6)
 
 
+def test_draw_summary_of_kept_draws_matches_arviz():
+    """Per-slice kept counts (odd, even, too few, none): each slice's diagnostics are ArviZ's on
+    its first ``count`` draws; fewer than 4 draws per chain give NaN, as in ArviZ."""
+    rng = np.random.default_rng(2)
+    draws = rng.standard_normal((5, 4, 200)).cumsum(-1) * 0.1 + rng.standard_normal((5, 4, 200))
+    counts = np.array([200, 151, 64, 3, 0])
+    ours = C.draw_summary(draws, num_draws=counts)
+    for p, n in enumerate(counts[:3]):
+        kept = draws[p, :, :n]
+        np.testing.assert_allclose(ours["mean"][p], kept.mean(), rtol=1e-12)
+        np.testing.assert_allclose(ours["r_hat"][p], az.rhat(kept), rtol=1e-6)
+        np.testing.assert_allclose(ours["ess_bulk"][p], az.ess(kept, method="bulk"), rtol=1e-6)
+        np.testing.assert_allclose(ours["ess_tail"][p], az.ess(kept, method="tail"), rtol=1e-6)
+    for k in ("r_hat", "ess_bulk", "ess_tail"):
+        assert np.isnan(ours[k][3:]).all(), k
+    assert np.isnan(ours["mean"][4]) and np.isfinite(ours["mean"][3])
+
+
 def test_read_table_errors(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         C.read_table(tmp_path / "missing.csv")

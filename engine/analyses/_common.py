@@ -8,6 +8,7 @@ and a headless matplotlib.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from pathlib import Path
@@ -171,15 +172,22 @@ def draw_summary(draws: np.ndarray, prob: float = HDI_PROB, num_draws=None) -> d
     """Posterior summary of ``draws[..., chain, draw]`` (any leading axes, e.g. problems) over
     each slice's kept draws.
 
-    Returns ``mean``, ``sd``, ``hdi_low``, ``hdi_high`` and the engine's batched rank-normalised
+    Returns ``mean``, ``sd``, ``hdi_low``, ``hdi_high`` and the engine's rank-normalised split
     ``r_hat``, ``ess_bulk``, ``ess_tail`` (Vehtari et al. 2021), each ``[...]``.
 
     ``num_draws`` (broadcastable to ``[...]``) gives each slice's kept draws per chain; by
     default they are read off the padding (:func:`num_kept`): a per-problem stopping run
     (``target_ess``, or ``sampler="auto"``'s fallback) keeps ``num_draws[p]`` draws of problem
-    ``p`` and pads the rest of the draw axis with NaN. Slices are grouped by their kept count
-    and each group is summarised over its first ``count`` draws, so the result equals the
-    summary of the truncated trace; a slice with no kept draw gives NaN.
+    ``p`` and pads the rest of the draw axis with NaN. Every slice is summarised over its first
+    ``count`` draws, so the result equals the summary of the truncated trace (to rounding); a
+    slice with no kept draw gives NaN (R-hat and the ESS need 4 kept draws per chain, R-hat
+    also 2 chains, as in ArviZ).
+
+    Mean, sd and HDI are numpy, per group of equal counts. R-hat and the ESS are ONE jitted
+    program over every slice at once with a count per slice (the arithmetic of
+    :func:`engine.sampling.gate.masked_diagnostics`, in float64), compiled once per
+    ``(rows, chain, largest count)`` shape, the rows padded to a power of two (see
+    :func:`_diagnostics`).
     """
     x = np.asarray(draws, dtype=float)
     lead, (chains, length) = x.shape[:-2], x.shape[-2:]
@@ -188,39 +196,93 @@ def draw_summary(draws: np.ndarray, prob: float = HDI_PROB, num_draws=None) -> d
     if np.all(kept == length):
         return _draw_summary(x, prob)
     flat, counts = x.reshape((-1, chains, length)), kept.reshape(-1)
-    out = {k: np.full(counts.shape, np.nan) for k in SUMMARY_FIELDS}
+    out = {k: np.full(counts.shape, np.nan) for k in _MOMENT_FIELDS}
     for count in np.unique(counts[counts > 0]):
         rows = np.flatnonzero(counts == count)
-        part = _draw_summary(flat[rows, :, :count], prob)
-        for k in SUMMARY_FIELDS:
+        part = _moments(flat[rows, :, :count], prob)
+        for k in _MOMENT_FIELDS:
             out[k][rows] = part[k]
-    return {k: v.reshape(lead) for k, v in out.items()}
+    out.update(_diagnostics(flat, counts))
+    return {k: out[k].reshape(lead) for k in SUMMARY_FIELDS}
 
 
 SUMMARY_FIELDS = ("mean", "sd", "hdi_low", "hdi_high", "r_hat", "ess_bulk", "ess_tail")
 """What :func:`draw_summary` returns, per slice."""
 
+_MOMENT_FIELDS = SUMMARY_FIELDS[:4]
+_DIAGNOSTIC_FIELDS = SUMMARY_FIELDS[4:]
+
 
 def _draw_summary(x: np.ndarray, prob: float) -> dict[str, np.ndarray]:
     """:func:`draw_summary` of ``x[..., chain, draw]``, every draw kept."""
+    lead, (chains, length) = x.shape[:-2], x.shape[-2:]
+    counts = np.full(math.prod(lead), length, dtype=int)
+    diag = _diagnostics(x.reshape((-1, chains, length)), counts)
+    return {**_moments(x, prob), **{k: v.reshape(lead) for k, v in diag.items()}}
+
+
+def _moments(x: np.ndarray, prob: float) -> dict[str, np.ndarray]:
+    """Mean, sd and HDI of ``x[..., chain, draw]`` over all its draws (numpy)."""
+    flat = x.reshape(x.shape[:-2] + (-1,))
+    interval = hdi(flat, prob)
+    return {"mean": flat.mean(-1), "sd": flat.std(-1, ddof=1), "hdi_low": interval[..., 0],
+            "hdi_high": interval[..., 1]}
+
+
+_DIAGNOSTIC_ELEMENTS = 1 << 22
+"""At most this many draws (rows x chains x draws) go into one call of the diagnostics program
+(more rows are split into equal chunks), bounding its memory."""
+
+
+def _diagnostics(x: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """R-hat, bulk and tail ESS of the first ``counts[r]`` draws of every row of
+    ``x[rows, chain, draw]`` -> ``{key: [rows]}``; NaN, as ArviZ gives, for fewer than 4 draws
+    per chain (a count of 0 included) and, for R-hat, for fewer than 2 chains.
+
+    The draw axis is cut to the largest count; the rows are padded (count 0) to a power of two,
+    or split into chunks of a power of two when there are many, so one compiled program serves
+    every row count of a ``(chain, draw)`` shape."""
+    import jax
+
+    rows = x.shape[0]
+    length = int(counts.max(initial=0))
+    out = {k: np.full(rows, np.nan) for k in _DIAGNOSTIC_FIELDS}
+    if rows == 0 or length == 0:
+        return out
+    x = x[:, :, :length]
+    cap = max(1, _DIAGNOSTIC_ELEMENTS // (x.shape[1] * length))
+    size = min(1 << (rows - 1).bit_length(), 1 << (cap.bit_length() - 1))
+    program = _diagnostics_program()
+    with jax.enable_x64(True):
+        for start in range(0, rows, size):
+            block, n = x[start : start + size], counts[start : start + size]
+            pad = size - block.shape[0]
+            if pad:
+                block = np.concatenate([block, np.zeros((pad,) + block.shape[1:])])
+                n = np.concatenate([n, np.zeros(pad, dtype=n.dtype)])
+            got = program(block, n.astype(np.int64))
+            for k in _DIAGNOSTIC_FIELDS:
+                out[k][start : start + size] = np.asarray(got[k], dtype=float)[: size - pad]
+    return out
+
+
+@functools.cache
+def _diagnostics_program():
+    """The jitted diagnostics of :func:`_diagnostics`: ``(x[rows, C, L], counts[rows])`` ->
+    ``{r_hat, ess_bulk, ess_tail: [rows]}``, the gate's per-coordinate computation
+    (:func:`engine.sampling.gate._coordinate`) vmapped over rows with a count per row."""
     import jax
     import jax.numpy as jnp
 
-    from engine.sampling.diagnostics import ess_bulk, ess_tail, rhat
+    from engine.sampling.gate import _coordinate
 
-    flat = x.reshape(x.shape[:-2] + (-1,))
-    interval = hdi(flat, prob)
-    with jax.enable_x64(True):
-        arr = jnp.asarray(x)
-        diag = {"r_hat": rhat(arr), "ess_bulk": ess_bulk(arr), "ess_tail": ess_tail(arr)}
-        diag = {k: np.asarray(v, dtype=float) for k, v in diag.items()}
-    return {
-        "mean": flat.mean(-1),
-        "sd": flat.std(-1, ddof=1),
-        "hdi_low": interval[..., 0],
-        "hdi_high": interval[..., 1],
-        **diag,
-    }
+    def run(x, counts):
+        d = jax.vmap(_coordinate)(x, counts)
+        empty = counts < 4                                              # ArviZ's minimum draws
+        no_rhat = jnp.ones_like(empty) if x.shape[-2] < 2 else empty   # R-hat needs two chains
+        return {k: jnp.where(no_rhat if k == "r_hat" else empty, jnp.nan, d[k]) for k in _DIAGNOSTIC_FIELDS}
+
+    return jax.jit(run)
 
 
 # --------------------------------------------------------------------------- kept draws
