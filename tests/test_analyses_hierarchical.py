@@ -17,7 +17,7 @@ def test_funnel_centered_diverges_noncentered_does_not():
     the same sampler settings for both."""
     rng = np.random.default_rng(0)
     entropies = 2.0 + rng.standard_normal((4, 1, 8, 2))
-    kw = dict(chains=2, draws=300, tune=300, seed=0, target_accept=0.9)
+    kw = dict(sampler="blackjax", chains=4, draws=500, tune=300, seed=0, target_accept=0.9)  # no auto reruns
     centered, _, _ = ha.fit(entropies, kw, parameterization="centered")
     noncentered, _, _ = ha.fit(entropies, kw, parameterization="noncentered")
     div_c, div_nc = C.divergences(centered), C.divergences(noncentered)
