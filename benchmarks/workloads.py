@@ -83,29 +83,27 @@ W2_DIM = 8
 W2_NUM_OBS = 20
 
 
-def w2_model() -> pm.Model:
-    """mu ~ MvN(prior_mu, prior_cov); y_j ~ MvN(mu, obs_cov), j = 1..20, K = 8."""
+def _w2_template(param: str) -> pm.Model:
+    """w2's template with its covariances given as ``param`` (``cov`` or ``chol``) inputs."""
     with pm.Model() as model:
         y = pm.Data("y", np.zeros((W2_NUM_OBS, W2_DIM)))
         prior_mu = pm.Data("prior_mu", np.zeros(W2_DIM))
-        prior_cov = pm.Data("prior_cov", np.eye(W2_DIM))
-        obs_cov = pm.Data("obs_cov", np.eye(W2_DIM))
-        mu = pm.MvNormal("mu", prior_mu, cov=prior_cov)
-        pm.MvNormal("obs", mu, cov=obs_cov, observed=y)
+        prior = pm.Data(f"prior_{param}", np.eye(W2_DIM))
+        obs = pm.Data(f"obs_{param}", np.eye(W2_DIM))
+        mu = pm.MvNormal("mu", prior_mu, **{param: prior})
+        pm.MvNormal("obs", mu, **{param: obs}, observed=y)
     return model
+
+
+def w2_model() -> pm.Model:
+    """mu ~ MvN(prior_mu, prior_cov); y_j ~ MvN(mu, obs_cov), j = 1..20, K = 8."""
+    return _w2_template("cov")
 
 
 def w2_chol_model() -> pm.Model:
     """w2 with its covariances given as lower Cholesky factors (``MvNormal(chol=...)``): the same
     posterior; no Cholesky decomposition of a data input in the graph."""
-    with pm.Model() as model:
-        y = pm.Data("y", np.zeros((W2_NUM_OBS, W2_DIM)))
-        prior_mu = pm.Data("prior_mu", np.zeros(W2_DIM))
-        prior_chol = pm.Data("prior_chol", np.eye(W2_DIM))
-        obs_chol = pm.Data("obs_chol", np.eye(W2_DIM))
-        mu = pm.MvNormal("mu", prior_mu, chol=prior_chol)
-        pm.MvNormal("obs", mu, chol=obs_chol, observed=y)
-    return model
+    return _w2_template("chol")
 
 
 def w2_chol_data(data: dict) -> dict:
