@@ -152,7 +152,7 @@ def test_chees_refuses_settings_it_cannot_honour(kwargs, message):
         engine.sample_batched(normal_normal_model(), data, sampler="chees", progress=False, **kwargs)
 
 
-@pytest.mark.parametrize("sampler", ["auto", "blackjax"])
+@pytest.mark.parametrize("sampler", ["auto", pytest.param("blackjax", marks=pytest.mark.slow)])  # auto: the default
 def test_a_problem_without_a_finite_start_is_an_input_error(sampler):
     """A problem whose log density is -inf everywhere (a Uniform prior its only observation lies
     outside) is named in an ``InputError``, for the driver (``auto``) and the plain kernels."""

@@ -77,11 +77,11 @@ def test_kept_draws_survive_a_resume_and_a_changed_subset_is_refused(kept_run, t
 
 
 def test_unknown_token_and_all():
-    beliefs = _beliefs(C=1, T=3)
+    beliefs = _beliefs(C=1, T=5)  # one chunk of 5, as kept_run's: its programs serve
     with pytest.raises(InputError, match="keep_draws.*'tok9' is not in the beliefs"):
         audit_vfe(beliefs, keep_draws=["tok9"], **RUN)
-    every = audit_vfe(beliefs, keep_draws="all", **{**RUN, "draws": 100, "tune": 100})
-    assert every.draws.posterior.theta.shape == (2, 100, 1, 3)
+    every = audit_vfe(beliefs, keep_draws="all", **RUN)
+    assert every.draws.posterior.theta.shape == (2, 400, 1, 5)
 
 
 @pytest.mark.slow

@@ -23,7 +23,9 @@ def _steps(idata):
     return out
 
 
-@pytest.mark.parametrize("stopping", [{}, {"target_ess": 50, "max_draws": 200, "block_draws": 50}])
+# fixed draws (27 s) in the slow tier: test_pooled_step_samples_the_closed_form_posterior keeps it fast
+@pytest.mark.parametrize("stopping", [pytest.param({}, marks=pytest.mark.slow),
+                                      {"target_ess": 50, "max_draws": 200, "block_draws": 50}])
 def test_chains_of_a_problem_share_the_smallest_adapted_step(stopping):
     """Same seed with and without pooling: the warmup is the same, so the pooled run's step of
     every chain is the smallest of the unpooled run's chains' steps, problem by problem."""
