@@ -58,3 +58,10 @@ if os.environ.get(COMPILE_LOG_ENV):
 
     monitoring.register_event_listener(_on_event)
     monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def two_host_devices() -> str:
+    """This process's ``XLA_FLAGS`` (the tests' optimisation level, the engine's workarounds) with
+    two forced CPU host devices, for a subprocess."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join(kept + ["--xla_force_host_platform_device_count=2"])

@@ -19,6 +19,7 @@ from engine.sampling import stopping
 from engine.sampling.api import compile_for
 from engine.sampling.batch import BatchConfig, resolve_config, run_batched
 from engine.settings import RuntimeConfig, SamplerConfig
+from tests.conftest import two_host_devices
 from tests.models import normal_normal_data, normal_normal_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def test_two_host_devices_each_get_their_executables():
     """Chunks side by side on two devices: each device runs executables compiled ahead for it
     (no plain-jit fallback), in the run's precision, with the draws of the plain jitted
     programs on one device, bitwise."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=two_host_devices(), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -18,6 +18,7 @@ from engine.sampling.batch import BatchConfig, run_batched
 from engine.sampling.api import compile_for
 from engine.settings import SamplerConfig
 from engine.model.compile import prepare_data
+from tests.conftest import two_host_devices
 from tests.models import normal_normal_data, normal_normal_model, normal_normal_posterior
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("sampler", ["blackjax", pytest.param("stepwise", marks=pytest.mark.slow)])
 def test_two_forced_cpu_devices_agree_with_one(sampler):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=two_host_devices(), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, sampler], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=600,
