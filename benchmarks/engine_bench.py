@@ -226,8 +226,6 @@ def bench_engine(model, data, n, contestant, args, programs: dict, log=None, wor
     return row
 
 
-
-
 def bench_auto(model, data, n, args, log=None, workload_name="*") -> dict:
     """Time the default sampler ``auto`` (no chunk program of its own: a kernel choice, reruns).
 

@@ -269,17 +269,17 @@ def _diagnostics(x: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
 @functools.cache
 def _diagnostics_program():
     """The jitted diagnostics of :func:`_diagnostics`: ``(x[rows, C, L], counts[rows])`` ->
-    ``{r_hat, ess_bulk, ess_tail: [rows]}``, the gate's per-coordinate computation
-    (:func:`engine.sampling.gate._coordinate`) vmapped over rows with a count per row."""
+    ``{r_hat, ess_bulk, ess_tail: [rows]}``, the gate's computation
+    (:func:`engine.sampling.gate.masked_diagnostics`) with a count per row."""
     import jax
     import jax.numpy as jnp
 
-    from engine.sampling.gate import _coordinate
+    from engine.sampling.gate import masked_diagnostics
 
     def run(x, counts):
-        d = jax.vmap(_coordinate)(x, counts)
+        d = masked_diagnostics(x, counts)                               # NaN R-hat for one chain
         empty = counts < 4                                              # ArviZ's minimum draws
-        no_rhat = jnp.ones_like(empty) if x.shape[-2] < 2 else empty   # R-hat needs two chains
+        no_rhat = jnp.ones_like(empty) if x.shape[-2] < 2 else empty
         return {k: jnp.where(no_rhat if k == "r_hat" else empty, jnp.nan, d[k]) for k in _DIAGNOSTIC_FIELDS}
 
     return jax.jit(run)

@@ -169,10 +169,16 @@ def masked_diagnostics(x, num_draws, with_mean_ess: bool = False):
     """R-hat, bulk and tail ESS (``r_hat``, ``ess_bulk``, ``ess_tail``; with ``with_mean_ess``
     also ``ess_mean``, the ESS of the split draws for the MCSE of the mean) of the kept draws of
     ``x[..., C, L]`` -> ``{key: [...]}``; one fused computation per coordinate, equal to
-    :func:`masked_rhat`, :func:`masked_ess_bulk` and :func:`masked_ess_tail`."""
+    :func:`masked_rhat`, :func:`masked_ess_bulk` and :func:`masked_ess_tail`. ``num_draws`` is
+    one count for every coordinate, or an array of ``x``'s batch shape ``[...]`` with a count per
+    coordinate (then the kept-count branches become selects: both are computed)."""
     batch = x.shape[:-2]
     flat = x.reshape((-1,) + x.shape[-2:])
-    out = jax.vmap(lambda v: _coordinate(v, jnp.asarray(num_draws), with_mean_ess=with_mean_ess))(flat)
+    num = jnp.asarray(num_draws)
+    if num.ndim:  # a count per coordinate
+        out = jax.vmap(lambda v, n: _coordinate(v, n, with_mean_ess=with_mean_ess))(flat, num.reshape(-1))
+    else:
+        out = jax.vmap(lambda v: _coordinate(v, num, with_mean_ess=with_mean_ess))(flat)
     out = {k: v.reshape(batch) for k, v in out.items()}
     if x.shape[-2] < 2:
         out["r_hat"] = jnp.full(batch, jnp.nan, out["r_hat"].dtype)
