@@ -238,10 +238,11 @@ class NutpieLoop:
     JAX backend traces and compiles on its first call).
     """
 
-    def __init__(self, model, data, cores=None, equivalent=None):
+    def __init__(self, model, data, cores=None, equivalent=None, sample_kw=None):
         from engine.model.compile import prepare_data
 
         self.model, self.cores = model, cores
+        self.sample_kw = dict(sample_kw or {})  # nutpie's own settings (target_accept, ...)
         self.note = ""
         tries = [("numba", model, data, "")]
         if equivalent is not None:
@@ -276,7 +277,7 @@ class NutpieLoop:
 
         from engine.sampling.kernels.pymc_default import problem_inputs
 
-        kw = {} if self.cores is None else {"cores": self.cores}
+        kw = dict(self.sample_kw) if self.cores is None else {**self.sample_kw, "cores": self.cores}
         return nutpie.sample(
             self.compiled.with_data(**problem_inputs(self.problem_data, i)), draws=draws, tune=tune,
             chains=chains, seed=seed, progress_bar=False, **kw,

@@ -76,8 +76,9 @@ def nutpie_available() -> tuple[bool, str]:
     return True, ""
 
 
-def bench_nutpie(model, data, problems: list[int], args) -> dict:
-    """A loop of nutpie (compiled once with ``compile_pymc_model``, data swapped per problem)."""
+def bench_nutpie(model, data, problems: list[int], args, sample_kw=None) -> dict:
+    """A loop of nutpie (compiled once with ``compile_pymc_model``, data swapped per problem);
+    ``sample_kw``: nutpie's own settings, over ``args.target_accept``."""
     import nutpie
 
     from engine.model.compile import prepare_data
@@ -96,7 +97,7 @@ def bench_nutpie(model, data, problems: list[int], args) -> dict:
             trace = nutpie.sample(
                 compiled.with_data(**problem_inputs(problem_data, i)), draws=args.draws,
                 tune=args.tune, chains=args.chains, seed=args.seed * 1_000_003 + i,
-                target_accept=args.target_accept, progress_bar=False,
+                progress_bar=False, **{"target_accept": args.target_accept, **(sample_kw or {})},
             )
             times.append(time.perf_counter() - t)
             for name in free_names:

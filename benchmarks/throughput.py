@@ -23,6 +23,7 @@ every parameter) count in posteriors/s and ESS/s; the pass share is reported.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -55,23 +56,43 @@ class Contestant:
         Engine only: adapt a dense inverse mass matrix.
     precision
         Engine only: "float64" or "float32".
+    nutpie_kw
+        nutpie only: ``(name, value)`` pairs passed to ``nutpie.sample`` (its own settings:
+        ``lowrank`` -> ``low_rank_modified_mass_matrix=True``, ``ta0.95`` -> ``target_accept=0.95``).
     """
 
     label: str
     sampler: str
     dense_mass: bool = False
     precision: str = "float64"
+    nutpie_kw: tuple = ()
 
     @property
     def is_engine(self) -> bool:
         return self.sampler in ENGINE_SAMPLERS
 
 
+def _nutpie_option(spec: str, opt: str) -> tuple:
+    if opt == "lowrank":
+        return ("low_rank_modified_mass_matrix", True)
+    if opt.startswith("ta"):
+        try:
+            value = float(opt[2:])
+        except ValueError:
+            value = -1.0
+        if 0 < value < 1:
+            return ("target_accept", value)
+    raise ValueError(f"contestant {spec!r}: unknown nutpie option {opt!r} (lowrank, ta<target_accept>, e.g. ta0.95)")
+
+
 def parse_contestant(spec: str, default_precision: str = "float64") -> Contestant:
-    """``"blackjax"``, ``"numpyro:dense"``, ``"blackjax:f32"``, ``"pymc"``, ``"nutpie"`` -> Contestant."""
+    """``"blackjax"``, ``"numpyro:dense"``, ``"blackjax:f32"``, ``"pymc"``, ``"nutpie"``,
+    ``"nutpie:lowrank:ta0.95"`` -> Contestant."""
     base, *opts = spec.strip().split(":")
     if base not in ENGINE_SAMPLERS + LOOP_SAMPLERS:
         raise ValueError(f"unknown contestant {spec!r}; base must be one of {ENGINE_SAMPLERS + LOOP_SAMPLERS}")
+    if base == "nutpie":
+        return Contestant(spec.strip(), base, nutpie_kw=tuple(_nutpie_option(spec, opt) for opt in opts))
     dense, precision = False, ("auto" if base == "auto" else default_precision)  # auto: the defaults' row
     for opt in opts:
         if opt == "dense":
@@ -258,7 +279,10 @@ def run_benchmark(args: argparse.Namespace, log=print, on_row=None) -> dict:
             if not contestant.is_engine:
                 problems = loop_problems(max(ns), args.loop_problems_map.get(wname, args.loop_problems_map["*"]))
                 log(f"[{wname}] {contestant.label}: loop over {len(problems)} of {max(ns)} problems ...")
-                fn = bench_pymc if contestant.sampler == "pymc" else bench_nutpie
+                if contestant.sampler == "pymc":
+                    fn = bench_pymc
+                else:
+                    fn = functools.partial(bench_nutpie, sample_kw=dict(contestant.nutpie_kw))
                 try:
                     row = {**base, **fn(model, data, problems, args)}
                 except Exception as err:  # a contestant that fails is recorded, not fatal

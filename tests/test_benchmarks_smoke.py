@@ -116,6 +116,12 @@ def test_gate_and_argument_parsing():
     assert (c.sampler, c.dense_mass, c.precision, c.is_engine) == ("blackjax", True, "float32", True)
     with pytest.raises(ValueError):
         throughput.parse_contestant("stan")
+    c = throughput.parse_contestant("nutpie:lowrank:ta0.95")  # nutpie at settings of its own
+    assert (c.sampler, c.is_engine, dict(c.nutpie_kw)) == (
+        "nutpie", False, {"low_rank_modified_mass_matrix": True, "target_accept": 0.95})
+    for bad in ("nutpie:ta1.5", "nutpie:dense", "pymc:f32"):
+        with pytest.raises(ValueError, match="contestant"):
+            throughput.parse_contestant(bad)
     args = throughput.resolve_args(
         ["--quick", "--n", "w2=5,7", "--draws", "50", "--contestants", "w2=pymc", "--max-n", "numpyro=20"]
     )
@@ -239,6 +245,13 @@ def test_time_to_certified_ladder_and_compile_clock():
             {"workload": "w1", "sampler": "chees", "ttc_ms": 10.0}]
     certified.add_ratios(rows)
     assert (rows[2]["x_nutpie"], rows[2]["x_pymc"], rows[0]["x_pymc"]) == (10.0, 100.0, 10.0)
+    # nutpie at several settings: the fastest that certified is the reference
+    rows = [{"workload": "w3", "sampler": "nutpie", "ttc_ms": 50.0, "certified": False},
+            {"workload": "w3", "sampler": "nutpie", "ttc_ms": 400.0, "certified": True},
+            {"workload": "w3", "sampler": "nutpie", "ttc_ms": 800.0, "certified": True},
+            {"workload": "w3", "sampler": "auto", "ttc_ms": 100.0, "certified": True}]
+    certified.add_ratios(rows)
+    assert rows[3]["x_nutpie"] == 4.0 and rows[0]["x_nutpie"] == 8.0
 
 
 @pytest.mark.slow
