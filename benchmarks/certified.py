@@ -35,7 +35,7 @@ from benchmarks.certified_runs import (
     GATE, NutpieLoop, certified_mask, run_engine, run_pymc, stopping_keyword,
 )
 from benchmarks.loops import loop_problems, nutpie_available
-from benchmarks.throughput import configure_xla, parse_contestant
+from benchmarks.throughput import configure_xla, parse_contestants_map, parse_per_workload
 from benchmarks.workloads import WORKLOADS, get_workload
 
 __all__ = ["LADDER", "PASS_SHARE", "parse_ladder", "resolve_args", "time_to_certified", "run", "main"]
@@ -78,18 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.certified", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke size: w1, N=8, 2 settings")
     p.add_argument("--workloads", help="comma list of %s (default w1,w2,w4)" % ",".join(WORKLOADS))
-    p.add_argument("--contestants", help="comma list: blackjax|numpyro|stepwise|chees[:dense][:f32], "
-                   "nutpie, pymc (default: %s)" % FULL["contestants"])
-    p.add_argument("--n", type=int, help="problems the engine samples (default 200)")
-    p.add_argument("--nutpie-problems", type=int, help="problems the nutpie loop samples (default 20)")
-    p.add_argument("--pymc-problems", type=int, help="problems the pm.sample loop samples (default 4)")
+    p.add_argument("--contestants", action="append", help="comma list: auto, blackjax|numpyro|stepwise|"
+                   "chees[:dense][:f32], nutpie[:lowrank][:ta0.95], pymc (default: %s); repeat with wX= for "
+                   "one workload's (--contestants w3=auto,nutpie:ta0.99)" % FULL["contestants"])
+    p.add_argument("--n", action="append", help="problems the engine samples (default 200); repeat with wX= "
+                   "for one workload's (--n w3=8)")
+    p.add_argument("--nutpie-problems", action="append", help="problems the nutpie loop samples (default 20; "
+                   "wX=N for one workload's)")
+    p.add_argument("--pymc-problems", action="append", help="problems the pm.sample loop samples (default 4; "
+                   "wX=N for one workload's)")
     p.add_argument("--ladder", help="settings tried, TUNExDRAWS per chain (default %s)" % FULL["ladder"])
     p.add_argument("--chains", type=int)
     p.add_argument("--amortise-n", type=int, default=AMORTISE_N, help="posteriors a compile is spread over")
     p.add_argument("--batch-size", type=int, default=None, help="engine problems per chunk (default: "
                    "sample_batched's own)")
-    p.add_argument("--devices", type=int, default=1, help="engine devices (on CPU: host devices; -1 = "
-                   "one per core)")
+    p.add_argument("--devices", type=int, default=None, help="engine devices (default: sample_batched's "
+                   "own, every local device: one host device per core on CPU; 1 = one device)")
     p.add_argument("--no-stopping", action="store_true", help="skip the per-problem stopping rows "
                    "(added when sample_batched takes target_ess)")
     p.add_argument("--seed", type=int, default=0)
@@ -103,18 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     preset = {**FULL, **QUICK} if args.quick else FULL
+    per_workload = ("contestants", "n", "nutpie_problems", "pymc_problems")
     for key, value in preset.items():
         if getattr(args, key, None) is None:
-            setattr(args, key, value)
+            setattr(args, key, [str(value)] if key in per_workload else value)
     args.workload_list = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for w in args.workload_list:
         get_workload(w)
-    args.contestant_list = [parse_contestant(c) for c in args.contestants.split(",") if c.strip()]
+    args.contestants_map = parse_contestants_map(args.contestants, preset["contestants"])
+    args.contestant_list = args.contestants_map["*"]
     args.ladder_list = parse_ladder(args.ladder)
-    for name in ("n", "nutpie_problems", "pymc_problems", "chains"):
-        if getattr(args, name) < 1:
+    for name in per_workload[1:]:
+        counts = parse_per_workload(f"--{name.replace('_', '-')}", getattr(args, name), str(preset[name]))
+        if min(counts.values()) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        setattr(args, f"{name}_map", counts)
+        setattr(args, name, counts["*"])
+    if args.chains < 1:
+        raise ValueError("--chains must be >= 1")
     return args
+
+
+def for_workload(args, name: str, wname: str):
+    """Option ``name`` (``contestants``, ``n``, ``nutpie_problems``, ``pymc_problems``) for ``wname``."""
+    table = getattr(args, f"{name}_map")
+    return table.get(wname, table["*"])
 
 
 # ------------------------------------------------------------------------------ driver
@@ -179,7 +196,8 @@ def run(args, log=print, on_row=None) -> dict:
     meta["load_avg_start"] = list(os.getloadavg())
     meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     stop_kw = None if args.no_stopping else stopping_keyword()
-    settings = {k: v for k, v in vars(args).items() if k not in ("contestant_list",)}
+    settings = {k: v for k, v in vars(args).items() if k not in ("contestant_list", "contestants_map", "contestants")}
+    settings["contestants"] = {w: ",".join(c.label for c in cs) for w, cs in args.contestants_map.items()}
     settings.update(gate=GATE, pass_share=PASS_SHARE, stopping_keyword=stop_kw)
     rows, notes = [], list(args.note or [])
     if stop_kw is None and not args.no_stopping:
@@ -196,9 +214,10 @@ def run(args, log=print, on_row=None) -> dict:
     for wname in args.workload_list:
         workload = get_workload(wname)
         model = workload.build_model()
-        data = workload.make_data(args.n, args.seed)
+        n = for_workload(args, "n", wname)
+        data = workload.make_data(n, args.seed)
         conversion: dict = {}
-        for c in args.contestant_list:
+        for c in for_workload(args, "contestants", wname):
             base = {"workload": wname, "contestant": c.label, "sampler": c.sampler, "precision": c.precision}
             kw = dict(chains=args.chains, seed=args.seed)
             if c.sampler == "nutpie":
@@ -206,7 +225,7 @@ def run(args, log=print, on_row=None) -> dict:
                     notes.append(f"{wname} nutpie skipped: {why}")
                     log(notes[-1])
                     continue
-                problems = loop_problems(args.n, args.nutpie_problems)
+                problems = loop_problems(n, for_workload(args, "nutpie_problems", wname))
                 try:
                     loop = NutpieLoop(model, {k: v for k, v in data.items()}, equivalent=workload.equivalent,
                                       sample_kw=dict(c.nutpie_kw))
@@ -216,10 +235,10 @@ def run(args, log=print, on_row=None) -> dict:
                     continue
                 runner = lambda t, d: loop.run(problems, tune=t, draws=d, **kw)  # noqa: E731
             elif c.sampler == "pymc":
-                problems = loop_problems(args.n, args.pymc_problems)
+                problems = loop_problems(n, for_workload(args, "pymc_problems", wname))
                 runner = lambda t, d: run_pymc(model, data, problems, tune=t, draws=d, **kw)  # noqa: E731
             else:
-                problems = list(range(args.n))
+                problems = list(range(n))
                 runner = lambda t, d, c=c, extra=None: run_engine(  # noqa: E731
                     model, data, problems, sampler=c.sampler, precision=c.precision, tune=t, draws=d,
                     devices=args.devices, batch_size=args.batch_size, conversion_cache=conversion,
@@ -256,7 +275,7 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    configure_xla("single", "safe", args.devices)
+    configure_xla("single", "safe", 1 if args.devices is None else args.devices)
     from benchmarks import certified_report
 
     results = run(args, log=lambda m: print(m, flush=True),

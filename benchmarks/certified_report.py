@@ -32,6 +32,22 @@ def _settings(r: dict) -> str:
     return f"{r['chains']} x ({r['tune']}+{r['draws']})"
 
 
+def _per(settings: dict, name: str) -> str:
+    """A per-workload option as run: ``"200"``, or ``"200 (w3: 8)"`` with overrides."""
+    table = settings.get(f"{name}_map") or {"*": settings[name]}
+    if isinstance(settings.get(name), dict):  # contestants: {workload: "a,b"}
+        table = settings[name]
+    rest = ", ".join(f"{w}: {v}" for w, v in table.items() if w != "*")
+    return f"{table['*']}" + (f" ({rest})" if rest else "")
+
+
+def _devices(settings: dict, meta: dict) -> str:
+    """The engine's devices as run: ``--devices`` when given, else sample_batched's own (all)."""
+    if settings.get("devices") is not None:
+        return str(settings["devices"])
+    return f"all {len(meta['jax_devices'])}" if meta.get("jax_devices") else "all"
+
+
 def markdown_table(rows: list[dict]) -> str:
     """One line per workload and contestant: the chosen setting and its time to certified."""
     head = ("| workload | contestant | settings | problems | certified | run ms/posterior | compile s | "
@@ -80,15 +96,15 @@ def _markdown(results: dict, png: str | None) -> str:
         f"(ArviZ) for every parameter element, no divergence. Each contestant climbs the ladder "
         f"{s['ladder']} (tune x draws per chain, {s['chains']} chains) and stops at the first setting "
         f"certifying >= {s['pass_share']:.0%} of its problems. Time to certified = (run s / problems + "
-        f"compile s / {s['amortise_n']:,}) / pass share. Engine: first {s['n']} problems through "
-        f"`sample_batched` (batch_size {s['batch_size']}, devices {s['devices']}); nutpie: "
-        f"{s['nutpie_problems']} problems, pm.sample: {s['pymc_problems']}, spread over the same set.",
+        f"compile s / {s['amortise_n']:,}) / pass share. Engine: first {_per(s, 'n')} problems through "
+        f"`sample_batched` (batch_size {s['batch_size']}, devices {_devices(s, meta)}); nutpie: "
+        f"{_per(s, 'nutpie_problems')} problems, pm.sample: {_per(s, 'pymc_problems')}, spread over the same set.",
         "",
     ]
     for run in results.get("runs", []):
         rs, rm = run["settings"], run["meta"]
-        out.append(f"- run {rm.get('date_utc', '')[:19]}: {rs['workloads']}, engine N={rs['n']}, nutpie "
-                   f"{rs['nutpie_problems']}, pm.sample {rs['pymc_problems']}, contestants {rs['contestants']}, "
+        out.append(f"- run {rm.get('date_utc', '')[:19]}: {rs['workloads']}, engine N={_per(rs, 'n')}, nutpie "
+                   f"{_per(rs, 'nutpie_problems')}, pm.sample {_per(rs, 'pymc_problems')}, contestants {_per(rs, 'contestants')}, "
                    f"load {_fmt(rm['load_avg_start'][0])} -> {_fmt(rm['load_avg_end'][0])}, wall {rm.get('wall_s', 0):.0f} s")
     out += ["", markdown_table(results["rows"]), ""]
     if png:

@@ -213,7 +213,7 @@ def run_engine(model, data, problems, *, sampler, precision, tune, draws, chains
         cache[key] = time.perf_counter() - t
     kw = dict(sampler=sampler, chains=chains, draws=draws, tune=tune, seed=seed, precision=precision,
               batch_size=batch_size, progress=False, **(extra_kw or {}))
-    if devices not in (None, 1):
+    if devices is not None:  # None: sample_batched's own (every local device)
         kw["devices"] = devices
     with CompileClock() as clock:
         t = time.perf_counter()

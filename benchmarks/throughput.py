@@ -123,6 +123,18 @@ QUICK = {
 """``--quick`` (CI smoke size, < 2 minutes on 2 cores); any option given explicitly wins."""
 
 
+def parse_contestants_map(values: list[str], default: str, precision: str = "float64") -> dict[str, list[Contestant]]:
+    """``["auto,nutpie", "w3=auto,nutpie:ta0.99"]`` -> ``{"*": [...], "w3": [...]}`` (``--contestants``)."""
+    out: dict[str, list[Contestant]] = {}
+    for value in values:
+        name, _, specs = value.rpartition("=")
+        if name and name not in WORKLOADS:
+            raise ValueError(f"--contestants {value!r}: unknown workload {name!r}")
+        out[name or "*"] = [parse_contestant(c, precision) for c in specs.split(",") if c.strip()]
+    out.setdefault("*", [parse_contestant(c, precision) for c in default.split(",") if c.strip()])
+    return out
+
+
 def parse_per_workload(option: str, values: list[str], default: str) -> dict[str, int]:
     """``["100", "w2=20"]`` -> ``{"*": 100, "w2": 20}`` for an integer option."""
     out: dict[str, int] = {}
@@ -211,14 +223,7 @@ def resolve_args(argv=None) -> argparse.Namespace:
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for w in args.workloads:
         get_workload(w)
-    by_workload: dict[str, list[Contestant]] = {}
-    for value in args.contestants:
-        name, _, specs = value.rpartition("=")
-        if name and name not in WORKLOADS:
-            raise ValueError(f"--contestants {value!r}: unknown workload {name!r}")
-        by_workload[name or "*"] = [parse_contestant(c, args.precision) for c in specs.split(",") if c.strip()]
-    by_workload.setdefault("*", [parse_contestant(c, args.precision) for c in preset["contestants"][0].split(",")])
-    args.contestants_map = by_workload
+    args.contestants_map = parse_contestants_map(args.contestants, preset["contestants"][0], args.precision)
     args.max_n_map = {}
     for value in args.max_n:
         label, _, cap = value.rpartition("=")

@@ -233,6 +233,16 @@ def test_time_to_certified_ladder_and_compile_clock():
     args = certified.resolve_args(["--quick", "--workloads", "w4", "--contestants", "blackjax:f32,nutpie"])
     assert args.workload_list == ["w4"] and args.n == 8 and args.ladder_list == [(150, 150), (300, 300)]
     assert [c.label for c in args.contestant_list] == ["blackjax:f32", "nutpie"]
+    assert args.devices is None  # sample_batched's own devices unless --devices is given
+    args = certified.resolve_args(["--contestants", "auto,nutpie", "--contestants", "w3=auto,nutpie:ta0.99",
+                                   "--n", "100", "--n", "w3=8", "--nutpie-problems", "w3=4"])
+    assert [c.label for c in certified.for_workload(args, "contestants", "w3")] == ["auto", "nutpie:ta0.99"]
+    assert [c.label for c in certified.for_workload(args, "contestants", "w1")] == ["auto", "nutpie"]
+    assert (certified.for_workload(args, "n", "w3"), certified.for_workload(args, "n", "w1"), args.n) == (8, 100, 100)
+    assert (certified.for_workload(args, "nutpie_problems", "w3"), args.nutpie_problems) == (4, 20)
+    for bad in (["--n", "w9=3"], ["--n", "0"], ["--contestants", "w3=stan"]):
+        with pytest.raises(ValueError):
+            certified.resolve_args(bad)
     assert certified.main(["--workloads", "w9"]) == 2
     fn = jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)
     with CompileClock() as clock:
