@@ -87,14 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "wX=N for one workload's)")
     p.add_argument("--pymc-problems", action="append", help="problems the pm.sample loop samples (default 4; "
                    "wX=N for one workload's)")
-    p.add_argument("--ladder", help="settings tried, TUNExDRAWS per chain (default %s)" % FULL["ladder"])
+    p.add_argument("--ladder", action="append", help="settings tried, TUNExDRAWS per chain (default %s); "
+                   "repeat with wX= for one workload's (--ladder w3=1000x1000)" % FULL["ladder"])
     p.add_argument("--chains", type=int)
     p.add_argument("--amortise-n", type=int, default=AMORTISE_N, help="posteriors a compile is spread over")
     p.add_argument("--batch-size", type=int, default=None, help="engine problems per chunk (default: "
                    "sample_batched's own)")
     p.add_argument("--devices", type=int, default=None, help="engine devices (default: sample_batched's "
                    "own, every local device: one host device per core on CPU; 1 = one device)")
-    p.add_argument("--no-stopping", action="store_true", help="skip the per-problem stopping rows "
+    p.add_argument("--no-stopping", nargs="?", const="*", default=None, help="skip the per-problem stopping rows "
+                   "(of every workload, or of the comma list given: --no-stopping w3) "
                    "(added when sample_batched takes target_ess)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -107,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     preset = {**FULL, **QUICK} if args.quick else FULL
-    per_workload = ("contestants", "n", "nutpie_problems", "pymc_problems")
+    per_workload = ("contestants", "n", "nutpie_problems", "pymc_problems", "ladder")
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, [str(value)] if key in per_workload else value)
@@ -116,8 +118,16 @@ def resolve_args(argv=None) -> argparse.Namespace:
         get_workload(w)
     args.contestants_map = parse_contestants_map(args.contestants, preset["contestants"])
     args.contestant_list = args.contestants_map["*"]
-    args.ladder_list = parse_ladder(args.ladder)
-    for name in per_workload[1:]:
+    args.ladder_map = {}
+    for value in args.ladder:
+        name, _, text = value.rpartition("=")
+        if name and name not in WORKLOADS:
+            raise ValueError(f"--ladder {value!r}: unknown workload {name!r}")
+        args.ladder_map[name or "*"] = parse_ladder(text)
+    args.ladder_map.setdefault("*", parse_ladder(preset["ladder"]))
+    args.ladder_list = args.ladder_map["*"]
+    args.no_stopping_for = set() if args.no_stopping is None else {w.strip() for w in args.no_stopping.split(",")}
+    for name in per_workload[1:-1]:
         counts = parse_per_workload(f"--{name.replace('_', '-')}", getattr(args, name), str(preset[name]))
         if min(counts.values()) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -129,7 +139,7 @@ def resolve_args(argv=None) -> argparse.Namespace:
 
 
 def for_workload(args, name: str, wname: str):
-    """Option ``name`` (``contestants``, ``n``, ``nutpie_problems``, ``pymc_problems``) for ``wname``."""
+    """Option ``name`` (``contestants``, ``n``, ``nutpie_problems``, ``pymc_problems``, ``ladder``) for ``wname``."""
     table = getattr(args, f"{name}_map")
     return table.get(wname, table["*"])
 
@@ -195,12 +205,16 @@ def run(args, log=print, on_row=None) -> dict:
     meta = report.machine_info()
     meta["load_avg_start"] = list(os.getloadavg())
     meta["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    stop_kw = None if args.no_stopping else stopping_keyword()
-    settings = {k: v for k, v in vars(args).items() if k not in ("contestant_list", "contestants_map", "contestants")}
+    stop_kw = None if "*" in args.no_stopping_for else stopping_keyword()
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("contestant_list", "contestants_map", "contestants", "ladder", "ladder_map",
+                             "ladder_list", "no_stopping_for")}
     settings["contestants"] = {w: ",".join(c.label for c in cs) for w, cs in args.contestants_map.items()}
+    settings["ladder"] = {w: ",".join(f"{t}x{d}" for t, d in lad) for w, lad in args.ladder_map.items()}
+    settings["no_stopping_for"] = sorted(args.no_stopping_for)
     settings.update(gate=GATE, pass_share=PASS_SHARE, stopping_keyword=stop_kw)
     rows, notes = [], list(args.note or [])
-    if stop_kw is None and not args.no_stopping:
+    if stop_kw is None and "*" not in args.no_stopping_for:
         notes.append("sample_batched has no target_ess (per-problem stopping): no stopping rows")
     t_start = time.perf_counter()
 
@@ -214,7 +228,7 @@ def run(args, log=print, on_row=None) -> dict:
     for wname in args.workload_list:
         workload = get_workload(wname)
         model = workload.build_model()
-        n = for_workload(args, "n", wname)
+        n, ladder = for_workload(args, "n", wname), for_workload(args, "ladder", wname)
         data = workload.make_data(n, args.seed)
         conversion: dict = {}
         for c in for_workload(args, "contestants", wname):
@@ -245,16 +259,16 @@ def run(args, log=print, on_row=None) -> dict:
                     extra_kw={"dense_mass": True} if c.dense_mass else None, **kw)
             log(f"[{wname}] {c.label} on {len(problems)} problems ...")
             try:
-                rows.append({**base, **climb(runner, args.ladder_list, args.chains, args.amortise_n, log, c.label)})
+                rows.append({**base, **climb(runner, ladder, args.chains, args.amortise_n, log, c.label)})
             except Exception as err:  # a contestant that fails is recorded, not fatal
                 notes.append(f"{wname} {c.label} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
                 log(notes[-1])
                 continue
             if on_row:
                 on_row(snapshot())
-            if stop_kw and c.sampler not in ("nutpie", "pymc"):
-                top_draws = args.ladder_list[-1][1]
-                stop_ladder = sorted({(t, top_draws) for t, _ in args.ladder_list})
+            if stop_kw and c.sampler not in ("nutpie", "pymc") and wname not in args.no_stopping_for:
+                top_draws = ladder[-1][1]
+                stop_ladder = sorted({(t, top_draws) for t, _ in ladder})
                 stop_runner = lambda t, d, c=c: run_engine(  # noqa: E731
                     model, data, problems, sampler=c.sampler, precision=c.precision, tune=t, draws=d,
                     devices=args.devices, batch_size=args.batch_size, conversion_cache=conversion,

@@ -94,7 +94,7 @@ def _markdown(results: dict, png: str | None) -> str:
         "",
         f"Certified: R-hat < {s['gate']['r_hat_max']}, bulk and tail ESS >= {s['gate']['ess_bulk_min']:.0f} "
         f"(ArviZ) for every parameter element, no divergence. Each contestant climbs the ladder "
-        f"{s['ladder']} (tune x draws per chain, {s['chains']} chains) and stops at the first setting "
+        f"{_per(s, 'ladder')} (tune x draws per chain, {s['chains']} chains) and stops at the first setting "
         f"certifying >= {s['pass_share']:.0%} of its problems. Time to certified = (run s / problems + "
         f"compile s / {s['amortise_n']:,}) / pass share. Engine: first {_per(s, 'n')} problems through "
         f"`sample_batched` (batch_size {s['batch_size']}, devices {_devices(s, meta)}); nutpie: "

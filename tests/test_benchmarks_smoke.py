@@ -240,6 +240,10 @@ def test_time_to_certified_ladder_and_compile_clock():
     assert [c.label for c in certified.for_workload(args, "contestants", "w1")] == ["auto", "nutpie"]
     assert (certified.for_workload(args, "n", "w3"), certified.for_workload(args, "n", "w1"), args.n) == (8, 100, 100)
     assert (certified.for_workload(args, "nutpie_problems", "w3"), args.nutpie_problems) == (4, 20)
+    args = certified.resolve_args(["--ladder", "w3=1000x1000", "--no-stopping", "w3"])
+    assert certified.for_workload(args, "ladder", "w3") == [(1000, 1000)]
+    assert certified.for_workload(args, "ladder", "w1") == list(certified.LADDER) and args.no_stopping_for == {"w3"}
+    assert certified.resolve_args(["--no-stopping"]).no_stopping_for == {"*"}
     for bad in (["--n", "w9=3"], ["--n", "0"], ["--contestants", "w3=stan"]):
         with pytest.raises(ValueError):
             certified.resolve_args(bad)
