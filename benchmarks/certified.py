@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stopping", nargs="?", const="*", default=None, help="skip the per-problem stopping rows "
                    "(of every workload, or of the comma list given: --no-stopping w3) "
                    "(added when sample_batched takes target_ess)")
+    p.add_argument("--no-warm-rerun", action="store_true", help="time each engine setting in one call (run = "
+                   "wall less compile spans, which undercounts the run where sampling overlaps a compile) "
+                   "instead of a cold call then a warm one (run = the warm call, compile = the difference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="folder of the results (default benchmarks/results)")
@@ -255,7 +258,7 @@ def run(args, log=print, on_row=None) -> dict:
                 problems = list(range(n))
                 runner = lambda t, d, c=c, extra=None: run_engine(  # noqa: E731
                     model, data, problems, sampler=c.sampler, precision=c.precision, tune=t, draws=d,
-                    devices=args.devices, batch_size=args.batch_size, conversion_cache=conversion,
+                    devices=args.devices, batch_size=args.batch_size, conversion_cache=conversion, warm_rerun=not args.no_warm_rerun,
                     extra_kw={"dense_mass": True} if c.dense_mass else None, **kw)
             log(f"[{wname}] {c.label} on {len(problems)} problems ...")
             try:
@@ -271,7 +274,7 @@ def run(args, log=print, on_row=None) -> dict:
                 stop_ladder = sorted({(t, top_draws) for t, _ in ladder})
                 stop_runner = lambda t, d, c=c: run_engine(  # noqa: E731
                     model, data, problems, sampler=c.sampler, precision=c.precision, tune=t, draws=d,
-                    devices=args.devices, batch_size=args.batch_size, conversion_cache=conversion,
+                    devices=args.devices, batch_size=args.batch_size, conversion_cache=conversion, warm_rerun=not args.no_warm_rerun,
                     extra_kw={stop_kw: int(GATE["ess_bulk_min"]), **({"dense_mass": True} if c.dense_mass else {})},
                     **kw)
                 label = f"{c.label}+stop"

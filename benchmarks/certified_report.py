@@ -98,7 +98,11 @@ def _markdown(results: dict, png: str | None) -> str:
         f"certifying >= {s['pass_share']:.0%} of its problems. Time to certified = (run s / problems + "
         f"compile s / {s['amortise_n']:,}) / pass share. Engine: first {_per(s, 'n')} problems through "
         f"`sample_batched` (batch_size {s['batch_size']}, devices {_devices(s, meta)}); nutpie: "
-        f"{_per(s, 'nutpie_problems')} problems, pm.sample: {_per(s, 'pymc_problems')}, spread over the same set.",
+        f"{_per(s, 'nutpie_problems')} problems, pm.sample: {_per(s, 'pymc_problems')}, spread over the same set. "
+        + ("Engine run time: a second, warm call of the same setting; compile: what the first call took beyond it."
+           if s.get("no_warm_rerun") is False else
+           "Engine run time: one call's wall time less the union of JAX's compile spans (undercounts the run "
+           "where sampling overlaps a compile, as with per-problem stopping on two devices)."),
         "",
     ]
     for run in results.get("runs", []):
