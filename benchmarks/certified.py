@@ -5,7 +5,8 @@
 
 - the engine's samplers (``blackjax``, ``numpyro``, ``stepwise``, ``chees``; ``:f32`` for
   float32, ``:dense`` for a dense mass matrix) through the public ``engine.sample_batched`` on
-  the first N problems;
+  the first N problems; ``auto`` also once as a user runs it, ``defaults``: no flags but
+  ``chains`` and ``seed`` (``tune`` unset: each kernel's own warmup; 1000 draws);
 - nutpie, compiled once per template and given each problem's data with ``with_data``, on a
   spread subset of the problems;
 - a loop of plain ``pm.sample`` on a few problems.
@@ -40,8 +41,12 @@ from benchmarks.workloads import WORKLOADS, get_workload
 
 __all__ = ["LADDER", "PASS_SHARE", "parse_ladder", "resolve_args", "time_to_certified", "run", "main"]
 
-LADDER = ((200, 200), (300, 300), (500, 500), (1000, 1000), (2000, 2000))
-"""``(tune, draws)`` per chain, cheapest first; every contestant climbs the same ladder."""
+LADDER = ((200, 200), (300, 300), (200, 500), (300, 700), (500, 500), (300, 1000), (1000, 1000), (2000, 2000))
+"""``(tune, draws)`` per chain, cheapest first (by ``tune + draws``); every contestant climbs the same
+ladder. Warmup and draws are varied apart: ChEES and nutpie settle in a few hundred warmup steps
+and then need draws, not warmup, to reach ESS 400."""
+DEFAULTS_DRAWS = 1000
+"""Draws per chain of the ``defaults`` row (``sample_batched``'s default; its ``tune`` is unset)."""
 PASS_SHARE = 0.99
 """Share of problems a setting must certify to be chosen."""
 AMORTISE_N = 10_000
@@ -267,6 +272,10 @@ def run(args, log=print, on_row=None) -> dict:
                 notes.append(f"{wname} {c.label} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
                 log(notes[-1])
                 continue
+            if c.sampler == "auto" and c.precision == "auto":  # what a user gets with no flags
+                log(f"[{wname}] defaults (sample_batched with tune unset, draws={DEFAULTS_DRAWS}) ...")
+                rows.append({**base, "contestant": "defaults",
+                             **climb(runner, [(None, DEFAULTS_DRAWS)], args.chains, args.amortise_n, log, "defaults")})
             if on_row:
                 on_row(snapshot())
             if stop_kw and c.sampler not in ("nutpie", "pymc") and wname not in args.no_stopping_for:

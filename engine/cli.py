@@ -122,7 +122,7 @@ def sampling_kwargs(cfg: DictConfig) -> dict:
         sampler=s.name,
         chains=int(s.chains),
         draws=int(s.draws),
-        tune=int(s.tune),
+        tune=None if s.tune is None else int(s.tune),
         seed=int(r.seed),
         batch_size=None if r.batch_size is None else int(r.batch_size),
         target_accept=float(s.target_accept),

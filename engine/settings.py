@@ -39,7 +39,10 @@ class SamplerConfig:
         accepted); ``"auto"`` (default): ChEES HMC or NUTS per template with a per-problem NUTS
         fallback (:mod:`engine.sampling.auto`).
     chains, draws, tune
-        Chains per problem; kept draws and warmup transitions per chain.
+        Chains per problem; kept draws and warmup transitions per chain. ``tune=None``
+        (default): the kernel's own warmup (``Kernel.default_tune``: 1000, ChEES 300), resolved
+        by :meth:`checked`; ``auto`` resolves it per kernel it runs (its NUTS fallback: 2 x
+        1000).
     target_accept, max_tree_depth, dense_mass, initial_step_size, pool_step_size
         The kernel's settings (:class:`~engine.sampling.kernels.base.KernelSettings`).
     init_tries
@@ -69,7 +72,7 @@ class SamplerConfig:
     name: str = AUTO
     chains: int = 4
     draws: int = 1000
-    tune: int = 1000
+    tune: Optional[int] = None
     target_accept: float = DEFAULT_TARGET_ACCEPT
     max_tree_depth: int = DEFAULT_MAX_TREE_DEPTH
     dense_mass: bool = False
@@ -111,10 +114,13 @@ class SamplerConfig:
         from engine.sampling.kernels import canonical_name, get_kernel
 
         config = dataclasses.replace(self, name=canonical_name(self.name))
+        kernel = get_kernel(config.name)
         for field in ("chains", "draws"):
             if int(getattr(config, field)) < 1:
                 raise InputError(f"{field} must be >= 1, got {getattr(config, field)}")
-        if int(config.tune) < 0:
+        if config.tune is None and kernel.driver is None:  # auto resolves it per kernel it runs
+            config = dataclasses.replace(config, tune=kernel.default_tune)
+        if config.tune is not None and int(config.tune) < 0:
             raise InputError(f"tune must be >= 0, got {config.tune}")
         if not 0.0 < float(config.target_accept) < 1.0:
             raise InputError(f"target_accept must be in (0, 1), got {config.target_accept}")
@@ -131,7 +137,6 @@ class SamplerConfig:
                 raise InputError(f"target_ess: the gate's R-hat needs chains >= 2, got {config.chains}")
             if config.max_draws is not None and int(config.max_draws) < int(config.draws):
                 raise InputError(f"max_draws must be >= draws ({config.draws}), got {config.max_draws}")
-        kernel = get_kernel(config.name)
         if config.target_ess is not None and kernel.runs_on_host:
             raise InputError(f"sampler {kernel.name!r} cannot stop at target_ess (pm.sample runs a fixed "
                              "number of draws); set target_ess=None or use a JAX sampler")
@@ -141,7 +146,7 @@ class SamplerConfig:
         if config.pool_step_size and kernel.loop != "draws":
             raise InputError(f"sampler {kernel.name!r} runs its whole chunk in one leapfrog loop and cannot "
                              "pool its chains' step sizes; set pool_step_size=False or use blackjax")
-        if kernel.check is not None:
+        if kernel.check is not None and config.tune is not None:
             kernel.check(int(config.chains), int(config.tune), config.kernel_settings)
         return config
 

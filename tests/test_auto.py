@@ -57,6 +57,35 @@ def test_auto_picks_the_documented_kernel_per_template():
     assert not fb.sampler.is_stopping
 
 
+def test_unset_tune_is_each_kernels_own_warmup():
+    """``tune=None`` (the default): ChEES warms up for ``CHEES_DEFAULT_TUNE`` transitions, NUTS
+    and the rest for 1000, ``auto`` per kernel it runs (its NUTS fallback 2 x 1000); a ``tune``
+    the run gives is kept everywhere."""
+    from engine.sampling.batch import BatchConfig
+    from engine.sampling.kernels.base import CHEES_DEFAULT_TUNE, DEFAULT_TUNE
+
+    assert (CHEES_DEFAULT_TUNE, DEFAULT_TUNE) == (300, 1000)
+    assert SamplerConfig().tune is None and SamplerConfig().checked().tune is None  # auto resolves it later
+    for name, tune in (("chees", 300), ("blackjax", 1000), ("numpyro", 1000), ("stepwise", 1000), ("mams", 1000),
+                       ("chees_dense", 1000), ("pymc", 1000)):
+        assert SamplerConfig(name=name).checked().tune == tune, name
+        assert SamplerConfig(name=name, tune=120).checked().tune == 120, name
+    small = _compiled(normal_normal_model(), normal_normal_data(2))
+    hierarchical = _compiled(hierarchical_model(), {"y": np.zeros((2, 3))})
+    unset = BatchConfig(sampler=SamplerConfig())
+    assert (auto.primary_config(unset, small).sampler.name, auto.primary_config(unset, small).sampler.tune) == (
+        "chees", 300)
+    assert (auto.primary_config(unset, hierarchical).sampler.name,
+            auto.primary_config(unset, hierarchical).sampler.tune) == ("blackjax", 1000)
+    for compiled in (small, hierarchical):
+        assert auto.fallback_config(unset, compiled).sampler.tune == 2000
+        given = BatchConfig(sampler=SamplerConfig(tune=700))
+        assert auto.primary_config(given, compiled).sampler.tune == 700
+        assert auto.fallback_config(given, compiled).sampler.tune == 1400
+    with pytest.raises(ValueError, match="tune must be >= 0"):
+        SamplerConfig(tune=-1).checked()
+
+
 def test_a_nuts_template_falls_back_to_target_099_and_per_problem_stopping():
     """Hierarchical or wide templates (``auto`` starts them with NUTS): the fallback targets
     acceptance 0.99 and draws in blocks until the gate passes, up to 4 x draws; not when the run

@@ -349,3 +349,22 @@ def test_auto_contestant_is_timed_end_to_end(tmp_path):
     assert sum(row["kernels"].values()) == 8  # each problem names the kernel that certified it
     assert 0 < row["compile_s"] < row["e2e_s"] and row["run_s"] == pytest.approx(row["e2e_s"] - row["compile_s"])
     assert row["pass_share"] >= 7 / 8
+
+
+def test_certified_defaults_row_runs_auto_with_tune_unset():
+    """``auto`` in the certified benchmark adds a ``defaults`` row: ``sample_batched`` with no flags
+    but chains and seed (tune unset, 1000 draws), certified and timed like every row."""
+    from benchmarks import certified
+
+    args = certified.resolve_args(["--quick", "--contestants", "auto", "--n", "4", "--no-stopping",
+                                   "--no-warm-rerun", "--ladder", "150x150"])
+    rows = certified.run(args, log=lambda _m: None)["rows"]
+    assert [r["contestant"] for r in rows] == ["auto", "defaults"]
+    auto_row, defaults = rows
+    assert (auto_row["tune"], auto_row["draws"]) == (150, 150)
+    assert (defaults["tune"], defaults["draws"], defaults["problems_run"]) == (None, 1000, 4)
+    assert len(defaults["attempts"]) == 1 and defaults["certified"] == (defaults["pass_share"] >= 0.99)
+    assert defaults["pass_share"] == 1.0  # w1 at ChEES's own 300 warmup + 1000 draws certifies every problem
+    from benchmarks import certified_report
+
+    assert "4 x (default+1000)" in certified_report.markdown_table(rows)

@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 REDUCE = {
     "size=(10_000, 20)": "size=(12, 20)",
     "size=10_000": "size=12",
-    "chains=4, draws=1000, tune=1000, seed=0)": "chains=2, draws=100, tune=100, seed=0, progress=False)",
+    "chains=4, draws=1000, seed=0)": "chains=2, draws=100, tune=100, seed=0, progress=False)",
     '{"x": xs, "y": ys})': '{"x": xs, "y": ys}, chains=2, draws=100, tune=100, progress=False)',
     "num_simulations=1000": "num_simulations=16",
     "draws=400, tune=400, seed=0, out_dir=\"sbc_out\")": "draws=100, tune=100, seed=0, out_dir=SBC_OUT)",

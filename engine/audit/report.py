@@ -204,6 +204,12 @@ def _targets_line(summary: dict) -> str | None:
             f"(checkpoint, token) problems; {start}")
 
 
+def tune_text(settings: dict) -> str:
+    """The run's warmup per chain as reports print it (``None``: each kernel's own)."""
+    tune = settings.get("tune")
+    return "each kernel's own" if tune is None else str(tune)
+
+
 def summary_text(summary: dict) -> str:
     """The short table the CLI prints."""
     from engine.sampling.kernels import describe
@@ -212,7 +218,7 @@ def summary_text(summary: dict) -> str:
     head = (
         f"VFE audit ({summary['kind']}, model {summary['model']}): {summary['num_checkpoints']} "
         f"checkpoints x {summary['num_tokens']} tokens, {describe(st['sampler'])} {st['chains']} chains x "
-        f"{draws_text(st)} (+{st['tune']} tune), sampling {t['sampling']:.1f} s"
+        f"{draws_text(st)} (+{tune_text(st)} tune), sampling {t['sampling']:.1f} s"
     )
     if (targets := _targets_line(summary)) is not None:
         head += f"\n{targets}"
@@ -329,7 +335,7 @@ def _report_md(audit, plot_paths: dict[str, Path], worst_tokens: int) -> str:
         f"- {s['num_checkpoints']} checkpoints x {s['num_tokens']} tokens"
         + (f", dimension {s['dim']}" if s["kind"] == "multivariate" else ""),
         f"- MCMC: {describe(st['sampler'])}, {st['chains']} chains x {st['draws']} draws after "
-        f"{st['tune']} tuning steps, {st['precision']}, seed {st['seed']}",
+        f"{tune_text(st)} tuning steps, {st['precision']}, seed {st['seed']}",
         *([f"- {line}"] if (line := _targets_line(s)) is not None else []),
         f"- time: {s['timings_s']['prepare_compile']:.1f} s prepare + compile, "
         f"{s['timings_s']['sampling']:.1f} s sampling, {s['timings_s']['metrics']:.1f} s metrics",

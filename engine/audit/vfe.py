@@ -125,7 +125,7 @@ def audit_vfe(
         results' identity together with the template's graph (``store_dir``).
     sampler, chains, draws, tune, seed, batch_size, precision, target_accept, max_tree_depth, dense_mass
         As in :func:`engine.sample_batched`; ``sampler="pymc"`` loops ``pm.sample`` (baseline).
-        ``tune=None``: 1000 warmup transitions, or ``WARM_START_TUNE`` when warm-started.
+        ``tune=None``: the kernel's own warmup (1000; ChEES 300), or ``WARM_START_TUNE`` when warm-started.
         ``batch_size=None`` picks equal chunks whose in-program draws fit ``chunks.CHUNK_MEMORY_BYTES``.
     devices
         Local devices to shard each chunk's problems over (-1, default: all; None or 1: one), see ``batch.py``.
@@ -208,7 +208,7 @@ def audit_vfe(
     if warm_start_tune is None and tune is None:
         warm_start_tune = WARM_START_TUNE
     sampler_config = SamplerConfig(name=sampler, chains=int(chains), draws=int(draws),
-                                   tune=SamplerConfig.tune if tune is None else int(tune),
+                                   tune=None if tune is None else int(tune),
                                    target_accept=float(target_accept), max_tree_depth=int(max_tree_depth),
                                    dense_mass=bool(dense_mass), target_ess=target_ess, max_draws=max_draws,
                                    block_draws=int(block_draws))
@@ -435,7 +435,7 @@ def audit_summary(problems: AuditProblems, table, timings: dict) -> dict:
         "dim": bs.dim,
         "checkpoints": report.per_checkpoint(table, bs.kind),
         "settings": {
-            "sampler": s.name, "chains": int(s.chains), "draws": int(s.draws), "tune": int(s.tune),
+            "sampler": s.name, "chains": int(s.chains), "draws": int(s.draws), "tune": None if s.tune is None else int(s.tune),
             "seed": int(r.seed), "batch_size": r.batch_size, "precision": r.precision,
             "target_accept": float(s.target_accept), "max_tree_depth": int(s.max_tree_depth),
             "dense_mass": bool(s.dense_mass), "devices": r.devices, "interval": problems.interval,

@@ -48,7 +48,7 @@ def sample_batched(
     sampler: str = settings_schema.AUTO,
     chains: int = 4,
     draws: int = 1000,
-    tune: int = 1000,
+    tune: int | None = None,
     seed: int = 0,
     batch_size: int | None = None,
     **kw,
@@ -78,7 +78,10 @@ def sample_batched(
         mass only; ``target_accept`` 0.8, see ``CHEES_TARGET_ACCEPT``); or "pymc" (a loop of
         ``pm.sample``, the baseline).
     chains, draws, tune
-        Chains per problem; draws kept and warmup steps per chain.
+        Chains per problem; draws kept and warmup steps per chain. ``tune=None`` (default): the
+        kernel's own warmup, 1000 for NUTS and MAMS, 300 for ChEES (it adapts a few parameters
+        per problem across its chains and settles sooner; ``CHEES_DEFAULT_TUNE``); with
+        ``auto``, whichever kernel runs a problem uses its own (the NUTS fallback 2 x 1000).
     seed
         Root seed. Problem ``i`` uses ``fold_in(PRNGKey(seed), i)`` whatever the chunking.
     batch_size
@@ -135,7 +138,7 @@ def sample_batched(
             raise InputError(f"sampler={kernel.name!r} runs in PyMC's own precision; drop precision=")
         problem_data = prepare_data(model, data)
         draws_, stats = kernel.host_loop(
-            model, problem_data, chains=chains, draws=draws, tune=tune, seed=seed,
+            model, problem_data, chains=chains, draws=draws, tune=int(sampler_config.tune), seed=seed,
             settings=sampler_config.kernel_settings, progress=progress,
         )
         return to_inference_data(draws_, stats, problem_coords=problem_coords)

@@ -26,7 +26,7 @@ FALLBACK_TARGET_ACCEPT = 0.95
 """Smallest ``target_accept`` of the NUTS fallback (smaller steps through curved regions)."""
 
 FALLBACK_TUNE_FACTOR = 2
-"""The fallback's warmup is this many times the run's ``tune``."""
+"""The fallback's warmup is this many times the run's ``tune`` (NUTS's own, 1000, when unset)."""
 
 NUTS_TEMPLATE_FALLBACK_TARGET_ACCEPT = 0.99
 """Smallest ``target_accept`` of the fallback for a template ``auto`` starts with NUTS
@@ -88,7 +88,8 @@ def choose_kernel(compiled, sampler) -> str:
     from engine.sampling.kernels.chees_hmc import MIN_CHAINS, MIN_TUNE
 
     small = not is_nuts_template(compiled)
-    chees_runs = int(sampler.chains) >= MIN_CHAINS and int(sampler.tune) >= MIN_TUNE and not sampler.dense_mass
+    tune_ok = sampler.tune is None or int(sampler.tune) >= MIN_TUNE  # None: ChEES's own warmup
+    chees_runs = int(sampler.chains) >= MIN_CHAINS and tune_ok and not sampler.dense_mass
     return "chees" if small and chees_runs else "blackjax"
 
 
@@ -109,21 +110,24 @@ def choose_precision(problem_data) -> str:
 def primary_config(config, compiled):
     """``config`` (a ``BatchConfig`` of the ``auto`` sampler) with the chosen kernel;
     ChEES gets its own acceptance target (``CHEES_TARGET_ACCEPT``) unless the run asked for another than NUTS's
-    default."""
+    default, and a run that left ``tune`` unset the kernel's own warmup (``Kernel.default_tune``:
+    ChEES ``CHEES_DEFAULT_TUNE``, NUTS 1000)."""
     from engine.sampling.kernels import get_kernel
     from engine.sampling.kernels.base import DEFAULT_TARGET_ACCEPT
 
     s = config.sampler
     name = choose_kernel(compiled, s)
+    kernel = get_kernel(name)
     target = float(s.target_accept)
     if target == DEFAULT_TARGET_ACCEPT:  # the run kept NUTS's default: each kernel's own
-        target = get_kernel(name).target_accept
-    return dataclasses.replace(config, sampler=dataclasses.replace(s, name=name, target_accept=target))
+        target = kernel.target_accept
+    tune = kernel.default_tune if s.tune is None else int(s.tune)
+    return dataclasses.replace(config, sampler=dataclasses.replace(s, name=name, target_accept=target, tune=tune))
 
 
 def fallback_config(config, compiled=None, can_stop: bool = True):
-    """The careful rerun: BlackJAX NUTS, :data:`FALLBACK_TUNE_FACTOR` x the warmup (at least
-    100 steps), ``target_accept >= FALLBACK_TARGET_ACCEPT``, trees at least as deep as NUTS's
+    """The careful rerun: BlackJAX NUTS, :data:`FALLBACK_TUNE_FACTOR` x the warmup (NUTS's 1000
+    when ``tune`` is unset; at least 100 steps), ``target_accept >= FALLBACK_TARGET_ACCEPT``, trees at least as deep as NUTS's
     default, float64.
 
     For a ``compiled`` template that ``auto`` starts with NUTS (:func:`is_nuts_template`) also
@@ -134,7 +138,7 @@ def fallback_config(config, compiled=None, can_stop: bool = True):
     :data:`FALLBACK_MAX_DRAWS_FACTOR` x ``draws``, so a problem short of ESS or R-hat draws
     more instead of failing."""
     s, r = config.sampler, config.runtime
-    from engine.sampling.kernels.base import DEFAULT_MAX_TREE_DEPTH
+    from engine.sampling.kernels.base import DEFAULT_MAX_TREE_DEPTH, DEFAULT_TUNE
 
     target = max(float(s.target_accept), FALLBACK_TARGET_ACCEPT)
     stopping = {}
@@ -144,7 +148,8 @@ def fallback_config(config, compiled=None, can_stop: bool = True):
             stopping = dict(target_ess=int(np.ceil(gate_ess_min(s.chains, s.draws))),
                             max_draws=FALLBACK_MAX_DRAWS_FACTOR * int(s.draws))
     sampler = dataclasses.replace(
-        s, name="blackjax", tune=max(FALLBACK_TUNE_FACTOR * int(s.tune), 100), target_accept=target,
+        s, name="blackjax", tune=max(FALLBACK_TUNE_FACTOR * int(DEFAULT_TUNE if s.tune is None else s.tune), 100),
+        target_accept=target,
         max_tree_depth=max(int(s.max_tree_depth), DEFAULT_MAX_TREE_DEPTH), **stopping,
     )
     return dataclasses.replace(config, sampler=sampler, runtime=dataclasses.replace(r, precision="float64"))

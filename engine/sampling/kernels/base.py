@@ -29,6 +29,20 @@ Roberts, Sanz-Serna & Stuart 2013, "Optimal tuning of the hybrid Monte Carlo alg
 Bernoulli 19(5A)); BlackJAX's ``OPTIMAL_TARGET_ACCEPTANCE_RATE`` for ChEES. The ``chees_dense``
 config uses it."""
 
+DEFAULT_TUNE = 1000
+"""Warmup transitions per chain when a run leaves ``tune`` unset (``None``): NUTS's (PyMC's
+default), MAMS's and every kernel's but ChEES's (:data:`CHEES_DEFAULT_TUNE`)."""
+
+CHEES_DEFAULT_TUNE = 300
+"""Warmup transitions per chain of the ``chees`` kernel when a run leaves ``tune`` unset (also
+the ``auto`` sampler's ChEES first run). ChEES adapts one step size, one trajectory length and a
+diagonal metric per problem, pooled across its chains, so it settles in far fewer transitions
+than NUTS's windowed per-chain adaptation: at 4 x (tune + 1000), float32, N = 200, two seeds,
+tune 150, 200, 300 and 1000 each certified (R-hat < 1.01, bulk and tail ESS >= 400, no
+divergence) every problem of w1, w2 and w4; 300 keeps a margin above the shortest that passed
+and runs in 0.55-0.85x the time of 1000 (``benchmarks/results/chees_tune.md``,
+``python -m benchmarks.chees_tune``)."""
+
 CHEES_TARGET_ACCEPT = 0.8
 """``target_accept`` of the ``chees`` kernel (its config and the ``auto`` sampler's first run).
 :data:`OPTIMAL_HMC_TARGET_ACCEPT` is the optimum as the dimension grows; on this project's
@@ -212,6 +226,8 @@ class Kernel(NamedTuple):
     target_accept
         The acceptance target its adaptation is meant for (its ``conf/sampler`` value, what
         benchmarks use); ``KernelSettings.target_accept`` is what a run asks for.
+    default_tune
+        Warmup transitions per chain of a run that leaves ``tune`` unset (``None``).
     host_loop
         A host kernel (``pymc``): ``(model, problem_data, *, chains, draws, tune, seed,
         settings, progress) -> (draws {name: [problem, chain, draw, ...]}, SampleStats)``
@@ -229,6 +245,7 @@ class Kernel(NamedTuple):
     loop: Literal["draws", "leapfrog"] = "draws"
     check: Optional[Callable[[int, int, KernelSettings], None]] = None
     target_accept: float = DEFAULT_TARGET_ACCEPT
+    default_tune: int = DEFAULT_TUNE
     host_loop: Optional[Callable[..., tuple[dict, SampleStats]]] = None
     driver: Optional[Callable[..., Any]] = None
 

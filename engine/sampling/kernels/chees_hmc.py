@@ -40,7 +40,7 @@ from blackjax.mcmc.dynamic_hmc import DynamicHMCState, halton_sequence
 from engine.model import linalg
 from engine.errors import InputError
 from engine.sampling.kernels.base import (
-    CHEES_TARGET_ACCEPT, Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
+    CHEES_DEFAULT_TUNE, CHEES_TARGET_ACCEPT, Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
     initial_inverse_mass_matrix,
 )
 
@@ -200,5 +200,5 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
 
 KERNEL = Kernel(
     name="chees", description="ChEES jittered HMC", build=build, chains_inside=True, check=check,
-    target_accept=CHEES_TARGET_ACCEPT,
+    target_accept=CHEES_TARGET_ACCEPT, default_tune=CHEES_DEFAULT_TUNE,
 )
