@@ -61,7 +61,8 @@ def run(cfg, run_dir: Path) -> Result:
         raise InputError(f"analysis.num_simulations: must be >= 2, got {num_simulations}")
     kw = common.sample_kwargs(cfg)
     for key in ("chains", "draws", "tune"):
-        kw[key] = int(opt(key, kw[key]))
+        value = opt(key, kw[key])
+        kw[key] = None if value is None else int(value)  # tune None: each kernel's own warmup
     try:
         result = sbc(model, num_simulations, simulator=simulator, alpha=float(opt("alpha", 0.05)), **kw)
     except InputError:
