@@ -95,8 +95,11 @@ def _markdown(results: dict, png: str | None) -> str:
         "",
         f"Certified: R-hat < {s['gate']['r_hat_max']}, bulk and tail ESS >= {s['gate']['ess_bulk_min']:.0f} "
         f"(ArviZ) for every parameter element, no divergence. Each contestant climbs the ladder "
-        f"{_per(s, 'ladder')} (tune x draws per chain, {s['chains']} chains) and stops at the first setting "
-        f"certifying >= {s['pass_share']:.0%} of its problems. Time to certified = (run s / problems + "
+        f"{_per(s, 'ladder')} (tune x draws per chain, {s['chains']} chains) and "
+        + (f"tries {s['patience']} more past the first setting certifying >= {s['pass_share']:.0%} of its problems, "
+           "keeping the fastest certifying one" if s.get("patience") else
+           f"stops at the first setting certifying >= {s['pass_share']:.0%} of its problems")
+        + f". Time to certified = (run s / problems + "
         f"compile s / {s['amortise_n']:,}) / pass share. Engine: first {_per(s, 'n')} problems through "
         f"`sample_batched` (batch_size {s['batch_size']}, devices {_devices(s, meta)}); nutpie: "
         f"{_per(s, 'nutpie_problems')} problems, pm.sample: {_per(s, 'pymc_problems')}, spread over the same set. "

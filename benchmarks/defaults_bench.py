@@ -4,13 +4,15 @@
 
     nice -n 10 .venv/bin/python -m benchmarks.defaults_bench --n 10000 --ways after --pymc-problems 10
 
-Runs ``engine.sample_batched(model, data, chains=4, draws=1000, tune=1000)`` on w1 three ways:
-``before`` (the old defaults spelt out: BlackJAX NUTS, float64, one device, one chunk),
-``after`` (no options: ``auto`` sampler, precision, chunks and devices) and ``best`` (ChEES,
-float32, all devices, 100-problem chunks: the fastest flags of ``benchmarks/results``). Each line:
+Runs ``engine.sample_batched(model, data, chains=4, draws=1000)`` on w1 three ways: ``before``
+(the old defaults spelt out: BlackJAX NUTS, float64, one device, one chunk, ``tune=1000``),
+``after`` (no options: ``auto`` sampler, precision, chunks, devices and warmup, ChEES's own 300
+here) and ``best`` (ChEES, float32, all devices, 100-problem chunks, its own warmup: the fastest
+flags of ``benchmarks/results``). Each line:
 wall seconds with compile (a fresh program per way), the share of problems passing the gate
 (R-hat < 1.01, bulk and tail ESS >= 400, no divergences) and, for ``after``, which kernels ran.
-``--pymc-problems K`` adds a loop of plain ``pm.sample`` (same chains, draws and tune) over K
+``--pymc-problems K`` adds a loop of plain ``pm.sample`` (same chains and draws, its default
+tune 1000) over K
 problems spread over the set, its seconds per posterior, and each way's speed-up over it;
 ``--nutpie-problems K`` the same for a nutpie loop (compiled once, ``with_data`` per problem; its
 compile amortised over ``--n``).
@@ -26,7 +28,7 @@ import warnings
 import numpy as np
 
 WAYS = {
-    "before": dict(sampler="blackjax", precision="float64", devices=1, batch_size=None),
+    "before": dict(sampler="blackjax", precision="float64", devices=1, batch_size=None, tune=1000),
     "after": dict(),
     "best": dict(sampler="chees", precision="float32", devices=-1, batch_size=100),
 }
@@ -66,7 +68,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
-            idata = engine.sample_batched(model, data, chains=4, draws=1000, tune=1000, progress=False, **WAYS[way])
+            idata = engine.sample_batched(model, data, chains=4, draws=1000, progress=False, **WAYS[way])
         wall = time.perf_counter() - t0
         s = summarize_idata(idata)
         ok = ((s["r_hat"].theta.values < 1.01) & (s["ess_bulk"].theta.values >= 400)
