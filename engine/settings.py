@@ -146,7 +146,7 @@ class SamplerConfig:
         if config.pool_step_size and kernel.loop != "draws":
             raise InputError(f"sampler {kernel.name!r} runs its whole chunk in one leapfrog loop and cannot "
                              "pool its chains' step sizes; set pool_step_size=False or use blackjax")
-        if kernel.check is not None and config.tune is not None:
+        if kernel.check is not None:  # every kernel with checks has its tune resolved above
             kernel.check(int(config.chains), int(config.tune), config.kernel_settings)
         return config
 
