@@ -22,6 +22,7 @@ program is traced.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -144,14 +145,78 @@ def _np_ranks_and_sort(a):
     return _np_ranks_of_sorted(order, ordered), ordered
 
 
+_NAN_KEY = 0xFFC00000
+"""Sort key (:func:`_packed_keys`) of the canonical NaN: every NaN maps to it."""
+
+
+def _packable(x) -> bool:
+    """Whether ``x``'s ranks can come from ONE sort of 64-bit keys (value's 32-bit sort key in the
+    high word, index in the low word): floats of at most 32 bits on a little-endian host."""
+    return x.dtype in (jnp.float32, jnp.float16, jnp.bfloat16) and sys.byteorder == "little"
+
+
+def _packed_keys(x):
+    """``[..., n, 2]`` uint32 words ``(index, key)`` along the last axis of float ``x``: read as
+    one little-endian uint64 per entry, they sort as ``lax.sort``'s stable order (``key`` maps
+    float32 to unsigned integers in order, with ``-0.0`` as ``0.0`` and every NaN as one NaN
+    after ``inf``, the comparator's canonical forms; the index breaks ties)."""
+    x = x.astype(jnp.float32)
+    x = jnp.where(x == 0, jnp.zeros_like(x), x)
+    x = jnp.where(jnp.isnan(x), jnp.full_like(x, jnp.nan), x)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    key = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+    index = jax.lax.broadcasted_iota(jnp.uint32, x.shape, x.ndim - 1)
+    return jnp.stack([index, key], axis=-1)
+
+
+def _np_packed_ranks(words):
+    """Host side of :func:`_host_ranks_and_order`: ``words [..., n, 2]`` (:func:`_packed_keys`)
+    -> ``(average ranks [..., n], order [..., n])``. One SIMD sort of the 64-bit keys (numpy sorts
+    integers several times faster than it argsorts floats) gives the stable order and the sorted
+    keys; tie groups are runs of equal keys, except that each NaN is its own group (``lax``'s
+    ``!=`` finds NaNs unequal)."""
+    shape = words.shape[:-1]
+    n = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    keys = np.array(words).view(np.uint64).reshape(rows, n)
+    keys.sort(axis=-1)
+    sorted_words = keys.view(np.uint32).reshape(rows, n, 2)
+    order, key = sorted_words[..., 0], sorted_words[..., 1]
+    starts = np.empty((rows, n), bool)
+    starts[:, 0] = True
+    np.not_equal(key[:, 1:], key[:, :-1], out=starts[:, 1:])
+    starts |= key == _NAN_KEY
+    first = np.flatnonzero(starts)  # flat sorted position of each tie group's first entry
+    sizes = np.diff(first, append=rows * n)
+    base = np.arange(rows, dtype=np.int64) * n
+    sorted_ranks = np.repeat(first + (sizes - 1) * 0.5, sizes).reshape(rows, n) - (base - 1)[:, None]
+    ranks = np.empty(rows * n, np.float64)
+    ranks[(order + base[:, None]).ravel()] = sorted_ranks.ravel()
+    return ranks.reshape(shape), order.reshape(shape)
+
+
+def _host_ranks_and_order(x):
+    """``(average ranks, stable sort order)`` along the last axis of a :func:`_packable` ``x``,
+    from ONE host call (CPU only: the caller puts it under ``platform_dependent``)."""
+    name = "engine_host_packed_ranks"
+    host_ffi.register(name, _np_packed_ranks)
+    results = (jax.ShapeDtypeStruct(x.shape, jnp.result_type(float)), jax.ShapeDtypeStruct(x.shape, jnp.int32))
+    ranks, order = host_ffi.ffi_call(name, results, _packed_keys(x), vmap_method="expand_dims")
+    return ranks, order
+
+
 def average_ranks(flat):
     """1-based average ranks of a 1-D array (ties share their mean rank, like scipy's
     'average'), from one stable argsort: a tie group's first and last sorted positions come from
     running max / min scans, so no search is needed. Result in the default float dtype; on CPU
-    the whole computation runs in numpy on the host."""
+    the whole computation runs in numpy on the host (for 32-bit floats from one sort of
+    64-bit keys, :func:`_np_packed_ranks`)."""
     flat = jnp.asarray(flat)
     if flat.ndim != 1:
         raise ValueError(f"average_ranks takes a 1-D array (vmap it), got shape {flat.shape}")
+    if host_sort_enabled() and flat.size and _packable(flat):
+        return jax.lax.platform_dependent(flat, cpu=lambda a: _host_ranks_and_order(a)[0],
+                                          default=_lax_average_ranks)
     out_dtype = jnp.result_type(float)
     return _on_host("engine_host_average_ranks", _np_average_ranks, _lax_average_ranks, flat, out_dtype)
 
@@ -178,6 +243,12 @@ def average_ranks_and_sort(flat):
     flat = jnp.asarray(flat)
     if flat.ndim != 1:
         raise ValueError(f"average_ranks_and_sort takes a 1-D array (vmap it), got shape {flat.shape}")
+    if host_sort_enabled() and flat.size and _packable(flat):
+        def on_cpu(a):
+            ranks, order = _host_ranks_and_order(a)
+            return ranks, a[order]  # a gather keeps the bits lax.sort would return
+
+        return jax.lax.platform_dependent(flat, cpu=on_cpu, default=_lax_ranks_and_sort)
     return _on_host("engine_host_ranks_and_sort", _np_ranks_and_sort, _lax_ranks_and_sort, flat,
                     (jnp.result_type(float), flat.dtype))
 
