@@ -49,10 +49,18 @@ def _devices(settings: dict, meta: dict) -> str:
     return f"all {len(meta['jax_devices'])}" if meta.get("jax_devices") else "all"
 
 
+def _certify(r: dict) -> str:
+    """Certification ms per posterior; "in run" where the run judged its own draws, "-" in
+    results from before certification was counted."""
+    if "certify_ms_per_posterior" not in r:
+        return "-"
+    return "in run" if r["certify_ms_per_posterior"] == 0 else _fmt(r["certify_ms_per_posterior"])
+
+
 def markdown_table(rows: list[dict]) -> str:
     """One line per workload and contestant: the chosen setting and its time to certified."""
-    head = ("| workload | contestant | settings | problems | certified | run ms/posterior | compile s | "
-            "**time to certified ms** | x nutpie | x pm.sample | note |")
+    head = ("| workload | contestant | settings | problems | certified | run ms/posterior | certify ms/posterior | "
+            "compile s | **time to certified ms** | x nutpie | x pm.sample | note |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         share = f"{r['pass_share']:.1%}" + ("" if r["certified"] else " (**not certified**)")
@@ -61,7 +69,7 @@ def markdown_table(rows: list[dict]) -> str:
             note = f"{r.get('backend', '?')} backend" + (f"; {note}" if note else "")
         lines.append(
             f"| {r['workload']} | {r['contestant']} | {_settings(r)} | {r['problems_run']} | {share} | "
-            f"{_fmt(r['run_ms_per_posterior'])} | {_fmt(r['compile_s'])} | **{_fmt(r['ttc_ms'])}** | "
+            f"{_fmt(r['run_ms_per_posterior'])} | {_certify(r)} | {_fmt(r['compile_s'])} | **{_fmt(r['ttc_ms'])}** | "
             f"{_fmt(r.get('x_nutpie'))} | {_fmt(r.get('x_pymc'))} | {note} |"
         )
     return "\n".join(lines)
@@ -69,7 +77,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def attempts_table(rows: list[dict]) -> str:
     """Every setting tried, with the reasons problems failed."""
-    head = ("| workload | contestant | settings | pass | run ms/posterior | compile s | time to certified ms | "
+    head = ("| workload | contestant | settings | pass | run ms/posterior | certify ms/posterior | compile s | "
+            "time to certified ms | "
             "fail R-hat | fail bulk ESS | fail tail ESS | divergent | median min bulk ESS |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -77,7 +86,7 @@ def attempts_table(rows: list[dict]) -> str:
             f = a["fails"]
             lines.append(
                 f"| {r['workload']} | {r['contestant']} | {_settings(a)} | {a['pass_share']:.1%} | "
-                f"{_fmt(a['run_ms_per_posterior'])} | {_fmt(a['compile_s'])} | {_fmt(a['ttc_ms'])} | "
+                f"{_fmt(a['run_ms_per_posterior'])} | {_certify(a)} | {_fmt(a['compile_s'])} | {_fmt(a['ttc_ms'])} | "
                 f"{f['r_hat']} | {f['ess_bulk']} | {f['ess_tail']} | {f['divergent']} | {_fmt(a['ess_bulk_median'])} |"
             )
     return "\n".join(lines)
@@ -99,8 +108,11 @@ def _markdown(results: dict, png: str | None) -> str:
         + (f"tries {s['patience']} more past the first setting certifying >= {s['pass_share']:.0%} of its problems, "
            "keeping the fastest certifying one" if s.get("patience") else
            f"stops at the first setting certifying >= {s['pass_share']:.0%} of its problems")
-        + f". Time to certified = (run s / problems + "
-        f"compile s / {s['amortise_n']:,}) / pass share. Engine: first {_per(s, 'n')} problems through "
+        + f". Time to certified = ((run s + certify s) / problems + "
+        f"compile s / {s['amortise_n']:,}) / pass share, where certify s is what knowing the verdict costs: "
+        "nothing more for a run that judges its own draws (`auto`'s on-device gate, per-problem stopping), "
+        "else the engine's batched diagnostics (R-hat, bulk and tail ESS of every element, all problems at once, "
+        "float32, every device) on the run's draws, nutpie's and pm.sample's included. Engine: first {_per(s, 'n')} problems through "
         f"`sample_batched` (batch_size {s['batch_size']}, devices {_devices(s, meta)}); nutpie: "
         f"{_per(s, 'nutpie_problems')} problems, pm.sample: {_per(s, 'pymc_problems')}, spread over the same set. "
         + ("Engine run time: a second, warm call of the same setting; compile: what the first call took beyond it."
