@@ -136,6 +136,9 @@ def _make_handler(fn):
         try:
             inputs = [_as_array(frame.args.items[i]) for i in range(frame.args.size)]
             outputs = [_as_array(frame.rets.items[i]) for i in range(frame.rets.size)]
+            if getattr(fn, "writes_results", False):  # fn(*inputs, *outputs) fills the buffers
+                fn(*inputs, *outputs)
+                return None
             results = fn(*inputs)
             if len(results) != len(outputs):
                 raise RuntimeError(f"{fn.__name__} gave {len(results)} results for {len(outputs)} outputs")
@@ -154,7 +157,9 @@ def _make_handler(fn):
 
 def register(name: str, fn) -> None:
     """Register ``fn(*inputs) -> tuple of outputs`` (numpy in, array-likes out, shaped as the
-    call's results) as the XLA:CPU custom call ``name``. Idempotent."""
+    call's results) as the XLA:CPU custom call ``name``; a ``fn`` whose ``writes_results``
+    attribute is true is called as ``fn(*inputs, *outputs)`` and fills the result buffers itself
+    (no copy). Idempotent."""
     if not available():
         raise RuntimeError("this JAX's XLA FFI API is not the one engine.sampling.host_ffi knows")
     with _LOCK:
