@@ -9,7 +9,10 @@ host as an XLA custom call (:mod:`engine.sampling.host_ffi`; the host IS the dev
 nothing is copied), and lower to ``lax.sort`` on any other platform
 (:func:`jax.lax.platform_dependent`, so a program lowered ahead of time for a GPU holds no
 custom call). The results are bitwise those of ``jnp.sort`` / ``jnp.argsort`` / ``jnp.quantile``
-(stable, NaN last, ``-0.0`` equal to ``0.0``; tested).
+(stable, NaN last, ``-0.0`` equal to ``0.0``; tested). Ranks and sorted values of float32 draws,
+the gate's common case, come from one host call: numba packs each value with its index into a
+64-bit key, numpy's SIMD integer sort orders the keys, and one numba pass resolves ties and writes
+ranks and sorted values into the call's result buffers (60 against 126 us per 4,000 draws).
 
 Unlike :func:`jax.pure_callback`, whose programs JAX never writes to the persistent compilation
 cache, a custom call leaves the programs holding it cacheable: the kernels' programs with the
