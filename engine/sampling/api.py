@@ -89,7 +89,7 @@ def sample_batched(
         budget (a few hundred problems per device on CPU, :mod:`engine.sampling.chunking`).
     **kw
         ``target_accept`` (0.8), ``max_tree_depth`` (10), ``dense_mass`` (False),
-        ``initial_step_size`` (1.0), ``pool_step_size`` (False; blackjax NUTS: after warmup
+        ``initial_step_size`` (1.0; ChEES: where its step-size search starts), ``pool_step_size`` (False; blackjax NUTS: after warmup
         every chain of a problem uses the smallest of its chains' adapted steps), ``precision``
         ("auto": float32 unless the data's magnitudes or sizes need float64; "float64"; "float32"), ``init_tries`` (20), ``jitter``
         (1.0), ``devices`` (-1: shard problems over all local devices; None or 1: one device; N), ``log_likelihood`` (False: add the pointwise log-likelihood
