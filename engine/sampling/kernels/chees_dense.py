@@ -35,7 +35,7 @@ from engine.errors import InputError
 from engine.sampling.kernels.base import (
     OPTIMAL_HMC_TARGET_ACCEPT, Kernel, KernelSettings, LogDensityFn, SampleStats, SamplingAlgorithm, Schedule, Transition,
 )
-from engine.sampling.kernels.chees_hmc import LEARNING_RATE, MIN_CHAINS, START_FRACTION, chains_step, reasonable_step_size
+from engine.sampling.kernels.chees_hmc import LEARNING_RATE, MIN_CHAINS, chains_step, warmup_start
 from engine.sampling.kernels.chees_hmc import MIN_TUNE as MIN_TUNE_PER_STAGE
 
 MIN_TUNE = 2 * MIN_TUNE_PER_STAGE
@@ -133,10 +133,10 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
     def warmup(state: DenseChEESState) -> DenseChEESState:
         key1, key2, sample_key = jax.random.split(state.rng_key, 3)
         x = state.hmc.position
-        # the first stage starts as chees_hmc's warmup does (a searched step size, identity metric)
-        step_size, _ = reasonable_step_size(logdensity_fn, jax.random.fold_in(key1, 1), state.hmc,
-                                            state.inverse_mass_matrix, state.step_size, settings.target_accept)
-        (first, parameters), info = adapt(key1, logdensity_fn, x, START_FRACTION * step_size, tune1, True)
+        # the first stage starts as chees_hmc's warmup does
+        step_size, _ = warmup_start(logdensity_fn, jax.random.fold_in(key1, 1), state.hmc, state.step_size,
+                                    settings.target_accept)
+        (first, parameters), info = adapt(key1, logdensity_fn, x, step_size, tune1, True)
         draws = info.state.position[tune1 // 2:]  # [steps, chains, dim], the second half
         shift, cov = pooled_covariance(draws)
         chol = linalg.cholesky(cov)

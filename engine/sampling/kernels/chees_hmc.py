@@ -123,10 +123,12 @@ def reasonable_step_size(logdensity_fn, rng_key, hmc: DynamicHMCState, inverse_m
     tries, one gradient per chain each. Returns ``(step size, gradients spent)``.
 
     Why it matters here: ChEES starts its trajectory length at the step size and Adam moves it
-    ~2.5% per warmup step, and until the diagonal
-    metric engages (half-way through warmup) the trajectory is ``length / step size`` steps
-    long; a start of 1.0 against posterior scales of ~0.1 made that first half cost 8-18
-    gradients per step where the adapted chain needs ~2 (w4: 64% of a 200+500 run's gradients).
+    ~2.5% per warmup step, and until the diagonal metric engages (half-way through warmup) the
+    trajectory is ``length / step size`` steps long; a start of 1.0 against posterior scales of
+    ~0.1 made that first half cost 8-18 gradients per step where the adapted chain needs ~2 (w4:
+    64% of a 200+500 run's gradients). BlackJAX's ``find_reasonable_step_size`` judges one chain
+    by a whole transition; ChEES shares one step size across the chains, so the worst chain's
+    single leapfrog step decides here.
     """
     position, logdensity, grad = hmc.position, hmc.logdensity, hmc.logdensity_grad
     imm = inverse_mass_matrix[None, :]
@@ -155,6 +157,15 @@ def reasonable_step_size(logdensity_fn, rng_key, hmc: DynamicHMCState, inverse_m
         lambda c: (c[0] < MAX_STEP_SEARCH) & c[2], body, (jnp.zeros((), jnp.int32), step_size, jnp.ones((), bool))
     )
     return step_size, (tries + 1) * position.shape[0]
+
+
+def warmup_start(logdensity_fn, rng_key, hmc: DynamicHMCState, step_size, target):
+    """``(step size, gradients spent)`` that ``blackjax.chees_adaptation`` starts from:
+    :data:`START_FRACTION` of :func:`reasonable_step_size` under the identity metric, which that
+    adaptation runs until its own diagonal estimate engages (shared with ``chees_dense``)."""
+    searched, grads = reasonable_step_size(
+        logdensity_fn, rng_key, hmc, jnp.ones(hmc.position.shape[-1], hmc.position.dtype), step_size, target)
+    return START_FRACTION * searched, grads
 
 
 def chains_step(logdensity_fn, integration_steps_fn, state):
@@ -219,11 +230,8 @@ def build(logdensity_fn: LogDensityFn, settings: KernelSettings, schedule: Sched
 
     def warmup(state: ChEESState) -> ChEESState:
         warmup_key, sample_key = jax.random.split(state.rng_key)
-        # blackjax's ChEES runs the identity metric until its own diagonal estimate engages
-        step_size, search_grads = reasonable_step_size(
-            logdensity_fn, jax.random.fold_in(warmup_key, 1), state.hmc, jnp.ones_like(state.inverse_mass_matrix),
-            state.step_size, settings.target_accept)
-        step_size = step_size * START_FRACTION
+        step_size, search_grads = warmup_start(logdensity_fn, jax.random.fold_in(warmup_key, 1), state.hmc,
+                                               state.step_size, settings.target_accept)
         adaptation = blackjax.chees_adaptation(
             logdensity_fn,
             state.hmc.position.shape[0],
